@@ -1,0 +1,226 @@
+//! Errors of the transport, and `Status`: the error kinds that travel on the
+//! wire.
+//!
+//! Two families live here on purpose:
+//! - [`Status`] is *data*: a server handler's failure, sent back in a
+//!   `Response` so the connection stays usable. It is part of the wire format.
+//! - [`Error`] is what the local side sees: an I/O failure, a malformed frame,
+//!   a closed connection, or a `Status` that came back from the peer.
+//!
+//! TLS configuration errors (which file, what is wrong with it) are
+//! [`crate::tls::TlsError`], wrapped here as [`Error::Tls`].
+//!
+//! This module does not decide *when* a connection closes; the connection
+//! driver does. It only names the reasons.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::CodecError;
+use crate::tls::TlsError;
+
+/// The kind of a [`Status`]. Encoded on the wire by its position: append new
+/// kinds at the end only, never reorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StatusCode {
+    /// The server has no method of that name.
+    UnknownMethod,
+    /// The arguments did not decode as the method's argument type.
+    InvalidArgument,
+    /// The call's deadline passed before it finished.
+    DeadlineExceeded,
+    /// The caller cancelled the call.
+    Cancelled,
+    /// The handler failed (returned an internal error or panicked).
+    Internal,
+    /// The server refused the call because a limit was reached.
+    Overloaded,
+    /// The server is draining and takes no new calls.
+    ShuttingDown,
+    /// The peer did not prove who it is.
+    Unauthenticated,
+    /// The peer is known but may not call this method.
+    PermissionDenied,
+    /// A handler's own application-level error.
+    Failed,
+}
+
+impl StatusCode {
+    /// A short lowercase name, as shown in messages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusCode::UnknownMethod => "unknown method",
+            StatusCode::InvalidArgument => "invalid argument",
+            StatusCode::DeadlineExceeded => "deadline exceeded",
+            StatusCode::Cancelled => "cancelled",
+            StatusCode::Internal => "internal error",
+            StatusCode::Overloaded => "overloaded",
+            StatusCode::ShuttingDown => "shutting down",
+            StatusCode::Unauthenticated => "unauthenticated",
+            StatusCode::PermissionDenied => "permission denied",
+            StatusCode::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for StatusCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A call's failure as it travels on the wire: a kind and a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Status {
+    /// What went wrong, for programs to match on.
+    pub code: StatusCode,
+    /// What went wrong, for people to read.
+    pub message: String,
+}
+
+impl Status {
+    /// A status of the given kind with a message.
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Status {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `UnknownMethod` naming the method.
+    pub fn unknown_method(method: &str) -> Self {
+        Status::new(
+            StatusCode::UnknownMethod,
+            format!("no method named {method:?}"),
+        )
+    }
+
+    /// `InvalidArgument` with a message.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::InvalidArgument, message)
+    }
+
+    /// `Internal` with a message.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Internal, message)
+    }
+
+    /// `Failed`: the handler's own application error, with a message.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Failed, message)
+    }
+}
+
+/// Everything that can go wrong below the application: the transport's error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing the socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// A TLS configuration could not be built (certificate or key files).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+
+    /// The TLS handshake failed (bad certificate, wrong name, not TLS at all).
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] std::io::Error),
+
+    /// The TLS handshake did not finish in time.
+    #[error("TLS handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+
+    /// The peer did not negotiate the `srpc/1` ALPN protocol.
+    #[error("peer did not negotiate ALPN \"srpc/1\" (offered {offered})")]
+    Alpn {
+        /// What the handshake ended with, for the message.
+        offered: String,
+    },
+
+    /// A length prefix announced more than the frame limit allows.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes (max frame)")]
+    FrameTooLarge {
+        /// The announced or actual length.
+        len: u64,
+        /// The limit in force.
+        max: u64,
+    },
+
+    /// A frame's bytes did not decode as a message, or a value did not encode.
+    #[error("malformed message: {0}")]
+    Codec(#[from] CodecError),
+
+    /// The peer broke the protocol (wrong first frame, unexpected message).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// The version in the peer's `Hello`.
+        theirs: u16,
+    },
+
+    /// The peer said it will take no more calls on this connection.
+    #[error("peer sent GoAway: {reason}")]
+    GoAway {
+        /// The reason the peer gave.
+        reason: String,
+    },
+
+    /// The connection is closed; the reason says why.
+    #[error("connection closed: {reason}")]
+    Closed {
+        /// Why the connection ended (shared by every call that was pending).
+        reason: String,
+    },
+
+    /// The call's own deadline passed on this side before a reply came.
+    #[error("deadline exceeded: no reply within {0:?}")]
+    DeadlineExceeded(Duration),
+
+    /// A configuration value was refused (see the message).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The peer answered the call with an error status.
+    #[error("server returned {0}")]
+    Status(#[from] Status),
+}
+
+impl Error {
+    /// The status code, for a call that failed with a [`Status`] from the peer
+    /// or with a local deadline.
+    pub fn code(&self) -> Option<StatusCode> {
+        match self {
+            Error::Status(s) => Some(s.code),
+            Error::DeadlineExceeded(_) => Some(StatusCode::DeadlineExceeded),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_displays_kind_and_message() {
+        let s = Status::unknown_method("nope");
+        assert_eq!(s.to_string(), "unknown method: no method named \"nope\"");
+        assert_eq!(Error::Status(s).code(), Some(StatusCode::UnknownMethod));
+    }
+
+    #[test]
+    fn frame_too_large_names_the_limit() {
+        let e = Error::FrameTooLarge { len: 10, max: 4 };
+        assert!(e.to_string().contains("limit of 4 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,203 @@
+//! From a TCP socket to a running [`Connection`], for both sides.
+//!
+//! ```text
+//! TcpStream (TCP_NODELAY) ── TLS handshake (timeout, ALPN srpc/1 checked)
+//!     ── Hello both ways (timeout, version checked) ── connection::start
+//! ```
+//!
+//! Both sides send their `Hello` as soon as TLS is up, then read the peer's.
+//! The peer's first frame is read with `read_exact` into a buffer of exactly
+//! its announced length (after checking it against the frame limit), so no
+//! byte that follows it is consumed before the driver takes over.
+//!
+//! A version mismatch is refused on both sides: each side can read the other's
+//! version (see the compatibility rule in [`crate::frame`]), the side that
+//! notices sends `GoAway` naming both versions, and both close.
+//!
+//! Not here: accept loops, connection limits, reconnects (server and client
+//! crates).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::codec::Encoder;
+use tracing::debug;
+
+use crate::codec;
+use crate::config::ConnectionConfig;
+use crate::connection::{self, Connection, Dispatch};
+use crate::error::Error;
+use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::tls::check_alpn;
+
+/// A started connection: the handle, and the driver future to spawn.
+pub type Started = (
+    Connection,
+    std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>,
+);
+
+/// Our `Hello` for a config.
+pub fn hello_for(config: &ConnectionConfig) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        max_frame: u32::try_from(config.max_frame).unwrap_or(u32::MAX),
+        heartbeat_ms: u32::try_from(config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+        max_in_flight: u32::try_from(config.max_in_flight).unwrap_or(u32::MAX),
+    }
+}
+
+/// Server side: TLS handshake, ALPN check, `Hello`, driver.
+pub async fn accept(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    config: &ConnectionConfig,
+    dispatch: Arc<dyn Dispatch>,
+) -> Result<Started, Error> {
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr()?;
+    let tls = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
+        .map_err(Error::Handshake)?;
+    check_alpn(tls.get_ref().1.alpn_protocol())?;
+    debug!(%peer, "TLS handshake done");
+    finish(tls, peer, config, Some(dispatch)).await
+}
+
+/// Client side: TCP connect, TLS handshake (the server's certificate is
+/// verified for `server_name`), ALPN check, `Hello`, driver.
+pub async fn connect(
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    connector: &TlsConnector,
+    config: &ConnectionConfig,
+) -> Result<Started, Error> {
+    let tcp = tokio::time::timeout(config.handshake_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))??;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(
+        config.handshake_timeout,
+        connector.connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
+    .map_err(Error::Handshake)?;
+    check_alpn(tls.get_ref().1.alpn_protocol())?;
+    debug!(%addr, "TLS handshake done");
+    finish(tls, addr, config, None).await
+}
+
+async fn finish<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    config: &ConnectionConfig,
+    dispatch: Option<Arc<dyn Dispatch>>,
+) -> Result<Started, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer_hello = tokio::time::timeout(
+        config.hello_timeout,
+        exchange_hello(&mut stream, hello_for(config), config.max_frame),
+    )
+    .await
+    .map_err(|_| {
+        Error::Protocol(format!(
+            "no Hello from the peer within {:?}",
+            config.hello_timeout
+        ))
+    })??;
+    let (conn, driver) = connection::start(stream, config, peer, peer_hello, dispatch);
+    Ok((conn, Box::pin(driver)))
+}
+
+/// Sends our `Hello`, reads the peer's, and checks the version. On a mismatch
+/// or a wrong first frame, tells the peer with `GoAway` before failing.
+pub async fn exchange_hello<S>(io: &mut S, ours: Hello, max_frame: usize) -> Result<Hello, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    write_frame(io, Frame::Hello(ours), max_frame).await?;
+    let buf = read_frame(io, max_frame).await?;
+    let refusal = match decode_frame(buf.clone(), max_frame) {
+        Ok(Frame::Hello(h)) if h.version == ours.version => match check_peer_hello(&h) {
+            Ok(()) => return Ok(h),
+            Err(e) => e,
+        },
+        Ok(Frame::GoAway { reason }) => return Err(Error::GoAway { reason }),
+        Ok(Frame::Hello(h)) => Error::VersionMismatch {
+            ours: ours.version,
+            theirs: h.version,
+        },
+        Ok(other) => Error::Protocol(format!(
+            "expected Hello as the first frame, got {}",
+            other.kind()
+        )),
+        // A later version's Hello may not decode as ours; its version does.
+        Err(e) => match codec::decode_prefix::<(u32, u16)>(&buf, max_frame) {
+            Ok((0, theirs)) if theirs != ours.version => Error::VersionMismatch {
+                ours: ours.version,
+                theirs,
+            },
+            _ => e,
+        },
+    };
+    let reason = match &refusal {
+        Error::VersionMismatch { ours, theirs } => {
+            format!("unsupported protocol version {theirs}; this peer speaks version {ours}")
+        }
+        e => e.to_string(),
+    };
+    let _ = write_frame(io, Frame::GoAway { reason }, max_frame).await;
+    let _ = io.shutdown().await;
+    Err(refusal)
+}
+
+/// Refuses a `Hello` whose limits cannot work.
+fn check_peer_hello(h: &Hello) -> Result<(), Error> {
+    if h.max_frame < 64 {
+        return Err(Error::Protocol(format!(
+            "peer announced a max frame of {} bytes (at least 64 needed)",
+            h.max_frame
+        )));
+    }
+    if h.max_in_flight == 0 || h.heartbeat_ms == 0 {
+        return Err(Error::Protocol(
+            "peer announced zero in-flight calls or a zero heartbeat interval".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn write_frame<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    frame: Frame,
+    max: usize,
+) -> Result<(), Error> {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(max, max).encode(frame, &mut buf)?;
+    io.write_all(&buf).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, max: usize) -> Result<Bytes, Error> {
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    io.read_exact(&mut prefix).await?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max {
+        return Err(Error::FrameTooLarge {
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,315 @@
+//! The connection driver over in-memory pipes: calls, errors as data,
+//! cancellation, limits, version refusal, write batching, and no call left
+//! hanging when the connection dies.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_core::connection::{start, BoxFuture};
+use rpc_core::transport::{exchange_hello, hello_for};
+use rpc_core::{CallContext, Connection, ConnectionConfig, Dispatch, Error, Status, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+
+/// Test service: "echo" returns its body, "hang" never returns (and counts
+/// how many handlers were cancelled), "panic" panics.
+#[derive(Default)]
+struct TestService {
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl Dispatch for TestService {
+    fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
+        let cancelled = self.cancelled.clone();
+        Box::pin(async move {
+            match ctx.method.as_str() {
+                "echo" => Ok(body),
+                "hang" => {
+                    // Counts when the handler's future is dropped (stopped).
+                    let _stopped = CountOnDrop(cancelled);
+                    std::future::pending().await
+                }
+                "panic" => panic!("handler bug"),
+                m => Err(Status::unknown_method(m)),
+            }
+        })
+    }
+}
+
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:1".parse().unwrap()
+}
+
+/// Counts flushes, to see that the writer batches.
+struct CountingIo {
+    inner: DuplexStream,
+    flushes: Arc<AtomicUsize>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct Pair {
+    client: Connection,
+    server: Connection,
+    cancelled: Arc<AtomicUsize>,
+    client_flushes: Arc<AtomicUsize>,
+}
+
+async fn pair(server_cfg: ConnectionConfig) -> Pair {
+    pair_with(server_cfg, false).await
+}
+
+/// `client_ignores_limit`: the client acts as if the server had announced no
+/// in-flight limit (a misbehaving client), so the server's own check shows.
+async fn pair_with(server_cfg: ConnectionConfig, client_ignores_limit: bool) -> Pair {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let client_cfg = ConnectionConfig::default();
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let mut a = CountingIo {
+        inner: a,
+        flushes: flushes.clone(),
+    };
+    let mut b = b;
+    let (ch, sh) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&client_cfg), client_cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&server_cfg), server_cfg.max_frame),
+    );
+    let service = TestService::default();
+    let cancelled = service.cancelled.clone();
+    // Each side is started with the Hello it received from the other.
+    let mut ch = ch.unwrap();
+    if client_ignores_limit {
+        ch.max_in_flight = u32::MAX;
+    }
+    let (client, cdrv) = start(a, &client_cfg, addr(), ch, None);
+    let (server, sdrv) = start(b, &server_cfg, addr(), sh.unwrap(), Some(Arc::new(service)));
+    tokio::spawn(cdrv);
+    tokio::spawn(sdrv);
+    Pair {
+        client,
+        server,
+        cancelled,
+        client_flushes: flushes,
+    }
+}
+
+const T: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn echo_round_trip_and_unknown_method_keeps_connection_usable() {
+    let p = pair(ConnectionConfig::default()).await;
+    let reply = p
+        .client
+        .call("echo", Bytes::from_static(b"hi"), T)
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"hi");
+    let err = p.client.call("nope", Bytes::new(), T).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::UnknownMethod), "{err}");
+    let reply = p
+        .client
+        .call("echo", Bytes::from_static(b"again"), T)
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"again");
+}
+
+#[tokio::test]
+async fn many_concurrent_calls_each_get_their_own_reply() {
+    let p = pair(ConnectionConfig::default()).await;
+    let calls = (0..2000u32).map(|i| {
+        let c = p.client.clone();
+        async move {
+            let body = Bytes::from(i.to_le_bytes().to_vec());
+            (i, c.call("echo", body, T).await)
+        }
+    });
+    for (i, r) in futures_util::future::join_all(calls).await {
+        assert_eq!(&r.unwrap()[..], &i.to_le_bytes()[..]);
+    }
+}
+
+#[tokio::test]
+async fn writer_batches_frames_into_fewer_flushes() {
+    let p = pair(ConnectionConfig::default()).await;
+    let before = p.client_flushes.load(Ordering::SeqCst);
+    let calls = (0..500).map(|_| p.client.call("echo", Bytes::from_static(b"x"), T));
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    let flushes = p.client_flushes.load(Ordering::SeqCst) - before;
+    assert!(
+        flushes < 250,
+        "{flushes} flushes for 500 requests: not batched"
+    );
+}
+
+#[tokio::test]
+async fn pending_calls_fail_at_once_when_the_connection_closes() {
+    let p = pair(ConnectionConfig::default()).await;
+    let c = p.client.clone();
+    let hung = tokio::spawn(async move {
+        c.call("hang", Bytes::new(), Duration::from_secs(3600))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.server.close();
+    let err = tokio::time::timeout(Duration::from_secs(5), hung)
+        .await
+        .expect("call hung")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err}");
+    p.client.closed().await;
+    // New calls on a closed connection fail immediately too.
+    let err = p.client.call("echo", Bytes::new(), T).await.unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn dropping_a_call_cancels_the_handler() {
+    let p = pair(ConnectionConfig::default()).await;
+    let call = p.client.call("hang", Bytes::new(), T);
+    assert!(tokio::time::timeout(Duration::from_millis(100), call)
+        .await
+        .is_err());
+    for _ in 0..100 {
+        if p.cancelled.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server handler was not cancelled");
+}
+
+#[tokio::test]
+async fn deadline_fails_the_call_and_stops_the_handler() {
+    let p = pair(ConnectionConfig::default()).await;
+    let err = p
+        .client
+        .call("hang", Bytes::new(), Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
+    assert_eq!(err.code(), Some(StatusCode::DeadlineExceeded));
+}
+
+#[tokio::test]
+async fn client_queues_calls_beyond_the_servers_announced_limit() {
+    let mut cfg = ConnectionConfig::default();
+    cfg.max_in_flight = 3;
+    let p = pair(cfg).await;
+    assert_eq!(p.client.peer_hello().max_in_flight, 3);
+    let calls = (0..50).map(|_| p.client.call("echo", Bytes::from_static(b"q"), T));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(&r.unwrap()[..], b"q");
+    }
+}
+
+#[tokio::test]
+async fn excess_calls_are_refused_with_overloaded() {
+    let mut cfg = ConnectionConfig::default();
+    cfg.max_in_flight = 2;
+    let p = pair_with(cfg, true).await;
+    let c1 = p.client.clone();
+    let c2 = p.client.clone();
+    let _h1 = tokio::spawn(async move { c1.call("hang", Bytes::new(), T).await });
+    let _h2 = tokio::spawn(async move { c2.call("hang", Bytes::new(), T).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let err = p.client.call("echo", Bytes::new(), T).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Overloaded), "{err}");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_only_its_call() {
+    let p = pair(ConnectionConfig::default()).await;
+    let err = p.client.call("panic", Bytes::new(), T).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::Internal), "{err}");
+    assert_eq!(
+        &p.client
+            .call("echo", Bytes::from_static(b"ok"), T)
+            .await
+            .unwrap()[..],
+        b"ok"
+    );
+}
+
+#[tokio::test]
+async fn request_over_the_peers_frame_limit_is_refused_locally() {
+    let mut cfg = ConnectionConfig::default();
+    cfg.max_frame = 1024;
+    let p = pair(cfg).await;
+    let err = p
+        .client
+        .call("echo", Bytes::from(vec![0u8; 4096]), T)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::FrameTooLarge { max: 1024, .. }),
+        "{err}"
+    );
+    assert!(p
+        .client
+        .call("echo", Bytes::from_static(b"small"), T)
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn version_mismatch_is_refused_on_both_sides() {
+    let (mut a, mut b) = tokio::io::duplex(4096);
+    let cfg = ConnectionConfig::default();
+    let mut newer = hello_for(&cfg);
+    newer.version = 2;
+    let (ra, rb) = tokio::join!(
+        exchange_hello(&mut a, newer, cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    let ea = ra.unwrap_err();
+    let eb = rb.unwrap_err();
+    assert!(
+        matches!(ea, Error::VersionMismatch { ours: 2, theirs: 1 }),
+        "{ea}"
+    );
+    assert!(
+        matches!(eb, Error::VersionMismatch { ours: 1, theirs: 2 }),
+        "{eb}"
+    );
+}
