@@ -1,1 +1,28 @@
-//! placeholder
+//! The srpc client: typed calls to an srpc server over TLS.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = rpc_core::tls::client_config("certs/ca.pem".as_ref(), None)?;
+//! let client = rpc_client::Client::connect("localhost:7443", tls).await?;
+//! let sum: i64 = client.call("add", &(2i64, 3i64)).await?;
+//! assert_eq!(sum, 5);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! | file | concept |
+//! |---|---|
+//! | `client.rs` | [`Client`], [`ClientBuilder`]: connect, call, close |
+//! | `error.rs` | [`ClientError`] |
+//! | `bin/rpc-client/main.rs` | the CLI (`call`, `bench`) |
+//! | `bin/rpc-client/bench.rs` | the load generator behind `bench` |
+//!
+//! Framing, TLS and the connection driver are rpc-core's.
+
+mod client;
+mod error;
+
+pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use error::ClientError;
+pub use rpc_core::{Status, StatusCode};

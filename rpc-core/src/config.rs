@@ -109,8 +109,10 @@ mod tests {
 
     #[test]
     fn tiny_or_huge_frames_are_refused() {
-        let mut c = ConnectionConfig::default();
-        c.max_frame = 10;
+        let mut c = ConnectionConfig {
+            max_frame: 10,
+            ..ConnectionConfig::default()
+        };
         assert!(c.validate().is_err());
         c.max_frame = u32::MAX as usize + 1;
         assert!(c.validate().is_err());

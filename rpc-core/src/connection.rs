@@ -387,6 +387,9 @@ impl Driver {
             };
             match next {
                 None => break End::Quiet("peer closed the connection".into()),
+                Some(Err(Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    break End::Quiet("peer closed the connection without TLS close_notify".into())
+                }
                 Some(Err(Error::Io(e))) => break End::Quiet(format!("read failed: {e}")),
                 Some(Err(e)) => break End::Tell(e.to_string()),
                 Some(Ok(frame)) => {

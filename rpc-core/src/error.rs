@@ -207,9 +207,38 @@ impl Error {
     }
 }
 
+/// An error and its causes on one line, each cause added only when its text
+/// is not already part of the line (many errors print their cause too). For
+/// CLIs and logs.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_does_not_repeat_causes() {
+        let e = Error::Status(Status::invalid_argument("1 + 1 overflows"));
+        assert_eq!(
+            report(&e),
+            "server returned invalid argument: 1 + 1 overflows"
+        );
+        let io = std::io::Error::other("disk on fire");
+        let e = Error::Handshake(io);
+        assert_eq!(report(&e), "TLS handshake failed: disk on fire");
+    }
 
     #[test]
     fn status_displays_kind_and_message() {

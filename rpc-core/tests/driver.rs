@@ -2,6 +2,9 @@
 //! cancellation, limits, version refusal, write batching, and no call left
 //! hanging when the connection dies.
 
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};

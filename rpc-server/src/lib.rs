@@ -1,1 +1,40 @@
-//! placeholder
+//! The srpc server: serve typed async handlers over TLS.
+//!
+//! ```no_run
+//! use rpc_server::{Router, Server};
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let tls = rpc_core::tls::server_config("server.pem".as_ref(), "server.key".as_ref(), None)?;
+//! let router = Router::new()
+//!     .route("add", |(a, b): (i64, i64)| async move { Ok(a + b) });
+//! let server = Server::builder(tls).router(router).build()?;
+//! let listener = Server::bind("127.0.0.1:7443".parse()?).await?;
+//! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! | file | concept |
+//! |---|---|
+//! | `server.rs` | builder, accept loop, connection limit, graceful drain |
+//! | `handler.rs` | one connection's life: handshake, driver, close reason |
+//! | `router.rs` | method name -> typed async handler |
+//! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
+//! | `devcerts.rs` | development CA and certificates (rcgen) |
+//! | `error.rs` | [`ServerError`] |
+//! | `bin/rpc-server.rs` | the CLI |
+//!
+//! Framing, TLS setup and the connection driver are rpc-core's; this crate
+//! only accepts, routes and drains.
+
+pub mod demo;
+pub mod devcerts;
+mod error;
+mod handler;
+mod router;
+mod server;
+
+pub use error::ServerError;
+pub use router::Router;
+pub use rpc_core::{CallContext, Status, StatusCode};
+pub use server::{Server, ServerBuilder, ServerOptions};

@@ -1,1 +1,211 @@
-//! placeholder
+//! Shared helpers for the workspace integration tests: certificates made by
+//! rcgen inside the test, a demo server on `127.0.0.1:0` that stops when
+//! dropped, clients, and raw TLS sockets for sending hostile bytes.
+//!
+//! Everything talks to 127.0.0.1 only.
+
+// Test support: a failed setup step should fail the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_client::Client;
+use rpc_core::tls::{client_config_from_der, server_config_from_der, Identity, ALPN};
+use rpc_server::devcerts::{self, DevCerts};
+use rpc_server::{Router, Server, ServerOptions};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+pub use rpc_server::devcerts::generate as make_certs;
+
+/// Parses one PEM certificate.
+pub fn cert_der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+/// Parses one PEM private key.
+pub fn key_der(pem: &str) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+/// A server TLS config from dev certs.
+pub fn server_tls(certs: &DevCerts) -> Arc<rustls::ServerConfig> {
+    let identity = Identity {
+        cert_chain: vec![cert_der(&certs.server_pem)],
+        key: key_der(&certs.server_key),
+    };
+    server_config_from_der(identity, None).unwrap()
+}
+
+/// A client TLS config trusting the dev CA.
+pub fn client_tls(certs: &DevCerts) -> Arc<rustls::ClientConfig> {
+    client_config_from_der(vec![cert_der(&certs.ca_pem)], None).unwrap()
+}
+
+/// A client TLS config trusting the dev CA, offering the given ALPN list
+/// instead of `srpc/1`.
+pub fn client_tls_with_alpn(certs: &DevCerts, alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
+    let mut config = (*client_tls(certs)).clone();
+    config.alpn_protocols = alpn;
+    Arc::new(config)
+}
+
+/// A running server on 127.0.0.1; shuts down (and drains) when dropped or
+/// when [`TestServer::shutdown`] is called.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The certificates it uses.
+    pub certs: DevCerts,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), rpc_server::ServerError>>>,
+}
+
+impl TestServer {
+    /// The demo service with default options.
+    pub async fn demo() -> TestServer {
+        TestServer::start(rpc_server::demo::router(), ServerOptions::default()).await
+    }
+
+    /// Any router and options.
+    pub async fn start(router: Router, options: ServerOptions) -> TestServer {
+        let certs = devcerts::generate().unwrap();
+        let server = Server::builder(server_tls(&certs))
+            .options(options)
+            .router(router)
+            .build()
+            .unwrap();
+        let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        TestServer {
+            addr,
+            certs,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// A client connected with the right CA.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.address(), client_tls(&self.certs))
+            .await
+            .unwrap()
+    }
+
+    /// Starts the drain and waits (at most `limit`) for `serve` to return.
+    pub async fn shutdown(mut self, limit: Duration) -> Result<(), rpc_server::ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(limit, task)
+            .await
+            .expect("server did not stop in time")
+            .unwrap()
+    }
+
+    /// A raw TLS stream that negotiated `srpc/1` but has sent nothing yet.
+    pub async fn raw_tls(&self) -> TlsStream<TcpStream> {
+        raw_tls_with(self.addr, client_tls(&self.certs)).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A raw TLS stream to `addr` with the given client config.
+pub async fn raw_tls_with(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(tls).connect(name, tcp).await.unwrap()
+}
+
+/// Any frame, as bytes on the wire.
+pub fn frame_bytes(frame: rpc_core::Frame) -> Vec<u8> {
+    use tokio_util::codec::Encoder;
+    let max = rpc_core::DEFAULT_MAX_FRAME;
+    let mut buf = bytes::BytesMut::new();
+    rpc_core::FrameCodec::new(max, max)
+        .encode(frame, &mut buf)
+        .unwrap();
+    buf.to_vec()
+}
+
+/// Our `Hello` frame, as bytes on the wire.
+pub fn hello_bytes() -> Vec<u8> {
+    let config = rpc_core::ConnectionConfig::default();
+    frame_bytes(rpc_core::Frame::Hello(rpc_core::transport::hello_for(
+        &config,
+    )))
+}
+
+/// Reads until the peer closes, for at most `limit`. Returns the bytes read,
+/// or `None` if the connection was still open when the time ran out.
+pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) -> Option<Vec<u8>> {
+    let mut all = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(all)
+}
+
+/// Decodes the frames in `bytes` (as the server sent them).
+pub fn decode_frames(bytes: &[u8]) -> Vec<rpc_core::Frame> {
+    use tokio_util::codec::Decoder;
+    let mut codec =
+        rpc_core::FrameCodec::new(rpc_core::DEFAULT_MAX_FRAME, rpc_core::DEFAULT_MAX_FRAME);
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    while let Ok(Some(f)) = codec.decode(&mut buf) {
+        frames.push(f);
+    }
+    frames
+}
+
+/// Writes bytes and flushes.
+pub async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    stream.write_all(bytes).await.unwrap();
+    stream.flush().await.unwrap();
+}
+
+/// The ALPN protocol, re-exported for tests.
+pub const SRPC_ALPN: &[u8] = ALPN;

@@ -1,0 +1,97 @@
+//! The client library's error type.
+//!
+//! Three families, so a caller knows what to do: the server could not be
+//! reached or refused us (`Connect`: check the address, the CA, the name),
+//! the call itself failed (`Call`: a [`Status`] from the server, a deadline, a
+//! closed connection), or the types did not fit (`Encode` / `Decode`: the
+//! client and server disagree on a method's signature).
+
+use rpc_core::{Status, StatusCode};
+
+/// What a client operation can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address is not `host:port` or did not resolve.
+    #[error("cannot resolve {addr:?}: {reason}")]
+    Resolve {
+        /// The address given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The name to verify the server's certificate against is not valid.
+    #[error("invalid server name {0:?} (expected a DNS name or an IP address)")]
+    ServerName(String),
+    /// Connecting, the TLS handshake or the `Hello` exchange failed.
+    #[error("cannot connect to {addr}: {source}{}", hint(.source))]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        #[source]
+        source: rpc_core::Error,
+    },
+    /// The call failed: a status from the server, the deadline, or the
+    /// connection.
+    #[error(transparent)]
+    Call(#[from] rpc_core::Error),
+    /// The arguments could not be encoded.
+    #[error("arguments of {method:?} did not encode: {source}")]
+    Encode {
+        /// The method.
+        method: String,
+        /// Why.
+        #[source]
+        source: rpc_core::codec::CodecError,
+    },
+    /// The reply did not decode as the type the caller expects (client and
+    /// server disagree on the method's signature).
+    #[error("reply of {method:?} did not decode as {expected}: {source}")]
+    Decode {
+        /// The method.
+        method: String,
+        /// The type the caller asked for.
+        expected: &'static str,
+        /// Why.
+        #[source]
+        source: rpc_core::codec::CodecError,
+    },
+}
+
+impl ClientError {
+    /// The status code when the call failed with one (from the server, or a
+    /// local deadline).
+    pub fn code(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Call(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// The server's status, when the call failed with one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Call(rpc_core::Error::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A next step for the common certificate failures.
+fn hint(e: &rpc_core::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        " (the server's certificate is not signed by the CA given to the client)"
+    } else if text.contains("NotValidForName") {
+        " (the server's certificate is not valid for this server name; see --server-name)"
+    } else if text.contains("Expired") {
+        " (the server's certificate has expired)"
+    } else if text.contains("NotValidYet") {
+        " (the server's certificate is not valid yet; check the clocks)"
+    } else if text.contains("Connection refused") {
+        " (is the server running on that address?)"
+    } else {
+        ""
+    }
+}

@@ -1,0 +1,166 @@
+//! `rpc-server`: serves the demo service over TLS, or makes dev certificates.
+//!
+//! Thin on purpose: parses flags, sets up logging (stderr, `RUST_LOG`), and
+//! calls the rpc-server library. Prints `listening on ADDR` on stdout once the
+//! socket is bound (scripts can read the port when `--listen` ends in `:0`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rpc_core::error::report;
+use rpc_server::{demo, devcerts, Server, ServerOptions};
+
+const EXAMPLES: &str = "\
+Examples:
+  rpc-server gen-certs --out certs/
+  rpc-server --cert certs/server.pem --key certs/server.key
+  rpc-server --listen 127.0.0.1:0 --cert certs/server.pem --key certs/server.key \\
+             --client-ca certs/ca.pem --heartbeat-interval 1s --heartbeat-timeout 3s
+
+Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.
+SIGINT/SIGTERM drain in-flight calls (up to --drain-timeout) and exit 0.";
+
+/// Serve the srpc demo service (echo, add, sleep) over TLS.
+#[derive(Parser, Debug)]
+#[command(name = "rpc-server", version, after_help = EXAMPLES, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a development CA, server and client certificates (rcgen):
+    /// ca.pem ca.key server.pem server.key client.pem client.key.
+    /// The server certificate is for localhost, 127.0.0.1 and ::1; keys are
+    /// written with mode 0600. For testing only.
+    GenCerts {
+        /// Directory to write into (created if missing; files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    cert: Option<PathBuf>,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM")]
+    key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+    /// Heartbeat interval announced to clients.
+    #[arg(long, value_name = "D", default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Silence after which a client counts as dead.
+    #[arg(long, value_name = "D", default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, value_name = "N", default_value_t = rpc_core::DEFAULT_MAX_FRAME)]
+    max_frame_bytes: usize,
+    /// Connections served at once; more are refused.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Calls handled at once per connection (clients queue beyond it).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    max_in_flight: usize,
+    /// Time allowed for a client's TLS handshake.
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// On SIGINT/SIGTERM, time in-flight calls get to finish.
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Some(Command::GenCerts { out }) => gen_certs(&out),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rpc-server: error: {}", report(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gen_certs(out: &std::path::Path) -> anyhow::Result<()> {
+    for path in devcerts::write_to(out)? {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (Some(cert), Some(key)) = (args.cert.as_deref(), args.key.as_deref()) else {
+        anyhow::bail!(
+            "--cert and --key are required to serve (make development ones with: rpc-server gen-certs --out certs/)"
+        );
+    };
+    let tls = rpc_core::tls::server_config(cert, key, args.client_ca.as_deref())?;
+    let mut options = ServerOptions::default();
+    options.connection.max_frame = args.max_frame_bytes;
+    options.connection.heartbeat_interval = args.heartbeat_interval;
+    options.connection.heartbeat_timeout = args.heartbeat_timeout;
+    options.connection.handshake_timeout = args.handshake_timeout;
+    options.connection.max_in_flight = args.max_in_flight;
+    options.max_connections = args.max_connections;
+    options.drain_timeout = args.drain_timeout;
+    let server = Server::builder(tls)
+        .options(options)
+        .router(demo::router())
+        .build()?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = Server::bind(args.listen).await?;
+        println!("listening on {}", listener.local_addr()?);
+        server.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}

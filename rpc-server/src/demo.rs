@@ -1,0 +1,40 @@
+//! The demo service served by the `rpc-server` binary: `echo`, `add`, `sleep`.
+//!
+//! | method | arguments | reply |
+//! |---|---|---|
+//! | `echo` | `String` | the same `String` |
+//! | `add` | `(i64, i64)` | `i64` (`InvalidArgument` on overflow) |
+//! | `sleep` | `u64` milliseconds | `()` after that long |
+//!
+//! Not here: anything the CLI prints; see the `rpc-client` binary.
+
+use std::time::Duration;
+
+use rpc_core::Status;
+
+use crate::Router;
+
+/// Method names of the demo service.
+pub mod methods {
+    /// `echo(String) -> String`
+    pub const ECHO: &str = "echo";
+    /// `add((i64, i64)) -> i64`
+    pub const ADD: &str = "add";
+    /// `sleep(u64 ms) -> ()`
+    pub const SLEEP: &str = "sleep";
+}
+
+/// A router with the demo methods.
+pub fn router() -> Router {
+    Router::new()
+        .route(methods::ECHO, |text: String| async move { Ok(text) })
+        .route(methods::ADD, |(a, b): (i64, i64)| async move {
+            a.checked_add(b).ok_or_else(|| {
+                Status::invalid_argument(format!("{a} + {b} overflows a 64-bit integer"))
+            })
+        })
+        .route(methods::SLEEP, |ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(())
+        })
+}

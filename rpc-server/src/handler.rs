@@ -1,0 +1,72 @@
+//! One connection's life on the server.
+//!
+//! ```text
+//! accepted TCP ─► TLS handshake + ALPN + Hello (rpc-core transport, timeouts)
+//!   ─► driver runs (calls dispatched to the router)
+//!   ─► ends: peer left, protocol error, drain finished, or killed
+//! ```
+//!
+//! Each step's outcome is logged with the peer address: refused handshakes at
+//! info with the reason, established and closed connections at info.
+//!
+//! Not here: the accept loop and limits (`server.rs`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rpc_core::{transport, ConnectionConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::Router;
+
+/// What one connection task needs from the server.
+pub(crate) struct ConnectionTask {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) config: Arc<ConnectionConfig>,
+    pub(crate) router: Arc<Router>,
+    /// Fires when the server starts draining.
+    pub(crate) drain: CancellationToken,
+    /// Fires when the drain deadline has passed.
+    pub(crate) kill: CancellationToken,
+}
+
+impl ConnectionTask {
+    pub(crate) async fn run(self, tcp: TcpStream, peer: SocketAddr) {
+        let setup = transport::accept(tcp, &self.acceptor, &self.config, self.router.clone());
+        let started = tokio::select! {
+            started = setup => started,
+            _ = self.drain.cancelled() => {
+                info!(%peer, "connection dropped during setup: server shutting down");
+                return;
+            }
+        };
+        let (conn, driver) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                info!(%peer, error = %e, "connection refused");
+                return;
+            }
+        };
+        info!(%peer, "connection established");
+        tokio::pin!(driver);
+        let (mut draining, mut killed) = (false, false);
+        // Each signal is acted on once; then only the driver is awaited.
+        let reason = loop {
+            tokio::select! {
+                reason = &mut driver => break reason,
+                _ = self.drain.cancelled(), if !draining => {
+                    draining = true;
+                    conn.drain();
+                }
+                _ = self.kill.cancelled(), if !killed => {
+                    killed = true;
+                    conn.close();
+                }
+            }
+        };
+        info!(%peer, %reason, "connection closed");
+    }
+}

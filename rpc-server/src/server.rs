@@ -1,0 +1,273 @@
+//! The accept loop: limits, per-connection tasks, graceful drain.
+//!
+//! ```text
+//! TcpListener ──accept──► connection slot? ──no──► close at once (counted, logged)
+//!                              │yes
+//!                              ▼
+//!                 tracked task: handler::run (TLS, Hello, driver)
+//! shutdown future fires ─► stop accepting ─► drain every connection (GoAway,
+//!     in-flight calls finish) ─► after `drain_timeout` close what is left
+//! ```
+//!
+//! Accept errors (for example too many open files) are logged and retried
+//! after a short pause instead of ending the server, as in mini-redis.
+//!
+//! Not here: what happens on one connection (see `handler.rs`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_core::ConnectionConfig;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::{handler, Router, ServerError};
+
+/// Server-wide limits, on top of the per-connection [`ConnectionConfig`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Per-connection limits and timers (frame size, handshake timeout,
+    /// heartbeat, in-flight calls).
+    pub connection: ConnectionConfig,
+    /// Connections served at once; more are closed at once. Default 10 000.
+    pub max_connections: usize,
+    /// How long a shutdown waits for in-flight calls. Default 10 s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            connection: ConnectionConfig::default(),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds a [`Server`] from a TLS config, limits and methods.
+pub struct ServerBuilder {
+    tls: Arc<rustls::ServerConfig>,
+    options: ServerOptions,
+    router: Router,
+}
+
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("options", &self.options)
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    /// Starts from a TLS config (see `rpc_core::tls::server_config`) and the
+    /// default limits.
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
+        ServerBuilder {
+            tls,
+            options: ServerOptions::default(),
+            router: Router::new(),
+        }
+    }
+
+    /// Replaces all limits at once.
+    pub fn options(mut self, options: ServerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Largest frame accepted, in bytes (default 4 MiB).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.options.connection.max_frame = bytes;
+        self
+    }
+
+    /// Connections served at once (default 10 000).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.options.max_connections = n;
+        self
+    }
+
+    /// Calls handled at once per connection (default 100).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.options.connection.max_in_flight = n;
+        self
+    }
+
+    /// Time allowed for a TLS handshake (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.options.connection.handshake_timeout = timeout;
+        self
+    }
+
+    /// Heartbeat interval announced to clients, and the dead-peer timeout
+    /// (defaults 5 s and 15 s).
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.options.connection.heartbeat_interval = interval;
+        self.options.connection.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// How long shutdown waits for in-flight calls (default 10 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.options.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves the methods of `router` (added to any registered before).
+    ///
+    /// # Panics
+    ///
+    /// If `router` has a method name already registered.
+    pub fn router(mut self, router: Router) -> Self {
+        for (name, handler) in router.into_routes() {
+            self.router = self.router.insert_erased(name, handler);
+        }
+        self
+    }
+
+    /// Checks the limits and builds the server.
+    pub fn build(self) -> Result<Server, ServerError> {
+        self.options
+            .connection
+            .validate()
+            .map_err(ServerError::Config)?;
+        if self.options.max_connections == 0 {
+            return Err(ServerError::Config(rpc_core::Error::Config(
+                "max connections must be at least 1".into(),
+            )));
+        }
+        Ok(Server {
+            acceptor: TlsAcceptor::from(self.tls),
+            options: self.options,
+            router: Arc::new(self.router),
+        })
+    }
+}
+
+/// A configured server, ready to [`serve`](Server::serve) a listener.
+#[derive(Clone)]
+pub struct Server {
+    acceptor: TlsAcceptor,
+    options: ServerOptions,
+    router: Arc<Router>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("options", &self.options)
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts a builder; see [`ServerBuilder`].
+    pub fn builder(tls: Arc<rustls::ServerConfig>) -> ServerBuilder {
+        ServerBuilder::new(tls)
+    }
+
+    /// Binds `addr` (port 0 picks a free port; see `local_addr`).
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then
+    /// drains: no new connections, `GoAway` on every connection, in-flight
+    /// calls get up to `drain_timeout`, then everything left is closed.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let slots = Arc::new(Semaphore::new(self.options.max_connections));
+        let tracker = TaskTracker::new();
+        let drain = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let config = Arc::new(self.options.connection.clone());
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "listening");
+        }
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) if is_transient(&e) => {
+                    warn!(error = %e, "accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(ServerError::Accept(e)),
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                warn!(%peer, max = self.options.max_connections, "connection refused: at the connection limit");
+                drop(tcp);
+                continue;
+            };
+            info!(%peer, "accepted");
+            let conn = handler::ConnectionTask {
+                acceptor: self.acceptor.clone(),
+                config: config.clone(),
+                router: self.router.clone(),
+                drain: drain.clone(),
+                kill: kill.clone(),
+            };
+            tracker.spawn(async move {
+                conn.run(tcp, peer).await;
+                drop(slot);
+            });
+        }
+        drop(listener);
+        tracker.close();
+        info!(
+            connections = tracker.len(),
+            "shutting down: draining connections"
+        );
+        drain.cancel();
+        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = tracker.len(),
+                "drain timeout passed; closing the remaining connections"
+            );
+            kill.cancel();
+            tracker.wait().await;
+        }
+        info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Accept errors that concern one connection or a passing shortage.
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted
+            | ConnectionReset
+            | ConnectionRefused
+            | Interrupted
+            | WouldBlock
+            | TimedOut
+    ) || matches!(e.raw_os_error(), Some(12 | 23 | 24 | 105))
+    // Linux ENOMEM, ENFILE, EMFILE, ENOBUFS: out of a resource for now; wait
+    // for connections to close and retry.
+}
