@@ -586,7 +586,7 @@ impl Driver {
             debug!("peer did not take the last frames in time");
             writer_task.abort();
         }
-        info!(%reason, "connection closed");
+        debug!(%reason, "connection closed");
         self.shared.done.cancel();
         reason
     }

@@ -1,0 +1,154 @@
+//! The `rpc-client` binary against an in-process demo server on 127.0.0.1:
+//! results on stdout one per line, errors on stderr with a non-zero exit.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rpc_server::{demo, devcerts, Server};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    addr: String,
+}
+
+async fn start_server() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    devcerts::write_to(dir.path()).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let tls = rpc_core::tls::server_config(&p("server.pem"), &p("server.key"), None).unwrap();
+    let server = Server::builder(tls).router(demo::router()).build().unwrap();
+    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    Fixture {
+        ca: p("ca.pem"),
+        _dir: dir,
+        addr,
+    }
+}
+
+async fn run(ca: &Path, addr: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rpc-client"));
+    cmd.arg("--connect")
+        .arg(addr)
+        .arg("--ca")
+        .arg(ca)
+        .args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_print_results_one_per_line() {
+    let f = start_server().await;
+    let out = run(&f.ca, &f.addr, &["call", "echo", "hello world"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello world\n");
+    let out = run(&f.ca, &f.addr, &["call", "add", "2", "3"]).await;
+    assert_eq!(stdout(&out), "5\n");
+    let out = run(&f.ca, &f.addr, &["call", "add", "-10", "3"]).await;
+    assert_eq!(stdout(&out), "-7\n", "{}", stderr(&out));
+    let out = run(&f.ca, &f.addr, &["call", "sleep", "10"]).await;
+    assert_eq!(stdout(&out), "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_are_clear_errors_not_panics() {
+    let f = start_server().await;
+    for args in [&["call", "add", "two", "3"][..], &["call", "add", "1"][..]] {
+        let out = run(&f.ca, &f.addr, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stdout(&out).is_empty());
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+        assert!(stderr(&out).contains("error"), "{}", stderr(&out));
+    }
+    let out = run(&f.ca, &f.addr, &["call", "add", "9223372036854775807", "1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("overflows"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_fails_a_slow_call_with_a_deadline_error() {
+    let f = start_server().await;
+    let started = Instant::now();
+    let out = run(
+        &f.ca,
+        &f.addr,
+        &["--timeout", "300ms", "call", "sleep", "5000"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("deadline"), "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_ca_and_missing_ca_are_reported() {
+    let f = start_server().await;
+    let other = tempfile::tempdir().unwrap();
+    devcerts::write_to(other.path()).unwrap();
+    let out = run(
+        &other.path().join("ca.pem"),
+        &f.addr,
+        &["call", "echo", "x"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+    let missing = other.path().join("nope.pem");
+    let out = run(&missing, &f.addr, &["call", "echo", "x"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nope.pem"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_json_reports_calls_rate_latency_and_errors() {
+    let f = start_server().await;
+    let out = run(
+        &f.ca,
+        &f.addr,
+        &[
+            "bench",
+            "--concurrency",
+            "8",
+            "--duration",
+            "500ms",
+            "--payload",
+            "32",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let calls = report["calls"].as_u64().unwrap();
+    assert!(calls > 0, "{report}");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(seconds >= 0.5, "{report}");
+    let rate = report["calls_per_sec"].as_f64().unwrap();
+    assert!((rate - calls as f64 / seconds).abs() < 1.0, "{report}");
+    let (p50, p99) = (
+        report["p50_us"].as_u64().unwrap(),
+        report["p99_us"].as_u64().unwrap(),
+    );
+    assert!(p50 > 0 && p50 <= p99, "{report}");
+}

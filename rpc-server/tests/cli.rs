@@ -1,0 +1,139 @@
+//! The `rpc-server` binary: gen-certs, refusing bad certificate files with an
+//! error naming the file, and a clean exit on SIGTERM.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn server() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rpc-server"))
+}
+
+#[test]
+fn gen_certs_writes_six_files_with_private_keys_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server()
+        .args(["gen-certs", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8(out.stdout).unwrap();
+    for name in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ] {
+        let path = dir.path().join(name);
+        assert!(path.exists(), "{name} missing");
+        assert!(listed.contains(name), "{name} not listed: {listed}");
+        #[cfg(unix)]
+        if name.ends_with(".key") {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
+    }
+}
+
+#[test]
+fn missing_or_garbled_pem_refuses_to_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbled = dir.path().join("garbled.pem");
+    std::fs::write(&garbled, "this is not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for cert in [&missing, &garbled] {
+        let out = server()
+            .args(["--listen", "127.0.0.1:0", "--cert"])
+            .arg(cert)
+            .arg("--key")
+            .arg(&garbled)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let name = cert.file_name().unwrap().to_str().unwrap();
+        assert!(
+            stderr.contains(name),
+            "stderr does not name {name}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "printed to stdout: {:?}", out.stdout);
+    }
+}
+
+#[test]
+fn serving_without_certificates_is_a_clear_error() {
+    let out = server().args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--cert and --key are required"), "{stderr}");
+}
+
+#[test]
+fn help_explains_flags_and_gives_an_example() {
+    let out = server().arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "gen-certs",
+        "--listen",
+        "--cert",
+        "--max-frame-bytes",
+        "--handshake-timeout",
+        "Examples:",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_the_server_with_exit_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = server()
+        .args(["gen-certs", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let mut child = server()
+        .args(["--listen", "127.0.0.1:0", "--cert"])
+        .arg(dir.path().join("server.pem"))
+        .arg("--key")
+        .arg(dir.path().join("server.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("server did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
