@@ -1,57 +1,49 @@
-//! The connection driver: one implementation used by both server and client.
+//! A live connection as its users see it: make calls, ping, close, drain.
 //!
 //! ```text
 //!            Connection (cheap clone handle)
-//!   call() ──► pending table (id -> oneshot) ──┐
-//!      │                                       │ Response{id}
-//!      ▼                                       │
-//!   outbound queue (bounded mpsc<Frame>) ──► writer task ──► TLS write half
-//!      ▲           ▲                            (feeds a batch, one flush)
-//!      │           │ Pong, Overloaded
-//!   handler     reader loop ◄── TLS read half (FrameCodec)
-//!   tasks ◄──── Request{id} (dispatch, one task per call, tracked)
+//!   call() ──► pending table (id -> oneshot) ◄── Response{id} ──┐
+//!      │                                                        │
+//!      ▼                                                        │
+//!   data queue (bounded) ──┐                                    │
+//!   control queue ─────────┴─► writer task ──► TLS ──► peer ──► reader loop
+//!   (Ping, Pong, GoAway: ahead of data)              (driver.rs: dispatch,
+//!                                                     heartbeat, close)
 //! ```
 //!
-//! - The reader loop is the driver future returned by [`start`]; its owner
-//!   spawns it. It routes `Response`s to waiting callers, runs `Request`s
-//!   through a [`Dispatch`] on tracked tasks (at most `max_in_flight` at once,
-//!   the excess refused with `Overloaded`), answers `Ping` with `Pong` and
-//!   honours `Cancel`.
-//! - The writer task takes one frame, then every frame already queued (up to
-//!   [`MAX_BATCH`]), and flushes once.
-//! - When the connection ends for any reason, every pending call fails at once
-//!   with [`Error::Closed`] naming the reason, every handler is cancelled, and
-//!   the writer gets `close_timeout` to flush a last `GoAway` and TLS
-//!   close_notify. No call hangs on a dead connection.
+//! [`start`] wraps an established stream (TLS done, `Hello` exchanged) and
+//! returns the handle and the driver future (see `driver.rs`), which the owner
+//! spawns. Calls beyond the peer's announced `max_in_flight` wait here for a
+//! slot, within their deadline. When the connection ends for any reason,
+//! every pending call fails at once: [`Error::PeerUnresponsive`] when the
+//! heartbeat found the peer silent, [`Error::Closed`] otherwise.
 //!
-//! Not here: TLS handshakes and `Hello` (see [`crate::transport`]), heartbeat
-//! timing, reconnects, and method routing (the server's job).
+//! Not here: the read/write loops and the heartbeat timer (`driver.rs`), TLS
+//! and `Hello` (`transport.rs`), reconnects (the client crate).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::error::{Error, Status, StatusCode};
-use crate::frame::{frame_len, Frame, FrameCodec, Hello};
+use crate::driver::Driver;
+use crate::error::{Error, Status};
+use crate::frame::{frame_len, Frame, Hello};
+use crate::heartbeat::Heartbeat;
 
-/// Most frames the writer encodes before it flushes.
-pub const MAX_BATCH: usize = 128;
+/// Capacity of the control queue (pings, pongs, GoAway).
+pub(crate) const CONTROL_QUEUE: usize = 64;
 
 /// A boxed, sendable future, as returned by [`Dispatch::dispatch`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -74,50 +66,110 @@ pub struct CallContext {
     /// When the caller stops waiting, if it said.
     pub deadline: Option<Instant>,
     /// Fires when the caller cancels, the deadline passes, or the connection
-    /// closes; the handler's future is dropped then too.
+    /// ends (including when the heartbeat declares the peer dead); the
+    /// handler's future is dropped then too. Long handlers can watch it.
     pub cancelled: CancellationToken,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone)]
+pub(crate) enum CloseCause {
+    /// The heartbeat heard nothing for this long.
+    Unresponsive(Duration),
+    /// Anything else, said in words.
+    Other(String),
+}
+
+impl CloseCause {
+    pub(crate) fn error(&self) -> Error {
+        match self {
+            CloseCause::Unresponsive(d) => Error::PeerUnresponsive(*d),
+            CloseCause::Other(reason) => Error::Closed {
+                reason: reason.clone(),
+            },
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            CloseCause::Unresponsive(_) => self.error().to_string(),
+            CloseCause::Other(reason) => reason.clone(),
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<Bytes, Error>>;
 
 #[derive(Default)]
-struct CallTable {
+pub(crate) struct CallTable {
     /// Set once when the connection ends; no call is registered after.
-    closed: Option<String>,
+    pub(crate) closed: Option<CloseCause>,
     /// The peer said `GoAway`: no new calls on this connection.
-    goaway: Option<String>,
-    pending: HashMap<u64, Reply>,
+    pub(crate) goaway: Option<String>,
+    pub(crate) pending: HashMap<u64, Reply>,
 }
 
-struct Shared {
-    outbound: mpsc::Sender<Frame>,
+pub(crate) struct Shared {
+    pub(crate) outbound: mpsc::Sender<Frame>,
+    pub(crate) control: mpsc::Sender<Frame>,
     calls: Mutex<CallTable>,
-    next_id: AtomicU64,
+    pub(crate) next_id: AtomicU64,
     /// Fires when the connection must end (local close, or the driver ended).
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Fires to ask for a graceful drain.
-    drain: CancellationToken,
+    pub(crate) drain: CancellationToken,
     /// Fires once the driver has finished closing.
-    done: CancellationToken,
-    close_reason: OnceLock<String>,
-    peer: SocketAddr,
-    peer_hello: Hello,
-    max_send: usize,
-    /// One permit per call the peer serves at once (its `Hello`); calls
-    /// beyond it wait here, within their deadline.
+    pub(crate) done: CancellationToken,
+    pub(crate) close_reason: OnceLock<String>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) peer_hello: Hello,
+    pub(crate) max_send: usize,
+    /// One permit per call the peer serves at once (its `Hello`).
     call_slots: Semaphore,
+    /// Asks the driver for a ping now (`Connection::ping`).
+    pub(crate) ping_wanted: Notify,
+    pub(crate) ping_waiters: Mutex<Vec<oneshot::Sender<Duration>>>,
+    /// Latest round-trip time in nanoseconds; 0 until the first pong.
+    pub(crate) rtt_nanos: AtomicU64,
+    pub(crate) heartbeat_interval: Duration,
 }
 
 impl Shared {
-    fn calls(&self) -> MutexGuard<'_, CallTable> {
-        // A panic while holding this lock would be a bug in this module; the
-        // table stays consistent (plain inserts/removes), so keep using it.
+    pub(crate) fn calls(&self) -> MutexGuard<'_, CallTable> {
+        // Plain inserts and removes only: a poisoned table is still
+        // consistent, so keep using it.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn ping_waiters(&self) -> MutexGuard<'_, Vec<oneshot::Sender<Duration>>> {
+        self.ping_waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the table closed and fails every pending call with the cause.
+    pub(crate) fn fail_all(&self, cause: &CloseCause) {
+        let pending = {
+            let mut t = self.calls();
+            t.closed = Some(cause.clone());
+            std::mem::take(&mut t.pending)
+        };
+        for (_, tx) in pending {
+            let _ = tx.send(Err(cause.error()));
+        }
+        self.ping_waiters().clear();
+    }
+
+    fn closed_error(&self) -> Error {
+        match &self.calls().closed {
+            Some(cause) => cause.error(),
+            None => Error::Closed {
+                reason: "connection closed".into(),
+            },
+        }
     }
 }
 
 /// A handle to one live connection. Cheap to clone; the connection lives until
-/// its driver ends (peer gone, error, [`Connection::close`]).
+/// its driver ends (peer gone or silent, error, [`Connection::close`]).
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
@@ -145,7 +197,7 @@ impl Drop for PendingGuard<'_> {
         let was_pending = self.shared.calls().pending.remove(&self.id).is_some();
         if was_pending && self.sent {
             // Best effort: a full queue means the peer is slow, and the call
-            // will be answered into the void instead of stopped.
+            // is then answered into the void instead of stopped.
             let _ = self.shared.outbound.try_send(Frame::Cancel { id: self.id });
         }
     }
@@ -160,6 +212,20 @@ impl Connection {
     /// The `Hello` the peer sent.
     pub fn peer_hello(&self) -> Hello {
         self.shared.peer_hello
+    }
+
+    /// The interval this side pings at: the larger of its own and the
+    /// peer's announced one.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.shared.heartbeat_interval
+    }
+
+    /// The latest heartbeat round-trip time, once a `Pong` has come back.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
     }
 
     /// True once the connection has ended or is ending.
@@ -194,6 +260,21 @@ impl Connection {
         self.shared.drain.cancel();
     }
 
+    /// Sends a `Ping` now (or joins the one in flight) and returns the
+    /// round-trip time. Pinging faster than the peer's announced interval
+    /// gets a connection cut off; see [`Connection::heartbeat_interval`].
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            if self.is_closed() {
+                return Err(self.shared.closed_error());
+            }
+            self.shared.ping_waiters().push(tx);
+        }
+        self.shared.ping_wanted.notify_one();
+        rx.await.map_err(|_| self.shared.closed_error())
+    }
+
     /// Calls `method` with encoded arguments and waits for the encoded reply,
     /// at most `timeout`. The deadline travels with the request.
     pub async fn call(&self, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Error> {
@@ -222,10 +303,8 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         {
             let mut t = self.shared.calls();
-            if let Some(reason) = &t.closed {
-                return Err(Error::Closed {
-                    reason: reason.clone(),
-                });
+            if let Some(cause) = &t.closed {
+                return Err(cause.error());
             }
             if let Some(reason) = &t.goaway {
                 return Err(Error::GoAway {
@@ -240,19 +319,18 @@ impl Connection {
             sent: false,
         };
         let exchange = async {
-            // Never fails: the semaphore is not closed.
+            // The semaphore is never closed, so this waits or succeeds.
             let Ok(_slot) = self.shared.call_slots.acquire().await else {
-                return Err(self.closed_error());
+                return Err(self.shared.closed_error());
             };
             if self.shared.outbound.send(frame).await.is_err() {
-                return Err(self.closed_error());
+                return Err(self.shared.closed_error());
             }
             guard.sent = true;
             debug!("request sent");
-            // The sender is dropped without a value only if the table was
-            // torn down without failing this call, which `fail_all` prevents;
-            // report it as closed regardless.
-            rx.await.unwrap_or_else(|_| Err(self.closed_error()))
+            // `fail_all` answers every pending call before the table drops,
+            // so a dropped sender means the same: the connection is gone.
+            rx.await.unwrap_or_else(|_| Err(self.shared.closed_error()))
         };
         let result = tokio::time::timeout(timeout, exchange)
             .await
@@ -262,16 +340,6 @@ impl Connection {
             debug!(error = %e, "call failed");
         }
         result
-    }
-
-    fn closed_error(&self) -> Error {
-        let reason = self
-            .shared
-            .calls()
-            .closed
-            .clone()
-            .unwrap_or_else(|| "connection closed".into());
-        Error::Closed { reason }
     }
 }
 
@@ -286,15 +354,20 @@ pub fn start<S>(
     dispatch: Option<Arc<dyn Dispatch>>,
 ) -> (Connection, impl Future<Output = String> + Send + 'static)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let max_send = config.max_frame.min(peer_hello.max_frame as usize);
-    let (read, write) = tokio::io::split(stream);
-    let reader = FramedRead::new(read, FrameCodec::new(config.max_frame, max_send));
-    let writer = FramedWrite::new(write, FrameCodec::new(config.max_frame, max_send));
+    let heartbeat = Heartbeat::new(
+        Instant::now(),
+        config.heartbeat_interval,
+        config.heartbeat_timeout,
+        Duration::from_millis(peer_hello.heartbeat_ms.into()),
+    );
     let (tx, rx) = mpsc::channel(config.outbound_queue);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let shared = Arc::new(Shared {
         outbound: tx,
+        control: control_tx,
         calls: Mutex::new(CallTable::default()),
         next_id: AtomicU64::new(1),
         shutdown: CancellationToken::new(),
@@ -305,334 +378,13 @@ where
         peer_hello,
         max_send,
         call_slots: Semaphore::new((peer_hello.max_in_flight as usize).min(Semaphore::MAX_PERMITS)),
+        ping_wanted: Notify::new(),
+        ping_waiters: Mutex::new(Vec::new()),
+        rtt_nanos: AtomicU64::new(0),
+        heartbeat_interval: heartbeat.interval(),
     });
-    let driver = Driver {
-        shared: shared.clone(),
-        dispatch,
-        in_flight: Arc::new(Mutex::new(HashMap::new())),
-        handlers: TaskTracker::new(),
-        max_in_flight: config.max_in_flight,
-        close_timeout: config.close_timeout,
-        draining: false,
-    };
+    let driver = Driver::new(shared.clone(), config, dispatch, heartbeat);
     let span = tracing::info_span!("conn", %peer);
-    let fut = driver.run(reader, writer, rx).instrument(span);
+    let fut = driver.run(stream, rx, control_rx).instrument(span);
     (Connection { shared }, fut)
-}
-
-type InFlight = Arc<Mutex<HashMap<u64, CancellationToken>>>;
-
-fn lock(
-    m: &Mutex<HashMap<u64, CancellationToken>>,
-) -> MutexGuard<'_, HashMap<u64, CancellationToken>> {
-    // Plain map operations only; a poisoned map is still consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Driver {
-    shared: Arc<Shared>,
-    dispatch: Option<Arc<dyn Dispatch>>,
-    in_flight: InFlight,
-    handlers: TaskTracker,
-    max_in_flight: usize,
-    close_timeout: Duration,
-    draining: bool,
-}
-
-/// How the read loop ended.
-enum End {
-    /// Clean end; nothing to tell the peer.
-    Quiet(String),
-    /// The peer broke a rule: tell it with `GoAway`, then close.
-    Tell(String),
-}
-
-impl Driver {
-    async fn run<R, W>(
-        mut self,
-        mut reader: FramedRead<R, FrameCodec>,
-        writer: FramedWrite<W, FrameCodec>,
-        rx: mpsc::Receiver<Frame>,
-    ) -> String
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
-    {
-        let stop_writer = CancellationToken::new();
-        let mut writer_task = tokio::spawn(write_loop(writer, rx, stop_writer.clone()));
-        let mut writer_done = false;
-        let end = loop {
-            let next = tokio::select! {
-                biased;
-                _ = self.shared.shutdown.cancelled() => break End::Quiet("closed by this side".into()),
-                res = &mut writer_task => {
-                    writer_done = true;
-                    break End::Quiet(match res {
-                        Ok(Ok(())) => "writer stopped".into(),
-                        Ok(Err(e)) => format!("write failed: {e}"),
-                        Err(e) => format!("writer task failed: {e}"),
-                    });
-                }
-                _ = self.shared.drain.cancelled(), if !self.draining => {
-                    self.draining = true;
-                    self.handlers.close();
-                    let _ = self.shared.outbound.send(Frame::GoAway { reason: "server shutting down".into() }).await;
-                    info!("draining: sent GoAway");
-                    continue;
-                }
-                _ = self.handlers.wait(), if self.draining => {
-                    break End::Quiet("drained after GoAway".into());
-                }
-                next = reader.next() => next,
-            };
-            match next {
-                None => break End::Quiet("peer closed the connection".into()),
-                Some(Err(Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    break End::Quiet("peer closed the connection without TLS close_notify".into())
-                }
-                Some(Err(Error::Io(e))) => break End::Quiet(format!("read failed: {e}")),
-                Some(Err(e)) => break End::Tell(e.to_string()),
-                Some(Ok(frame)) => {
-                    if let Err(e) = self.on_frame(frame).await {
-                        break End::Tell(e.to_string());
-                    }
-                }
-            }
-        };
-        let reason = match end {
-            End::Quiet(r) => r,
-            End::Tell(r) => {
-                warn!(reason = %r, "closing connection: peer broke the protocol");
-                let _ = self
-                    .shared
-                    .outbound
-                    .try_send(Frame::GoAway { reason: r.clone() });
-                r
-            }
-        };
-        self.finish(reason, stop_writer, writer_task, writer_done)
-            .await
-    }
-
-    async fn on_frame(&mut self, frame: Frame) -> Result<(), Error> {
-        match frame {
-            Frame::Request {
-                id,
-                method,
-                deadline_ms,
-                body,
-            } => self.on_request(id, method, deadline_ms, body).await,
-            Frame::Response { id, result } => {
-                let waiter = self.shared.calls().pending.remove(&id);
-                match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(result.map_err(Error::Status));
-                    }
-                    None if id >= self.shared.next_id.load(Ordering::Relaxed) => {
-                        return Err(Error::Protocol(format!(
-                            "Response for call {id}, which was never made"
-                        )));
-                    }
-                    // The caller gave up (deadline, dropped future) already.
-                    None => debug!(id, "late response ignored"),
-                }
-                Ok(())
-            }
-            Frame::Cancel { id } => {
-                if let Some(token) = lock(&self.in_flight).get(&id) {
-                    debug!(id, "cancelled by peer");
-                    token.cancel();
-                }
-                Ok(())
-            }
-            Frame::Ping { nonce } => {
-                let _ = self.shared.outbound.send(Frame::Pong { nonce }).await;
-                Ok(())
-            }
-            // Heartbeat timing (RTT from Pongs) is not tracked by this driver.
-            Frame::Pong { .. } => Ok(()),
-            Frame::GoAway { reason } => {
-                info!(%reason, "peer sent GoAway");
-                self.shared.calls().goaway = Some(reason);
-                Ok(())
-            }
-            Frame::Hello(_) => Err(Error::Protocol("second Hello on one connection".into())),
-        }
-    }
-
-    async fn on_request(
-        &mut self,
-        id: u64,
-        method: String,
-        deadline_ms: Option<u32>,
-        body: Bytes,
-    ) -> Result<(), Error> {
-        let Some(dispatch) = self.dispatch.clone() else {
-            return Err(Error::Protocol(
-                "Request sent to a peer that serves no calls".into(),
-            ));
-        };
-        let refuse = |status: Status| Frame::Response {
-            id,
-            result: Err(status),
-        };
-        if self.draining {
-            let status = Status::new(StatusCode::ShuttingDown, "server is shutting down");
-            let _ = self.shared.outbound.send(refuse(status)).await;
-            return Ok(());
-        }
-        let token = {
-            let mut in_flight = lock(&self.in_flight);
-            if in_flight.contains_key(&id) {
-                return Err(Error::Protocol(format!(
-                    "request id {id} is already in flight"
-                )));
-            }
-            if in_flight.len() >= self.max_in_flight {
-                None
-            } else {
-                let token = self.shared.shutdown.child_token();
-                in_flight.insert(id, token.clone());
-                Some(token)
-            }
-        };
-        let Some(token) = token else {
-            let status = Status::new(
-                StatusCode::Overloaded,
-                format!(
-                    "more than {} calls in flight on this connection",
-                    self.max_in_flight
-                ),
-            );
-            let _ = self.shared.outbound.send(refuse(status)).await;
-            return Ok(());
-        };
-        let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
-        let ctx = CallContext {
-            peer: self.shared.peer,
-            id,
-            method,
-            deadline,
-            cancelled: token.clone(),
-        };
-        let span = tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer);
-        let shared = self.shared.clone();
-        let in_flight = self.in_flight.clone();
-        self.handlers.spawn(
-            async move {
-                let handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
-                let until_deadline = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let result = tokio::select! {
-                    r = handler => Some(r.unwrap_or_else(|_| {
-                        warn!("handler panicked");
-                        Err(Status::internal("the handler panicked"))
-                    })),
-                    _ = until_deadline => Some(Err(Status::new(
-                        StatusCode::DeadlineExceeded, "the call's deadline passed on the server"))),
-                    _ = token.cancelled() => None,
-                };
-                token.cancel();
-                lock(&in_flight).remove(&id);
-                let Some(mut result) = result else {
-                    debug!("handler stopped: cancelled");
-                    return;
-                };
-                if let Ok(reply) = &result {
-                    let probe = Frame::Response {
-                        id,
-                        result: Ok(reply.clone()),
-                    };
-                    if let Err(e) = frame_len(&probe, shared.max_send) {
-                        result = Err(Status::internal(format!("reply not sent: {e}")));
-                    }
-                }
-                if let Err(status) = &result {
-                    debug!(%status, "call failed");
-                }
-                let _ = shared.outbound.send(Frame::Response { id, result }).await;
-            }
-            .instrument(span),
-        );
-        Ok(())
-    }
-
-    async fn finish(
-        self,
-        reason: String,
-        stop_writer: CancellationToken,
-        mut writer_task: tokio::task::JoinHandle<Result<(), Error>>,
-        writer_done: bool,
-    ) -> String {
-        let _ = self.shared.close_reason.set(reason.clone());
-        self.shared.shutdown.cancel();
-        fail_all(&self.shared, &reason);
-        self.handlers.close();
-        stop_writer.cancel();
-        let wait = async {
-            if !writer_done {
-                let _ = (&mut writer_task).await;
-            }
-            self.handlers.wait().await;
-        };
-        if tokio::time::timeout(self.close_timeout, wait)
-            .await
-            .is_err()
-        {
-            debug!("peer did not take the last frames in time");
-            writer_task.abort();
-        }
-        debug!(%reason, "connection closed");
-        self.shared.done.cancel();
-        reason
-    }
-}
-
-/// Marks the table closed and fails every pending call with the reason.
-fn fail_all(shared: &Shared, reason: &str) {
-    let pending = {
-        let mut t = shared.calls();
-        t.closed = Some(reason.to_owned());
-        std::mem::take(&mut t.pending)
-    };
-    for (_, tx) in pending {
-        let _ = tx.send(Err(Error::Closed {
-            reason: reason.to_owned(),
-        }));
-    }
-}
-
-async fn write_loop<W>(
-    mut sink: FramedWrite<W, FrameCodec>,
-    mut rx: mpsc::Receiver<Frame>,
-    stop: CancellationToken,
-) -> Result<(), Error>
-where
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let first = tokio::select! {
-            biased;
-            f = rx.recv() => f,
-            _ = stop.cancelled() => None,
-        };
-        let Some(first) = first else { break };
-        sink.feed(first).await?;
-        for _ in 1..MAX_BATCH {
-            match rx.try_recv() {
-                Ok(f) => sink.feed(f).await?,
-                Err(_) => break,
-            }
-        }
-        sink.flush().await?;
-    }
-    // Closing: send what is already queued (a last GoAway), then close_notify.
-    while let Ok(f) = rx.try_recv() {
-        sink.feed(f).await?;
-    }
-    sink.close().await
 }

@@ -182,6 +182,12 @@ pub enum Error {
         reason: String,
     },
 
+    /// Nothing at all arrived from the peer for the heartbeat timeout: it is
+    /// frozen, gone, or the network path is black-holed. The connection was
+    /// closed; calls pending on it fail with this.
+    #[error("peer unresponsive: nothing received for {0:?}")]
+    PeerUnresponsive(Duration),
+
     /// The call's own deadline passed on this side before a reply came.
     #[error("deadline exceeded: no reply within {0:?}")]
     DeadlineExceeded(Duration),

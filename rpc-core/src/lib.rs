@@ -13,7 +13,10 @@
 //! | `codec.rs` | bincode 1.3.3 with limits: the only user of bincode |
 //! | `tls.rs` | PEM loading, rustls configs, the ALPN check |
 //! | `transport.rs` | TCP + TLS handshake + `Hello` exchange, both sides |
-//! | `connection.rs` | the driver: reader, batching writer, in-flight table |
+//! | `connection.rs` | the handle: calls, pings, close, drain |
+//! | `driver.rs` | the driver: reader loop, batching writer, heartbeat timer |
+//! | `metered.rs` | byte clocks: when bytes last moved each way |
+//! | `heartbeat.rs` | the liveness state machine (no I/O) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
 //!
@@ -31,13 +34,17 @@
 pub mod codec;
 pub mod config;
 pub mod connection;
+mod driver;
 pub mod error;
 pub mod frame;
+pub mod heartbeat;
+pub mod metered;
 pub mod tls;
 pub mod transport;
 
 pub use config::{ConnectionConfig, DEFAULT_MAX_FRAME};
 pub use connection::{BoxFuture, CallContext, Connection, Dispatch};
+pub use driver::MAX_BATCH;
 pub use error::{Error, Status, StatusCode};
 pub use frame::{Frame, FrameCodec, Hello, PROTOCOL_VERSION};
 

@@ -1,0 +1,446 @@
+//! The connection driver: the reader loop, the batching writer, and the
+//! heartbeat timer. One implementation for both sides.
+//!
+//! - The reader loop is the future [`crate::connection::start`] returns. It
+//!   routes `Response`s to waiting callers, runs `Request`s through a
+//!   [`Dispatch`] on tracked tasks (at most `max_in_flight` at once; the
+//!   excess gets `Overloaded`), answers `Ping` with `Pong` at once through the
+//!   control queue, honours `Cancel`, and owns the [`Heartbeat`] timer.
+//! - The writer task takes one frame, then every frame already queued (up to
+//!   [`MAX_BATCH`]), and flushes once. Control frames (`Ping`, `Pong`,
+//!   `GoAway`) go before any queued data frame, so a `Pong` waits behind at
+//!   most the frame being written.
+//! - Any byte read or written moves the heartbeat's clocks (see
+//!   `metered.rs`); after `heartbeat_timeout` of silence the peer is dead.
+//! - However the connection ends, every pending call fails at once with the
+//!   cause, every handler is cancelled, and the writer gets `close_timeout`
+//!   to flush a last `GoAway` and TLS close_notify.
+//!
+//! Not here: the handle users call (`connection.rs`), handshakes
+//! (`transport.rs`), the heartbeat rules themselves (`heartbeat.rs`).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::ConnectionConfig;
+use crate::connection::{CallContext, CloseCause, Dispatch, Shared};
+use crate::error::{Error, Status, StatusCode};
+use crate::frame::{frame_len, Frame, FrameCodec};
+use crate::heartbeat::{Action, Heartbeat, PingVerdict};
+use crate::metered::{ByteClocks, Metered};
+
+/// Most frames the writer encodes before it flushes.
+pub const MAX_BATCH: usize = 128;
+
+type InFlight = Arc<Mutex<HashMap<u64, CancellationToken>>>;
+
+fn lock(
+    m: &Mutex<HashMap<u64, CancellationToken>>,
+) -> MutexGuard<'_, HashMap<u64, CancellationToken>> {
+    // Plain map operations only; a poisoned map is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How the read loop ended.
+enum End {
+    /// Nothing to tell the peer.
+    Quiet(CloseCause),
+    /// The peer broke a rule: tell it with `GoAway(reason)`, then close.
+    Tell(String),
+}
+
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    dispatch: Option<Arc<dyn Dispatch>>,
+    in_flight: InFlight,
+    handlers: TaskTracker,
+    max_in_flight: usize,
+    max_recv: usize,
+    close_timeout: Duration,
+    draining: bool,
+    heartbeat: Heartbeat,
+    timer: std::pin::Pin<Box<Sleep>>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        config: &ConnectionConfig,
+        dispatch: Option<Arc<dyn Dispatch>>,
+        heartbeat: Heartbeat,
+    ) -> Self {
+        Driver {
+            shared,
+            dispatch,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            handlers: TaskTracker::new(),
+            max_in_flight: config.max_in_flight,
+            max_recv: config.max_frame,
+            close_timeout: config.close_timeout,
+            draining: false,
+            timer: Box::pin(tokio::time::sleep_until(heartbeat.next_deadline())),
+            heartbeat,
+        }
+    }
+
+    pub(crate) async fn run<S>(
+        mut self,
+        stream: S,
+        data_rx: mpsc::Receiver<Frame>,
+        control_rx: mpsc::Receiver<Frame>,
+    ) -> String
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let clocks = ByteClocks::new(Instant::now());
+        let (read, write) = tokio::io::split(Metered::new(stream, clocks.clone()));
+        let max_send = self.shared.max_send;
+        let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
+        let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
+        let stop_writer = CancellationToken::new();
+        let mut writer_task =
+            tokio::spawn(write_loop(writer, data_rx, control_rx, stop_writer.clone()));
+        let mut writer_done = false;
+        let end = loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => {
+                    break End::Quiet(CloseCause::Other("closed by this side".into()));
+                }
+                res = &mut writer_task => {
+                    writer_done = true;
+                    break End::Quiet(CloseCause::Other(match res {
+                        Ok(Ok(())) => "writer stopped".into(),
+                        Ok(Err(e)) => format!("write failed: {e}"),
+                        Err(e) => format!("writer task failed: {e}"),
+                    }));
+                }
+                _ = &mut self.timer => {
+                    self.heartbeat.received(clocks.last_read());
+                    self.heartbeat.sent(clocks.last_written());
+                    match self.heartbeat.poll(Instant::now()) {
+                        Action::PeerDead(silent) => {
+                            warn!(?silent, "peer unresponsive: closing");
+                            break End::Quiet(CloseCause::Unresponsive(silent));
+                        }
+                        Action::SendPing(nonce) => self.send_control(Frame::Ping { nonce }),
+                        Action::Nothing => {}
+                    }
+                    self.reset_timer();
+                    continue;
+                }
+                _ = self.shared.ping_wanted.notified() => {
+                    if let Some(nonce) = self.heartbeat.ping_now(Instant::now()) {
+                        self.send_control(Frame::Ping { nonce });
+                        self.reset_timer();
+                    }
+                    continue;
+                }
+                _ = self.shared.drain.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.handlers.close();
+                    self.send_control(Frame::GoAway { reason: "server shutting down".into() });
+                    info!("draining: sent GoAway");
+                    continue;
+                }
+                _ = self.handlers.wait(), if self.draining => {
+                    break End::Quiet(CloseCause::Other("drained after GoAway".into()));
+                }
+                next = reader.next() => next,
+            };
+            match next {
+                None => break End::Quiet(CloseCause::Other("peer closed the connection".into())),
+                Some(Err(Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    break End::Quiet(CloseCause::Other(
+                        "peer closed the connection without TLS close_notify".into(),
+                    ));
+                }
+                Some(Err(Error::Io(e))) => {
+                    break End::Quiet(CloseCause::Other(format!("read failed: {e}")))
+                }
+                Some(Err(e)) => break End::Tell(e.to_string()),
+                Some(Ok(frame)) => {
+                    if let Err(reason) = self.on_frame(frame).await {
+                        break End::Tell(reason);
+                    }
+                }
+            }
+        };
+        let cause = match end {
+            End::Quiet(cause) => cause,
+            End::Tell(reason) => {
+                warn!(%reason, "closing connection: peer broke the protocol");
+                self.send_control(Frame::GoAway {
+                    reason: reason.clone(),
+                });
+                CloseCause::Other(reason)
+            }
+        };
+        self.finish(cause, stop_writer, writer_task, writer_done)
+            .await
+    }
+
+    fn reset_timer(&mut self) {
+        let at = self.heartbeat.next_deadline();
+        self.timer.as_mut().reset(at);
+    }
+
+    /// Queues a control frame; if 64 are already waiting the peer is not
+    /// reading, and the heartbeat will notice.
+    fn send_control(&self, frame: Frame) {
+        if self.shared.control.try_send(frame).is_err() {
+            debug!("control queue full; frame dropped");
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+        match frame {
+            Frame::Request {
+                id,
+                method,
+                deadline_ms,
+                body,
+            } => self.on_request(id, method, deadline_ms, body).await,
+            Frame::Response { id, result } => {
+                let waiter = self.shared.calls().pending.remove(&id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(result.map_err(Error::Status));
+                    }
+                    None if id >= self.shared.next_id.load(Ordering::Relaxed) => {
+                        return Err(Error::Protocol(format!(
+                            "Response for call {id}, which was never made"
+                        ))
+                        .to_string());
+                    }
+                    // The caller gave up (deadline, dropped future) already.
+                    None => debug!(id, "late response ignored"),
+                }
+                Ok(())
+            }
+            Frame::Cancel { id } => {
+                if let Some(token) = lock(&self.in_flight).get(&id) {
+                    debug!(id, "cancelled by peer");
+                    token.cancel();
+                }
+                Ok(())
+            }
+            Frame::Ping { nonce } => match self.heartbeat.peer_ping(Instant::now()) {
+                PingVerdict::Answer => {
+                    self.send_control(Frame::Pong { nonce });
+                    Ok(())
+                }
+                PingVerdict::TooManyPings => Err("too many pings".into()),
+            },
+            Frame::Pong { nonce } => {
+                match self.heartbeat.pong(nonce, Instant::now()) {
+                    Some(rtt) => {
+                        debug!(?rtt, "pong");
+                        let nanos = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
+                        self.shared.rtt_nanos.store(nanos, Ordering::Relaxed);
+                        for waiter in self.shared.ping_waiters().drain(..) {
+                            let _ = waiter.send(rtt);
+                        }
+                        self.reset_timer();
+                    }
+                    None => debug!(nonce, "pong for no ping in flight: ignored"),
+                }
+                Ok(())
+            }
+            Frame::GoAway { reason } => {
+                info!(%reason, "peer sent GoAway");
+                self.shared.calls().goaway = Some(reason);
+                Ok(())
+            }
+            Frame::Hello(_) => {
+                Err(Error::Protocol("second Hello on one connection".into()).to_string())
+            }
+        }
+    }
+
+    async fn on_request(
+        &mut self,
+        id: u64,
+        method: String,
+        deadline_ms: Option<u32>,
+        body: Bytes,
+    ) -> Result<(), String> {
+        let Some(dispatch) = self.dispatch.clone() else {
+            return Err(
+                Error::Protocol("Request sent to a peer that serves no calls".into()).to_string(),
+            );
+        };
+        let refuse = |status: Status| Frame::Response {
+            id,
+            result: Err(status),
+        };
+        if self.draining {
+            let status = Status::new(StatusCode::ShuttingDown, "server is shutting down");
+            let _ = self.shared.outbound.send(refuse(status)).await;
+            return Ok(());
+        }
+        let token = {
+            let mut in_flight = lock(&self.in_flight);
+            if in_flight.contains_key(&id) {
+                return Err(
+                    Error::Protocol(format!("request id {id} is already in flight")).to_string(),
+                );
+            }
+            if in_flight.len() >= self.max_in_flight {
+                None
+            } else {
+                let token = self.shared.shutdown.child_token();
+                in_flight.insert(id, token.clone());
+                Some(token)
+            }
+        };
+        let Some(token) = token else {
+            let status = Status::new(
+                StatusCode::Overloaded,
+                format!(
+                    "more than {} calls in flight on this connection",
+                    self.max_in_flight
+                ),
+            );
+            let _ = self.shared.outbound.send(refuse(status)).await;
+            return Ok(());
+        };
+        let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
+        let ctx = CallContext {
+            peer: self.shared.peer,
+            id,
+            method,
+            deadline,
+            cancelled: token.clone(),
+        };
+        let span = tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer);
+        let shared = self.shared.clone();
+        let in_flight = self.in_flight.clone();
+        self.handlers.spawn(
+            async move {
+                let handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
+                let until_deadline = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let result = tokio::select! {
+                    r = handler => Some(r.unwrap_or_else(|_| {
+                        warn!("handler panicked");
+                        Err(Status::internal("the handler panicked"))
+                    })),
+                    _ = until_deadline => Some(Err(Status::new(
+                        StatusCode::DeadlineExceeded, "the call's deadline passed on the server"))),
+                    _ = token.cancelled() => None,
+                };
+                token.cancel();
+                lock(&in_flight).remove(&id);
+                let Some(mut result) = result else {
+                    debug!("handler stopped: cancelled");
+                    return;
+                };
+                if let Ok(reply) = &result {
+                    let probe = Frame::Response {
+                        id,
+                        result: Ok(reply.clone()),
+                    };
+                    if let Err(e) = frame_len(&probe, shared.max_send) {
+                        result = Err(Status::internal(format!("reply not sent: {e}")));
+                    }
+                }
+                if let Err(status) = &result {
+                    debug!(%status, "call failed");
+                }
+                let _ = shared.outbound.send(Frame::Response { id, result }).await;
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
+    async fn finish(
+        self,
+        cause: CloseCause,
+        stop_writer: CancellationToken,
+        mut writer_task: tokio::task::JoinHandle<Result<(), Error>>,
+        writer_done: bool,
+    ) -> String {
+        let reason = cause.describe();
+        let _ = self.shared.close_reason.set(reason.clone());
+        self.shared.shutdown.cancel();
+        self.shared.fail_all(&cause);
+        self.handlers.close();
+        stop_writer.cancel();
+        let wait = async {
+            if !writer_done {
+                let _ = (&mut writer_task).await;
+            }
+            self.handlers.wait().await;
+        };
+        if tokio::time::timeout(self.close_timeout, wait)
+            .await
+            .is_err()
+        {
+            debug!("peer did not take the last frames in time");
+            writer_task.abort();
+        }
+        debug!(%reason, "connection closed");
+        self.shared.done.cancel();
+        reason
+    }
+}
+
+async fn write_loop<W>(
+    mut sink: FramedWrite<W, FrameCodec>,
+    mut data: mpsc::Receiver<Frame>,
+    mut control: mpsc::Receiver<Frame>,
+    stop: CancellationToken,
+) -> Result<(), Error>
+where
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let first = tokio::select! {
+            biased;
+            f = control.recv() => f,
+            f = data.recv() => f,
+            _ = stop.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        sink.feed(first).await?;
+        for _ in 1..MAX_BATCH {
+            let next = match control.try_recv() {
+                Ok(f) => f,
+                Err(_) => match data.try_recv() {
+                    Ok(f) => f,
+                    Err(_) => break,
+                },
+            };
+            sink.feed(next).await?;
+        }
+        sink.flush().await?;
+    }
+    // Closing: what is already queued (replies, then a last GoAway), then
+    // TLS close_notify.
+    while let Ok(f) = data.try_recv() {
+        sink.feed(f).await?;
+    }
+    while let Ok(f) = control.try_recv() {
+        sink.feed(f).await?;
+    }
+    sink.close().await
+}

@@ -1,0 +1,184 @@
+//! The heartbeat inside the driver, over in-memory pipes with paused time:
+//! a frozen peer is found, an idle one is not, pings give RTTs, floods are
+//! cut off, stray pongs are ignored.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::{addr, pair_full};
+use futures_util::StreamExt;
+use rpc_core::connection::start;
+use rpc_core::transport::{exchange_hello, hello_for};
+use rpc_core::{ConnectionConfig, Error, Frame, FrameCodec};
+use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::time::Instant;
+use tokio_util::codec::{Encoder, FramedRead};
+
+fn fast() -> ConnectionConfig {
+    let mut c = ConnectionConfig::default();
+    c.heartbeat_interval = Duration::from_millis(100);
+    c.heartbeat_timeout = Duration::from_millis(300);
+    c
+}
+
+/// A client connection whose peer is a raw pipe end that completed `Hello`.
+async fn client_with_raw_peer(cfg: ConnectionConfig) -> (rpc_core::Connection, DuplexStream) {
+    let (mut a, mut b) = tokio::io::duplex(1 << 20);
+    let (ha, hb) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    hb.unwrap();
+    let (conn, driver) = start(a, &cfg, addr(), ha.unwrap(), None);
+    tokio::spawn(driver);
+    (conn, b)
+}
+
+fn encode(frame: Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(1 << 20, 1 << 20)
+        .encode(frame, &mut buf)
+        .unwrap();
+    buf
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_peer_is_declared_dead_and_the_pending_call_fails_distinctly() {
+    let (conn, _frozen) = client_with_raw_peer(fast()).await;
+    let started = Instant::now();
+    let err = conn
+        .call("anything", Bytes::new(), Duration::from_secs(3600))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, Error::PeerUnresponsive(_)), "{err}");
+    assert!(err.to_string().contains("peer unresponsive"), "{err}");
+    // timeout 300 ms after the last byte received (the Hello, at start).
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(450),
+        "{took:?}"
+    );
+    assert!(conn.is_closed());
+    // New calls fail the same way, at once.
+    let err = conn
+        .call("x", Bytes::new(), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PeerUnresponsive(_)), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_but_healthy_peer_is_never_declared_dead() {
+    let p = pair_full(fast(), fast(), false).await;
+    tokio::time::sleep(Duration::from_secs(30)).await; // 100 timeouts
+    assert!(!p.client.is_closed(), "{:?}", p.client.close_reason());
+    assert!(!p.server.is_closed(), "{:?}", p.server.close_reason());
+    assert!(p.client.rtt().is_some(), "no pong measured");
+    let echoed = p
+        .client
+        .call("echo", Bytes::from_static(b"ok"), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(&echoed[..], b"ok");
+}
+
+#[tokio::test]
+async fn explicit_ping_returns_a_round_trip_time() {
+    let p = pair_full(
+        ConnectionConfig::default(),
+        ConnectionConfig::default(),
+        false,
+    )
+    .await;
+    let rtt = p.client.ping().await.unwrap();
+    assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    assert_eq!(p.client.rtt(), Some(rtt));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_flood_gets_goaway_too_many_pings() {
+    let (conn, peer) = client_with_raw_peer(ConnectionConfig::default()).await;
+    let (read, mut write) = tokio::io::split(peer);
+    // 10 ms apart against an announced 5 s interval; the pipe breaks once
+    // the connection is cut.
+    for nonce in 0..10 {
+        if write
+            .write_all(&encode(Frame::Ping { nonce }))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut frames = FramedRead::new(read, FrameCodec::new(1 << 20, 1 << 20));
+    let mut goaway = None;
+    while let Some(Ok(f)) = frames.next().await {
+        if let Frame::GoAway { reason } = f {
+            goaway = Some(reason);
+        }
+    }
+    assert_eq!(goaway.as_deref(), Some("too many pings"));
+    conn.closed().await;
+    assert!(conn.close_reason().unwrap().contains("too many pings"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pong_for_no_ping_is_ignored() {
+    let (conn, mut peer) = client_with_raw_peer(ConnectionConfig::default()).await;
+    peer.write_all(&encode(Frame::Pong { nonce: 424242 }))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!conn.is_closed());
+    assert_eq!(conn.rtt(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pong_is_answered_ahead_of_queued_replies() {
+    // The server answers 200 queued calls; a ping sent behind them must come
+    // back before most of the replies. Watch the order on the wire.
+    let (conn, peer) = client_with_raw_peer(ConnectionConfig::default()).await;
+    let (read, mut write) = tokio::io::split(peer);
+    // Fill the client's outbound queue with calls, then ask for a ping.
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let c = conn.clone();
+            tokio::spawn(async move {
+                c.call("m", Bytes::from(vec![0u8; 1024]), Duration::from_secs(5))
+                    .await
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let pinger = {
+        let c = conn.clone();
+        tokio::spawn(async move { c.ping().await })
+    };
+    let mut frames = FramedRead::new(read, FrameCodec::new(1 << 20, 1 << 20));
+    let mut requests_before_ping = 0;
+    while let Some(Ok(f)) = frames.next().await {
+        match f {
+            Frame::Request { .. } => requests_before_ping += 1,
+            Frame::Ping { nonce } => {
+                write
+                    .write_all(&encode(Frame::Pong { nonce }))
+                    .await
+                    .unwrap();
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        requests_before_ping < 200,
+        "ping waited behind every queued call"
+    );
+    pinger.await.unwrap().unwrap();
+    drop(calls);
+}
