@@ -1,40 +1,73 @@
-//! The client: connect once, call many times, concurrently.
+//! The client: one connection at a time, many concurrent calls, reconnects.
 //!
-//! A [`Client`] is a cheap-to-clone handle over one rpc-core connection. Every
-//! clone shares it, so thousands of concurrent calls go out over one TLS
-//! session and each waits for its own reply (matched by request id). Calls
-//! beyond the server's announced in-flight limit wait locally for a slot,
-//! within their deadline.
+//! ```text
+//! Client (clone freely) ──call──► current Connection (rpc-core) ──► server
+//!        │                              ▲
+//!        └── state watch ◄── supervisor task: waits for the connection to
+//!            Connecting / Ready /      end (or GoAway), then reconnects with
+//!            BackingOff / Closed       exponential backoff and full jitter
+//! ```
 //!
-//! The connection's driver runs on a task owned by the client: when the last
-//! clone is dropped (or [`Client::close`] is called) the connection closes and
-//! the task ends.
+//! - Every clone shares the current connection, so thousands of concurrent
+//!   calls go out over one TLS session and each waits for its own reply.
+//!   Calls beyond the server's announced in-flight limit wait for a slot.
+//! - `connect` makes the first connection itself, so a wrong address, CA or
+//!   name is reported at once. After that the supervisor task keeps a
+//!   connection: when one dies (peer unresponsive, reset, GoAway) it
+//!   reconnects, backing off between failed attempts (100 ms doubling up to
+//!   10 s by default, each wait drawn uniformly below the cap).
+//! - A call made while there is no usable connection waits for one, up to
+//!   its own timeout, then fails with [`ClientError::Unavailable`] naming the
+//!   last connection error. Calls are never retried on a new connection: the
+//!   server may have run them already.
+//! - The supervisor is owned by the clients: when the last clone is dropped,
+//!   or [`Client::close`] is called, it closes the connection and ends.
 //!
-//! Not here (yet): reconnects, several endpoints.
+//! Not here: several endpoints and load balancing.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rpc_core::error::report;
 use rpc_core::{codec, transport, Connection, ConnectionConfig};
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::ClientError;
 
 /// Default time a call waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds a [`Client`]: TLS config, server name, limits, default timeout.
+/// Where the client's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnState {
+    /// A connection attempt is under way.
+    Connecting,
+    /// A connection is up; calls go out at once.
+    Ready,
+    /// The last attempt failed; waiting before the next one.
+    BackingOff,
+    /// The client was closed; no more connections.
+    Closed,
+}
+
+/// Builds a [`Client`]: TLS config, server name, limits, timeouts, backoff.
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     tls: Arc<rustls::ClientConfig>,
     server_name: Option<String>,
     config: ConnectionConfig,
     timeout: Duration,
+    backoff: (Duration, Duration),
 }
 
 impl ClientBuilder {
@@ -45,6 +78,7 @@ impl ClientBuilder {
             server_name: None,
             config: ConnectionConfig::default(),
             timeout: DEFAULT_TIMEOUT,
+            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
         }
     }
 
@@ -61,14 +95,23 @@ impl ClientBuilder {
         self
     }
 
-    /// Connection limits and timers.
+    /// Connection limits and timers (heartbeat interval and timeout, frame
+    /// size, handshake timeout).
     pub fn connection_config(mut self, config: ConnectionConfig) -> Self {
         self.config = config;
         self
     }
 
+    /// Reconnect backoff: the first cap and the largest (default 100 ms and
+    /// 10 s).
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = (first, max);
+        self
+    }
+
     /// Connects to `addr` (`host:port`), trying each resolved address in
-    /// turn, and completes the TLS handshake and `Hello`.
+    /// turn, and completes the TLS handshake and `Hello`. Fails at once if
+    /// that first connection cannot be made.
     pub async fn connect(self, addr: &str) -> Result<Client, ClientError> {
         self.config
             .validate()
@@ -83,37 +126,28 @@ impl ClientBuilder {
         let name = self.server_name.clone().unwrap_or_else(|| host.to_owned());
         let server_name =
             ServerName::try_from(name.clone()).map_err(|_| ClientError::ServerName(name))?;
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| ClientError::Resolve {
-                addr: addr.to_owned(),
-                reason: e.to_string(),
-            })?
-            .collect();
-        let connector = TlsConnector::from(self.tls.clone());
-        let mut last = None;
-        for sa in &addrs {
-            match transport::connect(*sa, server_name.clone(), &connector, &self.config).await {
-                Ok((conn, driver)) => {
-                    debug!(addr = %sa, "connected");
-                    tokio::spawn(driver);
-                    return Ok(Client {
-                        inner: Arc::new(Inner {
-                            conn,
-                            timeout: self.timeout,
-                            max_frame: self.config.max_frame,
-                        }),
-                    });
-                }
-                Err(e) => last = Some((sa.to_string(), e)),
-            }
-        }
-        Err(match last {
-            Some((addr, source)) => ClientError::Connect { addr, source },
-            None => ClientError::Resolve {
-                addr: addr.to_owned(),
-                reason: "no addresses found".into(),
-            },
+        let (state, _) = watch::channel(ConnState::Connecting);
+        let core = Arc::new(Core {
+            addr: addr.to_owned(),
+            server_name,
+            connector: TlsConnector::from(self.tls),
+            config: self.config,
+            timeout: self.timeout,
+            backoff: self.backoff,
+            current: Mutex::new(None),
+            last_error: Mutex::new(None),
+            state,
+            closed: CancellationToken::new(),
+        });
+        let conn = core.connect_once().await?;
+        *core.current() = Some(conn);
+        core.state.send_replace(ConnState::Ready);
+        tokio::spawn(supervise(core.clone()));
+        Ok(Client {
+            inner: Arc::new(Handle {
+                _stop: core.closed.clone().drop_guard(),
+                core,
+            }),
         })
     }
 }
@@ -129,30 +163,134 @@ fn host_of(addr: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-struct Inner {
-    conn: Connection,
+/// What the clients and the supervisor share.
+struct Core {
+    addr: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    config: ConnectionConfig,
     timeout: Duration,
-    max_frame: usize,
+    backoff: (Duration, Duration),
+    current: Mutex<Option<Connection>>,
+    last_error: Mutex<Option<String>>,
+    state: watch::Sender<ConnState>,
+    /// Fires when the client is closed (or its last clone dropped).
+    closed: CancellationToken,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The last handle is gone: end the connection and its driver task.
-        self.conn.close();
+impl Core {
+    fn current(&self) -> MutexGuard<'_, Option<Connection>> {
+        // Holds an Option only; a poisoned lock still holds a valid value.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn last_error(&self) -> MutexGuard<'_, Option<String>> {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One attempt: resolve, then each address in turn until one connects.
+    async fn connect_once(&self) -> Result<Connection, ClientError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.addr.as_str())
+            .await
+            .map_err(|e| ClientError::Resolve {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?
+            .collect();
+        let mut last = None;
+        for sa in &addrs {
+            match transport::connect(*sa, self.server_name.clone(), &self.connector, &self.config)
+                .await
+            {
+                Ok((conn, driver)) => {
+                    debug!(addr = %sa, "connected");
+                    // Ends when the connection does; the supervisor closes
+                    // the connection when the client goes away.
+                    tokio::spawn(driver);
+                    return Ok(conn);
+                }
+                Err(e) => last = Some((sa.to_string(), e)),
+            }
+        }
+        Err(match last {
+            Some((addr, source)) => ClientError::Connect { addr, source },
+            None => ClientError::Resolve {
+                addr: self.addr.clone(),
+                reason: "no addresses found".into(),
+            },
+        })
     }
 }
 
-/// A connection to an srpc server. Clone it freely; clones share the
-/// connection.
+/// Keeps a connection up until the client is closed.
+async fn supervise(core: Arc<Core>) {
+    let mut backoff = Backoff::new(core.backoff.0, core.backoff.1);
+    'outer: loop {
+        let conn = core.current().clone();
+        if let Some(conn) = conn {
+            tokio::select! {
+                _ = conn.unusable() => {
+                    let why = conn.close_reason().unwrap_or_else(|| "peer sent GoAway".into());
+                    info!(addr = %core.addr, reason = %why, "connection lost; reconnecting");
+                }
+                _ = core.closed.cancelled() => break 'outer,
+            }
+        }
+        loop {
+            core.state.send_replace(ConnState::Connecting);
+            let attempt = tokio::select! {
+                r = core.connect_once() => r,
+                _ = core.closed.cancelled() => break 'outer,
+            };
+            match attempt {
+                Ok(conn) => {
+                    *core.current() = Some(conn);
+                    *core.last_error() = None;
+                    backoff.reset();
+                    core.state.send_replace(ConnState::Ready);
+                    info!(addr = %core.addr, "reconnected");
+                    break;
+                }
+                Err(e) => {
+                    let wait = backoff.next_wait();
+                    let text = report(&e);
+                    warn!(addr = %core.addr, error = %text, ?wait, "reconnect failed");
+                    *core.last_error() = Some(text);
+                    core.state.send_replace(ConnState::BackingOff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = core.closed.cancelled() => break 'outer,
+                    }
+                }
+            }
+        }
+    }
+    let last = core.current().take();
+    if let Some(conn) = last {
+        conn.close();
+        conn.closed().await;
+    }
+    core.state.send_replace(ConnState::Closed);
+}
+
+/// Stops the supervisor when the last clone goes.
+struct Handle {
+    core: Arc<Core>,
+    _stop: DropGuard,
+}
+
+/// A client of an srpc server. Clone it freely; clones share the connection
+/// and its reconnects.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    inner: Arc<Handle>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("conn", &self.inner.conn)
+            .field("addr", &self.inner.core.addr)
+            .field("state", &*self.inner.core.state.borrow())
             .finish()
     }
 }
@@ -171,6 +309,10 @@ impl Client {
         ClientBuilder::new(tls)
     }
 
+    fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
     /// Calls `method` with `args` and decodes the reply as `R`, waiting at
     /// most the client's default timeout.
     pub async fn call<A, R>(&self, method: &str, args: &A) -> Result<R, ClientError>
@@ -178,12 +320,12 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.call_with_timeout(method, args, self.inner.timeout)
+        self.call_with_timeout(method, args, self.core().timeout)
             .await
     }
 
-    /// Like [`call`](Client::call) with its own timeout, which also travels
-    /// to the server as the call's deadline.
+    /// Like [`call`](Client::call) with its own timeout, which covers waiting
+    /// for a connection too and travels to the server as the call's deadline.
     pub async fn call_with_timeout<A, R>(
         &self,
         method: &str,
@@ -194,12 +336,16 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let body =
-            codec::encode(args, self.inner.max_frame).map_err(|source| ClientError::Encode {
+        let body = codec::encode(args, self.core().config.max_frame).map_err(|source| {
+            ClientError::Encode {
                 method: method.to_owned(),
                 source,
-            })?;
-        let reply = self.inner.conn.call(method, body, timeout).await?;
+            }
+        })?;
+        let deadline = Instant::now() + timeout;
+        let conn = self.ready_connection(deadline, timeout).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = conn.call(method, body, left).await?;
         codec::decode::<R>(&reply, reply.len()).map_err(|source| ClientError::Decode {
             method: method.to_owned(),
             expected: std::any::type_name::<R>(),
@@ -207,29 +353,89 @@ impl Client {
         })
     }
 
-    /// The server's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.inner.conn.peer_addr()
+    /// The current connection once usable, waiting for a reconnect until
+    /// `deadline`.
+    async fn ready_connection(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let core = self.core();
+        let mut states = core.state.subscribe();
+        loop {
+            if let Some(conn) = core.current().as_ref().filter(|c| c.is_usable()) {
+                return Ok(conn.clone());
+            }
+            if core.closed.is_cancelled() {
+                return Err(ClientError::Closed);
+            }
+            match tokio::time::timeout_at(deadline, states.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(ClientError::Closed),
+                Err(_) => {
+                    return Err(ClientError::Unavailable {
+                        addr: core.addr.clone(),
+                        waited: timeout,
+                        last_error: core.last_error().clone(),
+                    })
+                }
+            }
+        }
     }
 
-    /// True once the connection has ended.
+    /// Pings the server now and returns the round-trip time (waiting for a
+    /// connection up to the default timeout). Pinging more often than
+    /// [`heartbeat_interval`](Client::heartbeat_interval) gets a connection
+    /// cut off by the server.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let timeout = self.core().timeout;
+        let deadline = Instant::now() + timeout;
+        let conn = self.ready_connection(deadline, timeout).await?;
+        tokio::time::timeout_at(deadline, conn.ping())
+            .await
+            .map_err(|_| ClientError::Call(rpc_core::Error::DeadlineExceeded(timeout)))?
+            .map_err(ClientError::Call)
+    }
+
+    /// The latest heartbeat round-trip time on the current connection.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.core().current().as_ref().and_then(Connection::rtt)
+    }
+
+    /// The interval heartbeats go at: the larger of this side's and the
+    /// server's announced one.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.core().current().as_ref().map_or(
+            self.core().config.heartbeat_interval,
+            Connection::heartbeat_interval,
+        )
+    }
+
+    /// Watches the connection state; `changed().await` on it to wait.
+    pub fn state(&self) -> watch::Receiver<ConnState> {
+        self.core().state.subscribe()
+    }
+
+    /// The server's address, while connected.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.core().current().as_ref().map(Connection::peer_addr)
+    }
+
+    /// True once the client is closed.
     pub fn is_closed(&self) -> bool {
-        self.inner.conn.is_closed()
+        *self.core().state.borrow() == ConnState::Closed
     }
 
-    /// Why the connection ended, once it has.
-    pub fn close_reason(&self) -> Option<String> {
-        self.inner.conn.close_reason()
-    }
-
-    /// Closes the connection for every clone; pending calls fail at once.
+    /// Closes the client for every clone: the connection closes, pending calls
+    /// fail at once, and no reconnect follows.
     pub fn close(&self) {
-        self.inner.conn.close();
+        self.core().closed.cancel();
     }
 
-    /// Waits until the connection has closed.
+    /// Waits until the client is closed and its connection is gone.
     pub async fn closed(&self) {
-        self.inner.conn.closed().await
+        let mut states = self.state();
+        let _ = states.wait_for(|s| *s == ConnState::Closed).await;
     }
 }
 

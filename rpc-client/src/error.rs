@@ -36,6 +36,20 @@ pub enum ClientError {
     /// connection.
     #[error(transparent)]
     Call(#[from] rpc_core::Error),
+    /// No usable connection came up within the call's timeout (the client is
+    /// reconnecting).
+    #[error("no connection to {addr} within {waited:?}{}", last_error.as_ref().map(|e| format!(" (reconnecting; last error: {e})")).unwrap_or_default())]
+    Unavailable {
+        /// The server address.
+        addr: String,
+        /// How long the call waited.
+        waited: std::time::Duration,
+        /// Why the last connection attempt failed, if one did.
+        last_error: Option<String>,
+    },
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
     /// The arguments could not be encoded.
     #[error("arguments of {method:?} did not encode: {source}")]
     Encode {

@@ -13,16 +13,18 @@
 //!
 //! | file | concept |
 //! |---|---|
-//! | `client.rs` | [`Client`], [`ClientBuilder`]: connect, call, close |
+//! | `client.rs` | [`Client`], [`ClientBuilder`]: connect, call, ping, reconnect |
+//! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
 //! | `bin/rpc-client/main.rs` | the CLI (`call`, `bench`) |
 //! | `bin/rpc-client/bench.rs` | the load generator behind `bench` |
 //!
 //! Framing, TLS and the connection driver are rpc-core's.
 
+mod backoff;
 mod client;
 mod error;
 
-pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use client::{Client, ClientBuilder, ConnState, DEFAULT_TIMEOUT};
 pub use error::ClientError;
 pub use rpc_core::{Status, StatusCode};

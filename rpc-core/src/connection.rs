@@ -41,6 +41,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
+use crate::metered::{ByteClocks, Metered};
 
 /// Capacity of the control queue (pings, pongs, GoAway).
 pub(crate) const CONTROL_QUEUE: usize = 64;
@@ -120,6 +121,8 @@ pub(crate) struct Shared {
     pub(crate) drain: CancellationToken,
     /// Fires once the driver has finished closing.
     pub(crate) done: CancellationToken,
+    /// Fires when the peer sends `GoAway`.
+    pub(crate) goaway: CancellationToken,
     pub(crate) close_reason: OnceLock<String>,
     pub(crate) peer: SocketAddr,
     pub(crate) peer_hello: Hello,
@@ -249,6 +252,15 @@ impl Connection {
         self.shared.done.cancelled().await
     }
 
+    /// Completes when no new call can be made here: the connection is ending,
+    /// or the peer sent `GoAway` (calls in flight may still finish).
+    pub async fn unusable(&self) {
+        tokio::select! {
+            _ = self.shared.shutdown.cancelled() => {}
+            _ = self.shared.goaway.cancelled() => {}
+        }
+    }
+
     /// Ends the connection now: pending calls fail, handlers are cancelled.
     pub fn close(&self) {
         self.shared.shutdown.cancel();
@@ -345,9 +357,29 @@ impl Connection {
 
 /// Wraps an established stream (after `Hello`) in a driver. Returns the handle
 /// and the driver future, which the caller must spawn; it resolves with the
-/// reason the connection ended.
+/// reason the connection ended. Liveness is measured on this stream; see
+/// [`start_metered`] to measure it below TLS.
 pub fn start<S>(
     stream: S,
+    config: &ConnectionConfig,
+    peer: SocketAddr,
+    peer_hello: Hello,
+    dispatch: Option<Arc<dyn Dispatch>>,
+) -> (Connection, impl Future<Output = String> + Send + 'static)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let clocks = ByteClocks::new(Instant::now());
+    let stream = Metered::new(stream, clocks.clone());
+    start_metered(stream, clocks, config, peer, peer_hello, dispatch)
+}
+
+/// Like [`start`], for a stream whose bytes already stamp `clocks`: the
+/// transport wraps the TCP socket *under* TLS, so every byte counts as
+/// liveness, not only whole TLS records (up to 16 KiB each).
+pub fn start_metered<S>(
+    stream: S,
+    clocks: Arc<ByteClocks>,
     config: &ConnectionConfig,
     peer: SocketAddr,
     peer_hello: Hello,
@@ -373,6 +405,7 @@ where
         shutdown: CancellationToken::new(),
         drain: CancellationToken::new(),
         done: CancellationToken::new(),
+        goaway: CancellationToken::new(),
         close_reason: OnceLock::new(),
         peer,
         peer_hello,
@@ -385,6 +418,6 @@ where
     });
     let driver = Driver::new(shared.clone(), config, dispatch, heartbeat);
     let span = tracing::info_span!("conn", %peer);
-    let fut = driver.run(stream, rx, control_rx).instrument(span);
+    let fut = driver.run(stream, clocks, rx, control_rx).instrument(span);
     (Connection { shared }, fut)
 }

@@ -10,8 +10,9 @@
 //!   [`MAX_BATCH`]), and flushes once. Control frames (`Ping`, `Pong`,
 //!   `GoAway`) go before any queued data frame, so a `Pong` waits behind at
 //!   most the frame being written.
-//! - Any byte read or written moves the heartbeat's clocks (see
-//!   `metered.rs`); after `heartbeat_timeout` of silence the peer is dead.
+//! - Any byte read or written on the socket moves the heartbeat's clocks
+//!   (see `metered.rs`); after `heartbeat_timeout` of silence the peer is
+//!   dead.
 //! - However the connection ends, every pending call fails at once with the
 //!   cause, every handler is cancelled, and the writer gets `close_timeout`
 //!   to flush a last `GoAway` and TLS close_notify.
@@ -40,7 +41,7 @@ use crate::connection::{CallContext, CloseCause, Dispatch, Shared};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame, FrameCodec};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
-use crate::metered::{ByteClocks, Metered};
+use crate::metered::ByteClocks;
 
 /// Most frames the writer encodes before it flushes.
 pub const MAX_BATCH: usize = 128;
@@ -99,14 +100,14 @@ impl Driver {
     pub(crate) async fn run<S>(
         mut self,
         stream: S,
+        clocks: Arc<ByteClocks>,
         data_rx: mpsc::Receiver<Frame>,
         control_rx: mpsc::Receiver<Frame>,
     ) -> String
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let clocks = ByteClocks::new(Instant::now());
-        let (read, write) = tokio::io::split(Metered::new(stream, clocks.clone()));
+        let (read, write) = tokio::io::split(stream);
         let max_send = self.shared.max_send;
         let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
@@ -143,10 +144,9 @@ impl Driver {
                     continue;
                 }
                 _ = self.shared.ping_wanted.notified() => {
-                    if let Some(nonce) = self.heartbeat.ping_now(Instant::now()) {
-                        self.send_control(Frame::Ping { nonce });
-                        self.reset_timer();
-                    }
+                    let nonce = self.heartbeat.ping_now(Instant::now());
+                    self.send_control(Frame::Ping { nonce });
+                    self.reset_timer();
                     continue;
                 }
                 _ = self.shared.drain.cancelled(), if !self.draining => {
@@ -263,6 +263,7 @@ impl Driver {
             Frame::GoAway { reason } => {
                 info!(%reason, "peer sent GoAway");
                 self.shared.calls().goaway = Some(reason);
+                self.shared.goaway.cancel();
                 Ok(())
             }
             Frame::Hello(_) => {

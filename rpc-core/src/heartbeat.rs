@@ -8,18 +8,30 @@
 //!                 any byte received ──► last_recv = now
 //!                 any byte sent     ──► last_sent = now
 //! poll(now):  now - last_recv >= timeout   ──► PeerDead
-//!             now - last_sent >= interval  ──► SendPing(nonce)  (one at a time)
+//!             now - last_sent >= interval  ──► SendPing(nonce)
 //!             otherwise                    ──► Nothing
-//! Pong(nonce) matching the ping in flight  ──► RTT sample; any other Pong ignored
-//! Ping from the peer sooner than half our announced interval ──► strike;
+//! Pong(nonce) matching a recent ping       ──► RTT sample; any other Pong ignored
+//! Ping from the peer: takes a token (8 at most, one back per half of our
+//!             announced interval); none left ──► strike;
 //!             3 strikes in a row ──► TooManyPings (GoAway, close)
 //! ```
 //!
-//! Negotiation: both sides ping at the *effective* interval, the larger of
-//! their own and the peer's announced one, so neither pings faster than the
-//! other allows (the gRPC `too_many_pings` trap). When the peer's interval is
-//! the larger, the dead-peer timeout grows by the difference, so a silence the
-//! peer is entitled to is never taken for death.
+//! A ping goes out whenever this side has sent nothing for an interval, even
+//! if earlier pings are unanswered: the ping is also the peer's proof that we
+//! are alive, and its `Pong` may be stuck behind a large frame the peer is
+//! still writing.
+//!
+//! Negotiation: each side pings at `max(own, min(peer's, own_timeout / 2))`.
+//! It never pings faster than the peer announced (the gRPC `too_many_pings`
+//! trap), unless the peer announced more than half of our timeout: a peer
+//! cannot switch off our dead-peer detection by announcing a huge interval.
+//! The timeout is never stretched. Two peers whose interval is shorter than
+//! the other's timeout, the sane case, never trip each other's flood check.
+//!
+//! The burst allowance is there because arrival times lie: pings a peer sent
+//! on time can queue in its socket buffer behind a large frame and arrive
+//! together. A real flood empties the bucket at once and is cut off after
+//! 8 + 3 pings.
 //!
 //! Liveness counts bytes, not frames: a 4 MiB frame crawling in over a slow
 //! link keeps the peer alive. Every `Instant` comes from the caller, so the
@@ -31,6 +43,12 @@ use tokio::time::Instant;
 
 /// Consecutive too-early pings that get a peer cut off.
 pub const MAX_PING_STRIKES: u32 = 3;
+
+/// Pings a peer may send at once before pacing applies (see module docs).
+pub const PING_BURST: u32 = 8;
+
+/// Unanswered pings remembered for RTT samples; older ones are forgotten.
+const REMEMBERED_PINGS: usize = 8;
 
 /// What the driver should do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,10 +79,14 @@ pub struct Heartbeat {
     own_interval: Duration,
     last_recv: Instant,
     last_sent: Instant,
-    in_flight: Option<(u64, Instant)>,
+    /// Recent unanswered pings: nonce and when each was queued.
+    in_flight: std::collections::VecDeque<(u64, Instant)>,
     next_nonce: u64,
     rtt: Option<Duration>,
-    last_peer_ping: Option<Instant>,
+    /// Pings the peer may still send before pacing applies.
+    ping_tokens: u32,
+    /// When the last token was credited.
+    tokens_at: Instant,
     strikes: u32,
 }
 
@@ -77,17 +99,18 @@ impl Heartbeat {
         timeout: Duration,
         peer_interval: Duration,
     ) -> Self {
-        let effective = interval.max(peer_interval);
+        let effective = interval.max(peer_interval.min(timeout / 2));
         Heartbeat {
             interval: effective,
-            timeout: timeout + (effective - interval),
+            timeout,
             own_interval: interval,
             last_recv: now,
             last_sent: now,
-            in_flight: None,
+            in_flight: std::collections::VecDeque::new(),
             next_nonce: 1,
             rtt: None,
-            last_peer_ping: None,
+            ping_tokens: PING_BURST,
+            tokens_at: now,
             strikes: 0,
         }
     }
@@ -115,12 +138,7 @@ impl Heartbeat {
     /// When [`poll`](Heartbeat::poll) has something to say next, at the
     /// latest.
     pub fn next_deadline(&self) -> Instant {
-        let dead_at = self.last_recv + self.timeout;
-        if self.in_flight.is_some() {
-            dead_at
-        } else {
-            dead_at.min(self.last_sent + self.interval)
-        }
+        (self.last_recv + self.timeout).min(self.last_sent + self.interval)
     }
 
     /// What is due at `now`.
@@ -129,39 +147,36 @@ impl Heartbeat {
         if silent >= self.timeout {
             return Action::PeerDead(silent);
         }
-        if self.in_flight.is_none()
-            && now.saturating_duration_since(self.last_sent) >= self.interval
-        {
-            return Action::SendPing(self.start_ping(now));
+        if now.saturating_duration_since(self.last_sent) >= self.interval {
+            return Action::SendPing(self.ping_now(now));
         }
         Action::Nothing
     }
 
     /// Starts a ping now (the driver's timer, or an explicit request) and
-    /// returns its nonce; `None` while one is already in flight.
-    pub fn ping_now(&mut self, now: Instant) -> Option<u64> {
-        self.in_flight.is_none().then(|| self.start_ping(now))
-    }
-
-    fn start_ping(&mut self, now: Instant) -> u64 {
+    /// returns its nonce. Counts as sending, so the next timer ping is an
+    /// interval away.
+    pub fn ping_now(&mut self, now: Instant) -> u64 {
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
-        self.in_flight = Some((nonce, now));
+        if self.in_flight.len() == REMEMBERED_PINGS {
+            self.in_flight.pop_front();
+        }
+        self.in_flight.push_back((nonce, now));
+        self.sent(now);
         nonce
     }
 
-    /// A `Pong` arrived. Returns the round-trip time when it answers the ping
-    /// in flight; a pong for a ping never sent is ignored.
+    /// A `Pong` arrived. Returns the round-trip time when it answers a recent
+    /// ping (and forgets that ping and older ones); a pong for a ping never
+    /// sent, or answered already, is ignored.
     pub fn pong(&mut self, nonce: u64, now: Instant) -> Option<Duration> {
-        match self.in_flight {
-            Some((n, sent)) if n == nonce => {
-                self.in_flight = None;
-                let rtt = now.saturating_duration_since(sent);
-                self.rtt = Some(rtt);
-                Some(rtt)
-            }
-            _ => None,
-        }
+        let i = self.in_flight.iter().position(|(n, _)| *n == nonce)?;
+        let (_, sent) = self.in_flight[i];
+        self.in_flight.drain(..=i);
+        let rtt = now.saturating_duration_since(sent);
+        self.rtt = Some(rtt);
+        Some(rtt)
     }
 
     /// The latest round-trip time, once a ping was answered.
@@ -171,15 +186,20 @@ impl Heartbeat {
 
     /// A `Ping` arrived from the peer at `now`.
     pub fn peer_ping(&mut self, now: Instant) -> PingVerdict {
-        let too_soon = self
-            .last_peer_ping
-            .is_some_and(|last| now.saturating_duration_since(last) < self.own_interval / 2);
-        self.last_peer_ping = Some(now);
-        if too_soon {
-            self.strikes += 1;
-        } else {
-            self.strikes = 0;
+        let per_token = (self.own_interval / 2).max(Duration::from_millis(1));
+        let earned =
+            now.saturating_duration_since(self.tokens_at).as_nanos() / per_token.as_nanos();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.ping_tokens = self.ping_tokens.saturating_add(earned).min(PING_BURST);
+            self.tokens_at += per_token.saturating_mul(earned);
         }
+        if self.ping_tokens > 0 {
+            self.ping_tokens -= 1;
+            self.strikes = 0;
+            return PingVerdict::Answer;
+        }
+        self.strikes += 1;
         if self.strikes >= MAX_PING_STRIKES {
             PingVerdict::TooManyPings
         } else {
@@ -205,8 +225,10 @@ mod tests {
         assert_eq!(h.poll(t0 + 4 * S), Action::Nothing);
         assert_eq!(h.next_deadline(), t0 + 5 * S);
         assert_eq!(h.poll(t0 + 5 * S), Action::SendPing(1));
-        // One ping at a time.
-        assert_eq!(h.poll(t0 + 11 * S), Action::Nothing);
+        assert_eq!(h.poll(t0 + 9 * S), Action::Nothing);
+        // Unanswered, the next ping still goes an interval later: the peer
+        // needs our bytes to know we are alive.
+        assert_eq!(h.poll(t0 + 10 * S), Action::SendPing(2));
     }
 
     #[test]
@@ -257,24 +279,64 @@ mod tests {
     }
 
     #[test]
-    fn pings_at_the_peers_larger_interval_with_a_timeout_to_match() {
+    fn pings_no_faster_than_the_peer_announced() {
         let t0 = Instant::now();
-        let mut h = Heartbeat::new(t0, S, 3 * S, 10 * S);
-        assert_eq!(h.interval(), 10 * S);
-        assert_eq!(h.timeout(), 12 * S);
-        assert_eq!(h.poll(t0 + 9 * S), Action::Nothing);
-        assert_eq!(h.poll(t0 + 10 * S), Action::SendPing(1));
+        let mut h = Heartbeat::new(t0, S, 15 * S, 5 * S);
+        assert_eq!(h.interval(), 5 * S);
+        assert_eq!(h.timeout(), 15 * S);
+        assert_eq!(h.poll(t0 + 4 * S), Action::Nothing);
+        assert_eq!(h.poll(t0 + 5 * S), Action::SendPing(1));
     }
 
     #[test]
-    fn three_early_pings_in_a_row_are_too_many() {
+    fn a_huge_announced_interval_cannot_switch_off_detection() {
+        let t0 = Instant::now();
+        let day = 86_400 * S;
+        let mut h = Heartbeat::new(t0, S, 3 * S, 49 * day);
+        assert_eq!(h.interval(), 1500 * Duration::from_millis(1));
+        assert_eq!(h.timeout(), 3 * S);
+        assert_eq!(
+            h.poll(t0 + 1500 * Duration::from_millis(1)),
+            Action::SendPing(1)
+        );
+        assert_eq!(h.poll(t0 + 3 * S), Action::PeerDead(3 * S));
+    }
+
+    #[test]
+    fn a_late_pong_for_an_older_ping_still_measures() {
+        let t0 = Instant::now();
+        let mut h = hb(t0);
+        let a = h.ping_now(t0);
+        let b = h.ping_now(t0 + S);
+        assert_eq!(h.pong(a, t0 + 2 * S), Some(2 * S));
+        assert_eq!(h.pong(b, t0 + 3 * S), Some(2 * S));
+        assert_eq!(h.pong(b, t0 + 4 * S), None);
+    }
+
+    #[test]
+    fn a_flood_is_cut_after_the_burst_and_three_strikes() {
         let t0 = Instant::now();
         let mut h = hb(t0);
         let ms = Duration::from_millis;
-        assert_eq!(h.peer_ping(t0), PingVerdict::Answer);
-        assert_eq!(h.peer_ping(t0 + ms(100)), PingVerdict::Answer); // strike 1
-        assert_eq!(h.peer_ping(t0 + ms(200)), PingVerdict::Answer); // strike 2
-        assert_eq!(h.peer_ping(t0 + ms(300)), PingVerdict::TooManyPings);
+        let verdicts: Vec<_> = (0..11u32).map(|i| h.peer_ping(t0 + ms(10) * i)).collect();
+        assert!(verdicts[..10].iter().all(|v| *v == PingVerdict::Answer));
+        assert_eq!(verdicts[10], PingVerdict::TooManyPings);
+    }
+
+    #[test]
+    fn pings_bunched_behind_a_large_frame_are_tolerated() {
+        // Sent every 500 ms, but 8 arrive together after a slow upload.
+        let t0 = Instant::now();
+        let mut h = Heartbeat::new(
+            t0,
+            500 * Duration::from_millis(1),
+            1500 * Duration::from_millis(1),
+            500 * Duration::from_millis(1),
+        );
+        for i in 0..8u32 {
+            let at = t0 + 4 * S + i * Duration::from_micros(100);
+            assert_eq!(h.peer_ping(at), PingVerdict::Answer, "ping {i}");
+        }
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //!     ── Hello both ways (timeout, version checked) ── connection::start
 //! ```
 //!
-//! Both sides send their `Hello` as soon as TLS is up, then read the peer's.
+//! The TCP socket is wrapped in byte clocks (`metered.rs`) *under* TLS, so
+//! the heartbeat sees every byte that arrives, not only whole TLS records.
+//!
+//! Both sides send their `Hello` as soon as TLS is up, then read the peer's,
+//! within the smaller of the `Hello` timeout and the heartbeat timeout.
 //! The peer's first frame is read with `read_exact` into a buffer of exactly
 //! its announced length (after checking it against the frame limit), so no
 //! byte that follows it is consumed before the driver takes over.
@@ -24,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::Encoder;
 use tracing::debug;
@@ -33,6 +38,7 @@ use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection, Dispatch};
 use crate::error::Error;
 use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::metered::{ByteClocks, Metered};
 use crate::tls::check_alpn;
 
 /// A started connection: the handle, and the driver future to spawn.
@@ -60,13 +66,15 @@ pub async fn accept(
 ) -> Result<Started, Error> {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr()?;
+    let clocks = ByteClocks::new(Instant::now());
+    let tcp = Metered::new(tcp, clocks.clone());
     let tls = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp))
         .await
         .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
         .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%peer, "TLS handshake done");
-    finish(tls, peer, config, Some(dispatch)).await
+    finish(tls, clocks, peer, config, Some(dispatch)).await
 }
 
 /// Client side: TCP connect, TLS handshake (the server's certificate is
@@ -81,6 +89,8 @@ pub async fn connect(
         .await
         .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))??;
     let _ = tcp.set_nodelay(true);
+    let clocks = ByteClocks::new(Instant::now());
+    let tcp = Metered::new(tcp, clocks.clone());
     let tls = tokio::time::timeout(
         config.handshake_timeout,
         connector.connect(server_name, tcp),
@@ -90,11 +100,12 @@ pub async fn connect(
     .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
-    finish(tls, addr, config, None).await
+    finish(tls, clocks, addr, config, None).await
 }
 
 async fn finish<S>(
     mut stream: S,
+    clocks: Arc<ByteClocks>,
     peer: SocketAddr,
     config: &ConnectionConfig,
     dispatch: Option<Arc<dyn Dispatch>>,
@@ -102,18 +113,16 @@ async fn finish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // A peer silent for the heartbeat timeout is dead in any phase.
+    let hello_wait = config.hello_timeout.min(config.heartbeat_timeout);
     let peer_hello = tokio::time::timeout(
-        config.hello_timeout,
+        hello_wait,
         exchange_hello(&mut stream, hello_for(config), config.max_frame),
     )
     .await
-    .map_err(|_| {
-        Error::Protocol(format!(
-            "no Hello from the peer within {:?}",
-            config.hello_timeout
-        ))
-    })??;
-    let (conn, driver) = connection::start(stream, config, peer, peer_hello, dispatch);
+    .map_err(|_| Error::Protocol(format!("no Hello from the peer within {hello_wait:?}")))??;
+    let (conn, driver) =
+        connection::start_metered(stream, clocks, config, peer, peer_hello, dispatch);
     Ok((conn, Box::pin(driver)))
 }
 

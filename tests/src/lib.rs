@@ -7,6 +7,8 @@
 // Test support: a failed setup step should fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+pub use proxy::FaultProxy;
 pub use rpc_server::devcerts::generate as make_certs;
 
 /// Parses one PEM certificate.
@@ -77,7 +80,16 @@ impl TestServer {
 
     /// Any router and options.
     pub async fn start(router: Router, options: ServerOptions) -> TestServer {
-        let certs = devcerts::generate().unwrap();
+        TestServer::start_with_certs(devcerts::generate().unwrap(), router, options).await
+    }
+
+    /// Any router and options, with given certificates (a server that
+    /// "comes back" keeps its certificate).
+    pub async fn start_with_certs(
+        certs: DevCerts,
+        router: Router,
+        options: ServerOptions,
+    ) -> TestServer {
         let server = Server::builder(server_tls(&certs))
             .options(options)
             .router(router)

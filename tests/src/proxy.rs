@@ -1,0 +1,225 @@
+//! A fault-injecting TCP proxy for liveness tests, on 127.0.0.1 only.
+//!
+//! ```text
+//! client ──► FaultProxy (127.0.0.1:port) ──► upstream server
+//!            freeze:   stop forwarding both ways, keep both sockets open
+//!            throttle: at most N bytes/s per direction per connection
+//!            reset:    RST every open connection (both sides)
+//! ```
+//!
+//! A frozen proxy is what TCP cannot see: a stopped process or a black-holed
+//! path, with the sockets still open. Every loop here ends when the proxy is
+//! dropped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+struct Controls {
+    frozen: watch::Receiver<bool>,
+    /// Bytes per second per direction; 0 = unlimited.
+    rate: Arc<AtomicU64>,
+    reset: watch::Receiver<u64>,
+    stop: CancellationToken,
+}
+
+impl Clone for Controls {
+    fn clone(&self) -> Self {
+        Controls {
+            frozen: self.frozen.clone(),
+            rate: self.rate.clone(),
+            reset: self.reset.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// A TCP proxy whose faults the test switches on and off.
+pub struct FaultProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+    frozen: watch::Sender<bool>,
+    rate: Arc<AtomicU64>,
+    reset: watch::Sender<u64>,
+    accepted: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl FaultProxy {
+    /// Listens on 127.0.0.1 and forwards each connection to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, frozen_rx) = watch::channel(false);
+        let (reset, reset_rx) = watch::channel(0u64);
+        let rate = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let controls = Controls {
+            frozen: frozen_rx,
+            rate: rate.clone(),
+            reset: reset_rx,
+            stop: stop.clone(),
+        };
+        {
+            let upstream = upstream.clone();
+            let accepted = accepted.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (client, _) = tokio::select! {
+                        a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                        _ = stop.cancelled() => return,
+                    };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let target = *upstream.lock().unwrap();
+                    let controls = controls.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::join!(pump(cr, sw, controls.clone()), pump(sr, cw, controls));
+                    });
+                }
+            });
+        }
+        FaultProxy {
+            addr,
+            upstream,
+            frozen,
+            rate,
+            reset,
+            accepted,
+            stop,
+        }
+    }
+
+    /// `127.0.0.1:PORT` of the proxy.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops (`true`) or resumes (`false`) forwarding; sockets stay open.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    /// Limits each direction of each connection to `bytes_per_sec`
+    /// (0 = unlimited).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Resets (RST) every connection open now.
+    pub fn reset_all(&self) {
+        self.reset.send_modify(|g| *g += 1);
+    }
+
+    /// Sends new connections to another upstream.
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        *self.upstream.lock().unwrap() = addr;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Why a pump stopped early.
+enum Halt {
+    Reset,
+    Stop,
+}
+
+/// Waits while frozen; returns why it must stop, if it must.
+async fn thaw(c: &mut Controls, seen_reset: u64) -> Result<(), Halt> {
+    loop {
+        if *c.reset.borrow() != seen_reset {
+            return Err(Halt::Reset);
+        }
+        if !*c.frozen.borrow() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = c.frozen.changed() => {}
+            _ = c.reset.changed() => {}
+            _ = c.stop.cancelled() => return Err(Halt::Stop),
+        }
+    }
+}
+
+/// Forwards one direction under the current faults.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) {
+    // Only resets from now on concern this connection.
+    let seen_reset = *c.reset.borrow_and_update();
+    c.frozen.borrow_and_update();
+    let mut buf = vec![0u8; 64 * 1024];
+    let halt = loop {
+        if let Err(h) = thaw(&mut c, seen_reset).await {
+            break h;
+        }
+        let rate = c.rate.load(Ordering::SeqCst);
+        // Throttled: slices of 1/20 s worth of bytes.
+        let max = if rate == 0 {
+            buf.len()
+        } else {
+            ((rate / 20).max(1) as usize).min(buf.len())
+        };
+        let n = tokio::select! {
+            r = from.read(&mut buf[..max]) => match r {
+                Ok(0) | Err(_) => { let _ = to.shutdown().await; return; }
+                Ok(n) => n,
+            },
+            _ = c.reset.changed() => break Halt::Reset,
+            _ = c.frozen.changed() => continue,
+            _ = c.stop.cancelled() => break Halt::Stop,
+        };
+        // Bytes read just before a freeze wait for the thaw.
+        if let Err(h) = thaw(&mut c, seen_reset).await {
+            break h;
+        }
+        let write = to.write_all(&buf[..n]);
+        tokio::select! {
+            r = write => if r.is_err() { return },
+            _ = c.reset.changed() => break Halt::Reset,
+            _ = c.stop.cancelled() => break Halt::Stop,
+        }
+        if rate > 0 {
+            let pause = Duration::from_secs_f64(n as f64 / rate as f64);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = c.reset.changed() => break Halt::Reset,
+                _ = c.stop.cancelled() => break Halt::Stop,
+            }
+        }
+    };
+    if let Halt::Reset = halt {
+        // Linger 0: closing sends RST at once (and does not block, which is
+        // why tokio deprecates longer lingers).
+        #[allow(deprecated)]
+        {
+            let _ = from.as_ref().set_linger(Some(Duration::ZERO));
+            let _ = to.as_ref().set_linger(Some(Duration::ZERO));
+        }
+    }
+}
