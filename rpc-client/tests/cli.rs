@@ -152,3 +152,104 @@ async fn bench_json_reports_calls_rate_latency_and_errors() {
     );
     assert!(p50 > 0 && p50 <= p99, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_prints_one_rtt_per_round_trip() {
+    let f = start_server().await;
+    let out = run(
+        &f.ca,
+        &f.addr,
+        &[
+            "--heartbeat-interval",
+            "100ms",
+            "--heartbeat-timeout",
+            "1s",
+            "ping",
+            "--count",
+            "3",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in lines {
+        let ms = line
+            .strip_prefix("rtt ")
+            .and_then(|l| l.strip_suffix("ms"))
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let ms: f64 = ms.parse().unwrap();
+        assert!(ms > 0.0 && ms < 1000.0, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_keeps_going_when_the_server_restarts() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    devcerts::write_to(dir.path()).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let tls = rpc_core::tls::server_config(&p("server.pem"), &p("server.key"), None).unwrap();
+    // The second server counts the calls it serves.
+    let served = Arc::new(AtomicU64::new(0));
+    let counting = {
+        let served = served.clone();
+        rpc_server::Router::new().route("echo", move |s: String| {
+            served.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(s) }
+        })
+    };
+    let first = Server::builder(tls.clone())
+        .router(demo::router())
+        .build()
+        .unwrap();
+    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first_task = tokio::spawn(async move {
+        first
+            .serve(listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let bench = {
+        let ca = p("ca.pem");
+        let addr = addr.to_string();
+        tokio::spawn(async move {
+            run(
+                &ca,
+                &addr,
+                &[
+                    "--timeout",
+                    "5s",
+                    "bench",
+                    "--concurrency",
+                    "4",
+                    "--duration",
+                    "2s",
+                    "--json",
+                ],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = stop.send(());
+    first_task.await.unwrap().unwrap();
+    // Same address, same certificate, a new process-worth of server.
+    let second = Server::builder(tls).router(counting).build().unwrap();
+    let listener = Server::bind(addr).await.unwrap();
+    tokio::spawn(async move { second.serve(listener, std::future::pending()).await });
+    let out = bench.await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(report["calls"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        served.load(Ordering::Relaxed) > 0,
+        "the bench did not go on against the restarted server: {report}"
+    );
+}

@@ -4,6 +4,8 @@
 //! and records its latency in an HDR histogram (microseconds). When the
 //! duration ends no new call starts; calls in flight finish (up to their
 //! deadline) and count. `errors` counts calls that failed or came back wrong.
+//! A lost connection does not end the run: the client reconnects, and calls
+//! made meanwhile wait for it (up to their deadline) or fail and count.
 //! On a terminal a progress line is redrawn on stderr once a second.
 
 use std::io::IsTerminal;
@@ -76,7 +78,8 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
                     Err(e) => {
                         counters.errors.fetch_add(1, Ordering::Relaxed);
                         first_error.get_or_insert_with(|| e.to_string());
-                        // A dead connection fails every call at once; do not spin.
+                        // Only a closed client ends a caller; a lost connection
+                        // is reconnected and calls wait for it.
                         if client.is_closed() {
                             break;
                         }

@@ -20,6 +20,7 @@ Examples:
   rpc-client --ca certs/ca.pem call echo 'hello world'
   rpc-client --ca certs/ca.pem call add 2 3
   rpc-client --ca certs/ca.pem --timeout 300ms call sleep 5000
+  rpc-client --ca certs/ca.pem --heartbeat-interval 500ms ping --count 3
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.";
@@ -69,7 +70,15 @@ enum Command {
     /// Call one method of the demo service and print its result.
     #[command(subcommand)]
     Call(CallCmd),
+    /// Heartbeat round trips: sends a Ping once per heartbeat interval and
+    /// prints each round-trip time, e.g. "rtt 0.183ms".
+    Ping {
+        /// How many round trips.
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        count: u32,
+    },
     /// Load test: N concurrent callers over one connection calling echo.
+    /// Keeps going across reconnects; failed calls count as errors.
     Bench(bench::BenchArgs),
 }
 
@@ -150,6 +159,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Call(CallCmd::Sleep { ms }) => {
             client.call::<_, ()>("sleep", &ms).await?;
             println!("ok");
+        }
+        Command::Ping { count } => {
+            // One ping per heartbeat interval: faster gets a connection cut
+            // off by the server's flood protection.
+            let interval = client.heartbeat_interval();
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                let rtt = client.ping().await?;
+                println!("rtt {:.3}ms", rtt.as_secs_f64() * 1000.0);
+            }
         }
         Command::Bench(args) => bench::run(client.clone(), args).await?,
     }
