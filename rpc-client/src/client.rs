@@ -18,8 +18,11 @@
 //!   10 s by default, each wait drawn uniformly below the cap).
 //! - A call made while there is no usable connection waits for one, up to
 //!   its own timeout, then fails with [`ClientError::Unavailable`] naming the
-//!   last connection error. Calls are never retried on a new connection: the
-//!   server may have run them already.
+//!   last connection error. Calls are never retried on a new connection when
+//!   the server may have run them; the one exception is a call a draining
+//!   server refused unrun (`ShuttingDown`, or its `GoAway` crossed the
+//!   request), which goes out again on the fresh connection, within its
+//!   deadline. So a server restart loses no call.
 //! - The supervisor is owned by the clients: when the last clone is dropped,
 //!   or [`Client::close`] is called, it closes the connection and ends.
 //!
@@ -343,9 +346,22 @@ impl Client {
             }
         })?;
         let deadline = Instant::now() + timeout;
-        let conn = self.ready_connection(deadline, timeout).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        let reply = conn.call(method, body, left).await?;
+        let reply = loop {
+            let conn = self.ready_connection(deadline, timeout).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match conn.call(method, body.clone(), left).await {
+                // The server refused the call unrun because it is draining,
+                // or its GoAway arrived as we sent: safe to send again, on
+                // the fresh connection the supervisor is making.
+                Err(rpc_core::Error::GoAway { .. }) => continue,
+                Err(rpc_core::Error::Status(s)) if s.code == rpc_core::StatusCode::ShuttingDown => {
+                    debug!(method, "server draining; sending the call again");
+                    conn.unusable().await;
+                    continue;
+                }
+                other => break other?,
+            }
+        };
         codec::decode::<R>(&reply, reply.len()).map_err(|source| ClientError::Decode {
             method: method.to_owned(),
             expected: std::any::type_name::<R>(),
@@ -395,6 +411,13 @@ impl Client {
             .await
             .map_err(|_| ClientError::Call(rpc_core::Error::DeadlineExceeded(timeout)))?
             .map_err(ClientError::Call)
+    }
+
+    /// The server's counters: connections, calls in flight and served, errors
+    /// by kind, and each connection's heartbeat RTT (reserved method
+    /// `srpc.stats`).
+    pub async fn stats(&self) -> Result<rpc_core::stats::StatsSnapshot, ClientError> {
+        self.call(rpc_core::stats::STATS_METHOD, &()).await
     }
 
     /// The latest heartbeat round-trip time on the current connection.

@@ -253,3 +253,29 @@ async fn bench_keeps_going_when_the_server_restarts() {
         "the bench did not go on against the restarted server: {report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_prints_counters_one_per_line() {
+    let f = start_server().await;
+    run(&f.ca, &f.addr, &["call", "add", "1", "2"]).await;
+    run(&f.ca, &f.addr, &["call", "add", "9223372036854775807", "1"]).await;
+    let out = run(&f.ca, &f.addr, &["stats"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let value = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("connections"), 1, "{text}"); // this client's
+    assert_eq!(value("calls_in_flight"), 1, "{text}"); // this call
+    assert!(value("calls_served") >= 1, "{text}");
+    assert_eq!(value("errors.invalid_argument"), 1, "{text}");
+    assert_eq!(value("errors.unknown_method"), 0, "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("rtt 127.0.0.1:")),
+        "{text}"
+    );
+}

@@ -35,6 +35,9 @@ pub struct ConnectionConfig {
     pub max_in_flight: usize,
     /// Frames queued for the writer before senders wait. Default 1024.
     pub outbound_queue: usize,
+    /// A peer that accepts no byte at all for this long while frames wait to
+    /// be written is cut off (it stopped reading). Default 30 s.
+    pub write_stall_timeout: Duration,
     /// Time allowed to flush the last frames (a `GoAway`, TLS close_notify)
     /// when the connection closes. Default 1 s.
     pub close_timeout: Duration,
@@ -50,6 +53,7 @@ impl Default for ConnectionConfig {
             heartbeat_timeout: Duration::from_secs(15),
             max_in_flight: 100,
             outbound_queue: 1024,
+            write_stall_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(1),
         }
     }
@@ -81,6 +85,7 @@ impl ConnectionConfig {
             ("handshake timeout", self.handshake_timeout),
             ("hello timeout", self.hello_timeout),
             ("close timeout", self.close_timeout),
+            ("write stall timeout", self.write_stall_timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be non-zero"));

@@ -53,6 +53,11 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait Dispatch: Send + Sync + 'static {
     /// Runs one call; the reply is the encoded result or a [`Status`].
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>>;
+
+    /// Counters the driver updates as calls start, end and are refused.
+    fn counters(&self) -> Option<&crate::stats::CallCounters> {
+        None
+    }
 }
 
 /// What a handler knows about the call it is serving.

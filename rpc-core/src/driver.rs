@@ -74,6 +74,9 @@ pub(crate) struct Driver {
     draining: bool,
     heartbeat: Heartbeat,
     timer: std::pin::Pin<Box<Sleep>>,
+    /// The highest request id seen.
+    last_request_id: Option<u64>,
+    write_stall_timeout: Duration,
 }
 
 impl Driver {
@@ -94,6 +97,8 @@ impl Driver {
             draining: false,
             timer: Box::pin(tokio::time::sleep_until(heartbeat.next_deadline())),
             heartbeat,
+            last_request_id: None,
+            write_stall_timeout: config.write_stall_timeout,
         }
     }
 
@@ -112,8 +117,16 @@ impl Driver {
         let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
         let stop_writer = CancellationToken::new();
-        let mut writer_task =
-            tokio::spawn(write_loop(writer, data_rx, control_rx, stop_writer.clone()));
+        let mut writer_task = tokio::spawn(write_loop(
+            writer,
+            data_rx,
+            control_rx,
+            stop_writer.clone(),
+            Stall {
+                clocks: clocks.clone(),
+                timeout: self.write_stall_timeout,
+            },
+        ));
         let mut writer_done = false;
         let end = loop {
             let next = tokio::select! {
@@ -235,7 +248,13 @@ impl Driver {
                 if let Some(token) = lock(&self.in_flight).get(&id) {
                     debug!(id, "cancelled by peer");
                     token.cancel();
+                } else if self.last_request_id.is_none_or(|last| id > last) {
+                    return Err(Error::Protocol(format!(
+                        "Cancel for call {id}, which was never requested"
+                    ))
+                    .to_string());
                 }
+                // Otherwise the call finished as the Cancel crossed it.
                 Ok(())
             }
             Frame::Ping { nonce } => match self.heartbeat.peer_ping(Instant::now()) {
@@ -289,10 +308,16 @@ impl Driver {
             result: Err(status),
         };
         if self.draining {
+            if let Some(c) = dispatch.counters() {
+                c.failed(StatusCode::ShuttingDown);
+            }
             let status = Status::new(StatusCode::ShuttingDown, "server is shutting down");
             let _ = self.shared.outbound.send(refuse(status)).await;
             return Ok(());
         }
+        // Ids need not arrive in order (concurrent calls race to the queue);
+        // the highest one tells a late Cancel from one never requested.
+        self.last_request_id = Some(self.last_request_id.map_or(id, |last| last.max(id)));
         let token = {
             let mut in_flight = lock(&self.in_flight);
             if in_flight.contains_key(&id) {
@@ -309,6 +334,9 @@ impl Driver {
             }
         };
         let Some(token) = token else {
+            if let Some(c) = dispatch.counters() {
+                c.failed(StatusCode::Overloaded);
+            }
             let status = Status::new(
                 StatusCode::Overloaded,
                 format!(
@@ -332,6 +360,9 @@ impl Driver {
         let in_flight = self.in_flight.clone();
         self.handlers.spawn(
             async move {
+                if let Some(c) = dispatch.counters() {
+                    c.started();
+                }
                 let handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
                 let until_deadline = async {
                     match deadline {
@@ -350,6 +381,13 @@ impl Driver {
                 };
                 token.cancel();
                 lock(&in_flight).remove(&id);
+                if let Some(c) = dispatch.counters() {
+                    c.finished(match &result {
+                        Some(Ok(_)) => Ok(()),
+                        Some(Err(status)) => Err(status.code),
+                        None => Err(StatusCode::Cancelled),
+                    });
+                }
                 let Some(mut result) = result else {
                     debug!("handler stopped: cancelled");
                     return;
@@ -405,11 +443,48 @@ impl Driver {
     }
 }
 
+/// How the writer tells a slow peer from one that stopped reading.
+struct Stall {
+    clocks: Arc<ByteClocks>,
+    timeout: Duration,
+}
+
+impl Stall {
+    /// Runs a write step; fails if, while it waits, no byte at all is written
+    /// for `timeout`. A slow peer that keeps reading never trips this.
+    async fn guard<F>(&self, step: F) -> Result<(), Error>
+    where
+        F: std::future::Future<Output = Result<(), Error>>,
+    {
+        tokio::pin!(step);
+        // The common case completes at once, without arming a timer.
+        tokio::select! {
+            biased;
+            r = &mut step => return r,
+            _ = std::future::ready(()) => {}
+        }
+        let mut mark = self.clocks.last_written();
+        loop {
+            match tokio::time::timeout(self.timeout, &mut step).await {
+                Ok(r) => return r,
+                Err(_) => {
+                    let now = self.clocks.last_written();
+                    if now == mark {
+                        return Err(Error::WriteStalled(self.timeout));
+                    }
+                    mark = now;
+                }
+            }
+        }
+    }
+}
+
 async fn write_loop<W>(
     mut sink: FramedWrite<W, FrameCodec>,
     mut data: mpsc::Receiver<Frame>,
     mut control: mpsc::Receiver<Frame>,
     stop: CancellationToken,
+    stall: Stall,
 ) -> Result<(), Error>
 where
     W: AsyncWrite + Unpin,
@@ -422,7 +497,7 @@ where
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { break };
-        sink.feed(first).await?;
+        stall.guard(sink.feed(first)).await?;
         for _ in 1..MAX_BATCH {
             let next = match control.try_recv() {
                 Ok(f) => f,
@@ -431,12 +506,12 @@ where
                     Err(_) => break,
                 },
             };
-            sink.feed(next).await?;
+            stall.guard(sink.feed(next)).await?;
         }
-        sink.flush().await?;
+        stall.guard(sink.flush()).await?;
     }
     // Closing: what is already queued (replies, then a last GoAway), then
-    // TLS close_notify.
+    // TLS close_notify. The driver bounds this with `close_timeout`.
     while let Ok(f) = data.try_recv() {
         sink.feed(f).await?;
     }

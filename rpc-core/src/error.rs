@@ -49,6 +49,52 @@ pub enum StatusCode {
 }
 
 impl StatusCode {
+    /// Every kind, in wire order.
+    pub const ALL: [StatusCode; 10] = [
+        StatusCode::UnknownMethod,
+        StatusCode::InvalidArgument,
+        StatusCode::DeadlineExceeded,
+        StatusCode::Cancelled,
+        StatusCode::Internal,
+        StatusCode::Overloaded,
+        StatusCode::ShuttingDown,
+        StatusCode::Unauthenticated,
+        StatusCode::PermissionDenied,
+        StatusCode::Failed,
+    ];
+
+    /// Position in [`StatusCode::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            StatusCode::UnknownMethod => 0,
+            StatusCode::InvalidArgument => 1,
+            StatusCode::DeadlineExceeded => 2,
+            StatusCode::Cancelled => 3,
+            StatusCode::Internal => 4,
+            StatusCode::Overloaded => 5,
+            StatusCode::ShuttingDown => 6,
+            StatusCode::Unauthenticated => 7,
+            StatusCode::PermissionDenied => 8,
+            StatusCode::Failed => 9,
+        }
+    }
+
+    /// A snake_case name for stats keys, e.g. `unknown_method`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StatusCode::UnknownMethod => "unknown_method",
+            StatusCode::InvalidArgument => "invalid_argument",
+            StatusCode::DeadlineExceeded => "deadline_exceeded",
+            StatusCode::Cancelled => "cancelled",
+            StatusCode::Internal => "internal",
+            StatusCode::Overloaded => "overloaded",
+            StatusCode::ShuttingDown => "shutting_down",
+            StatusCode::Unauthenticated => "unauthenticated",
+            StatusCode::PermissionDenied => "permission_denied",
+            StatusCode::Failed => "failed",
+        }
+    }
+
     /// A short lowercase name, as shown in messages and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -188,6 +234,12 @@ pub enum Error {
     #[error("peer unresponsive: nothing received for {0:?}")]
     PeerUnresponsive(Duration),
 
+    /// The peer stopped reading: no byte could be written for this long while
+    /// frames were waiting. The connection was closed rather than let its
+    /// queue grow.
+    #[error("peer stopped reading: nothing could be written for {0:?}")]
+    WriteStalled(Duration),
+
     /// The call's own deadline passed on this side before a reply came.
     #[error("deadline exceeded: no reply within {0:?}")]
     DeadlineExceeded(Duration),
@@ -251,6 +303,13 @@ mod tests {
         let s = Status::unknown_method("nope");
         assert_eq!(s.to_string(), "unknown method: no method named \"nope\"");
         assert_eq!(Error::Status(s).code(), Some(StatusCode::UnknownMethod));
+    }
+
+    #[test]
+    fn all_codes_are_listed_at_their_index() {
+        for (i, c) in StatusCode::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i, "{c}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! | `driver.rs` | the driver: reader loop, batching writer, heartbeat timer |
 //! | `metered.rs` | byte clocks: when bytes last moved each way |
 //! | `heartbeat.rs` | the liveness state machine (no I/O) |
+//! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
 //!
@@ -39,6 +40,7 @@ pub mod error;
 pub mod frame;
 pub mod heartbeat;
 pub mod metered;
+pub mod stats;
 pub mod tls;
 pub mod transport;
 

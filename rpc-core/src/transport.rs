@@ -77,6 +77,29 @@ pub async fn accept(
     finish(tls, clocks, peer, config, Some(dispatch)).await
 }
 
+/// Server side, over a limit: completes TLS, then answers the client's
+/// `Hello` with `GoAway(reason)` instead of a `Hello`, and closes. The client
+/// sees [`Error::GoAway`] with the reason, not a reset.
+pub async fn refuse(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    config: &ConnectionConfig,
+    reason: String,
+) -> Result<(), Error> {
+    let _ = tcp.set_nodelay(true);
+    let mut tls = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
+        .map_err(Error::Handshake)?;
+    // Read the client's Hello first: closing with unread bytes would reset
+    // the connection, and the reset could overtake our answer.
+    let hello_wait = config.hello_timeout.min(config.heartbeat_timeout);
+    let _ = tokio::time::timeout(hello_wait, read_frame(&mut tls, config.max_frame)).await;
+    write_frame(&mut tls, Frame::GoAway { reason }, config.max_frame).await?;
+    tls.shutdown().await?;
+    Ok(())
+}
+
 /// Client side: TCP connect, TLS handshake (the server's certificate is
 /// verified for `server_name`), ALPN check, `Hello`, driver.
 pub async fn connect(

@@ -198,3 +198,115 @@ async fn version_mismatch_is_refused_on_both_sides() {
         "{eb}"
     );
 }
+
+/// A server connection whose peer is a raw pipe end that completed `Hello`.
+async fn server_with_raw_peer() -> (rpc_core::Connection, tokio::io::DuplexStream) {
+    let cfg = ConnectionConfig::default();
+    let (mut a, mut b) = tokio::io::duplex(1 << 16);
+    let (ha, hb) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    ha.unwrap();
+    let service = std::sync::Arc::new(common::TestService::default());
+    let (conn, driver) =
+        rpc_core::connection::start(b, &cfg, common::addr(), hb.unwrap(), Some(service));
+    tokio::spawn(driver);
+    (conn, a)
+}
+
+async fn goaway_reason(peer: tokio::io::DuplexStream) -> Option<String> {
+    use futures_util::StreamExt;
+    let mut frames =
+        tokio_util::codec::FramedRead::new(peer, rpc_core::FrameCodec::new(1 << 20, 1 << 20));
+    while let Some(Ok(f)) = frames.next().await {
+        if let rpc_core::Frame::GoAway { reason } = f {
+            return Some(reason);
+        }
+    }
+    None
+}
+
+fn request(id: u64, method: &str) -> bytes::BytesMut {
+    common::encode(rpc_core::Frame::Request {
+        id,
+        method: method.into(),
+        deadline_ms: None,
+        body: Bytes::new(),
+    })
+}
+
+#[tokio::test]
+async fn a_request_id_already_in_flight_is_a_protocol_error() {
+    use tokio::io::AsyncWriteExt;
+    let (conn, mut peer) = server_with_raw_peer().await;
+    peer.write_all(&request(5, "hang")).await.unwrap();
+    peer.write_all(&request(5, "hang")).await.unwrap();
+    let reason = goaway_reason(peer).await.unwrap();
+    assert!(
+        reason.contains("request id 5 is already in flight"),
+        "{reason}"
+    );
+    conn.closed().await;
+}
+
+#[tokio::test]
+async fn a_cancel_for_a_call_never_requested_is_a_protocol_error_but_a_late_one_is_not() {
+    use tokio::io::AsyncWriteExt;
+    let (conn, mut peer) = server_with_raw_peer().await;
+    peer.write_all(&request(3, "echo")).await.unwrap();
+    // Call 3 finishes at once (echo); its Cancel arrives late: ignored.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    peer.write_all(&common::encode(rpc_core::Frame::Cancel { id: 3 }))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!conn.is_closed(), "{:?}", conn.close_reason());
+    peer.write_all(&common::encode(rpc_core::Frame::Cancel { id: 99 }))
+        .await
+        .unwrap();
+    let reason = goaway_reason(peer).await.unwrap();
+    assert!(
+        reason.contains("Cancel for call 99, which was never requested"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_is_cut_off_after_the_write_stall_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = ConnectionConfig::default();
+    cfg.write_stall_timeout = Duration::from_secs(5);
+    let (conn, peer) = common::client_with_raw_peer(cfg).await;
+    // The peer keeps pinging (so it is alive) but never reads.
+    let (_unread, mut write) = tokio::io::split(peer);
+    tokio::spawn(async move {
+        for nonce in 0..100 {
+            if write
+                .write_all(&common::encode(rpc_core::Frame::Ping { nonce }))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let calls = (0..64).map(|_| {
+        conn.call(
+            "m",
+            Bytes::from(vec![0u8; 64 * 1024]),
+            Duration::from_secs(3600),
+        )
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let took = started.elapsed();
+    assert!(results.iter().all(|r| r.is_err()));
+    let reason = conn.close_reason().unwrap();
+    assert!(reason.contains("peer stopped reading"), "{reason}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(7),
+        "{took:?}"
+    );
+}

@@ -9,42 +9,19 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use common::{addr, pair_full};
+use bytes::Bytes;
+use common::{client_with_raw_peer, encode, pair_full};
 use futures_util::StreamExt;
-use rpc_core::connection::start;
-use rpc_core::transport::{exchange_hello, hello_for};
 use rpc_core::{ConnectionConfig, Error, Frame, FrameCodec};
-use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 fn fast() -> ConnectionConfig {
     let mut c = ConnectionConfig::default();
     c.heartbeat_interval = Duration::from_millis(100);
     c.heartbeat_timeout = Duration::from_millis(300);
     c
-}
-
-/// A client connection whose peer is a raw pipe end that completed `Hello`.
-async fn client_with_raw_peer(cfg: ConnectionConfig) -> (rpc_core::Connection, DuplexStream) {
-    let (mut a, mut b) = tokio::io::duplex(1 << 20);
-    let (ha, hb) = tokio::join!(
-        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    hb.unwrap();
-    let (conn, driver) = start(a, &cfg, addr(), ha.unwrap(), None);
-    tokio::spawn(driver);
-    (conn, b)
-}
-
-fn encode(frame: Frame) -> BytesMut {
-    let mut buf = BytesMut::new();
-    FrameCodec::new(1 << 20, 1 << 20)
-        .encode(frame, &mut buf)
-        .unwrap();
-    buf
 }
 
 #[tokio::test(start_paused = true)]

@@ -20,13 +20,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::Router;
+use crate::dispatch::ServerDispatch;
 
 /// What one connection task needs from the server.
 pub(crate) struct ConnectionTask {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) config: Arc<ConnectionConfig>,
-    pub(crate) router: Arc<Router>,
+    pub(crate) dispatch: Arc<ServerDispatch>,
     /// Fires when the server starts draining.
     pub(crate) drain: CancellationToken,
     /// Fires when the drain deadline has passed.
@@ -35,7 +35,7 @@ pub(crate) struct ConnectionTask {
 
 impl ConnectionTask {
     pub(crate) async fn run(self, tcp: TcpStream, peer: SocketAddr) {
-        let setup = transport::accept(tcp, &self.acceptor, &self.config, self.router.clone());
+        let setup = transport::accept(tcp, &self.acceptor, &self.config, self.dispatch.clone());
         let started = tokio::select! {
             started = setup => started,
             _ = self.drain.cancelled() => {
@@ -51,6 +51,7 @@ impl ConnectionTask {
             }
         };
         info!(%peer, "connection established");
+        let registered = self.dispatch.register(conn.clone());
         tokio::pin!(driver);
         let (mut draining, mut killed) = (false, false);
         // Each signal is acted on once; then only the driver is awaited.
@@ -67,6 +68,7 @@ impl ConnectionTask {
                 }
             }
         };
+        self.dispatch.unregister(registered);
         info!(%peer, %reason, "connection closed");
     }
 }

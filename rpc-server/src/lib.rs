@@ -19,6 +19,7 @@
 //! | `server.rs` | builder, accept loop, connection limit, graceful drain |
 //! | `handler.rs` | one connection's life: handshake, driver, close reason |
 //! | `router.rs` | method name -> typed async handler |
+//! | `dispatch.rs` | router + reserved methods (`srpc.stats`) + counters |
 //! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
 //! | `devcerts.rs` | development CA and certificates (rcgen) |
 //! | `error.rs` | [`ServerError`] |
@@ -29,6 +30,7 @@
 
 pub mod demo;
 pub mod devcerts;
+mod dispatch;
 mod error;
 mod handler;
 mod router;
@@ -37,4 +39,4 @@ mod server;
 pub use error::ServerError;
 pub use router::Router;
 pub use rpc_core::{CallContext, Status, StatusCode};
-pub use server::{Server, ServerBuilder, ServerOptions};
+pub use server::{Server, ServerBuilder, ServerOptions, MAX_REFUSALS};

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rpc_core::codec;
 use rpc_core::connection::BoxFuture;
+use rpc_core::stats::RESERVED_PREFIX;
 use rpc_core::{CallContext, Dispatch, Status};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -70,8 +71,9 @@ impl Router {
     ///
     /// # Panics
     ///
-    /// If a method of that name is already registered.
-    pub fn route_with_context<A, R, F, Fut>(mut self, name: &str, handler: F) -> Self
+    /// If a method of that name is already registered, or the name starts
+    /// with the reserved prefix `srpc.`.
+    pub fn route_with_context<A, R, F, Fut>(self, name: &str, handler: F) -> Self
     where
         A: DeserializeOwned + Send + 'static,
         R: Serialize + Send + 'static,
@@ -94,10 +96,7 @@ impl Router {
                     .map_err(|e| Status::internal(format!("reply did not encode: {e}")))
             })
         });
-        if self.routes.insert(name.to_owned(), erased).is_some() {
-            panic!("method {name:?} is registered twice");
-        }
-        self
+        self.insert_erased(name.to_owned(), erased)
     }
 
     pub(crate) fn into_routes(self) -> impl Iterator<Item = (String, Handler)> {
@@ -105,6 +104,9 @@ impl Router {
     }
 
     pub(crate) fn insert_erased(mut self, name: String, handler: Handler) -> Self {
+        if name.starts_with(RESERVED_PREFIX) {
+            panic!("method names starting with {RESERVED_PREFIX:?} are reserved: {name:?}");
+        }
         if self.routes.contains_key(&name) {
             panic!("method {name:?} is registered twice");
         }
@@ -171,6 +173,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, StatusCode::InvalidArgument);
         assert!(err.message.contains("\"add\""), "{err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "reserved")]
+    fn reserved_names_are_refused() {
+        let _ = router().route("srpc.stats", |x: i64| async move { Ok(x) });
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The accept loop: limits, per-connection tasks, graceful drain.
 //!
 //! ```text
-//! TcpListener ──accept──► connection slot? ──no──► close at once (counted, logged)
+//! TcpListener ──accept──► connection slot? ──no──► GoAway("server at connection
+//!                              │yes                limit") after TLS, if one of
+//!                              │                   64 refusal slots is free;
+//!                              │                   else close at once
 //!                              │yes
 //!                              ▼
 //!                 tracked task: handler::run (TLS, Hello, driver)
@@ -25,9 +28,15 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+/// Refusals (TLS handshake + GoAway) in progress at once when over the
+/// connection limit; further excess connections are closed without a word.
+pub const MAX_REFUSALS: usize = 64;
+
+use crate::dispatch::ServerDispatch;
 use crate::{handler, Router, ServerError};
+use rpc_core::stats::StatsSnapshot;
 
 /// Server-wide limits, on top of the per-connection [`ConnectionConfig`].
 #[derive(Debug, Clone)]
@@ -149,7 +158,7 @@ impl ServerBuilder {
         Ok(Server {
             acceptor: TlsAcceptor::from(self.tls),
             options: self.options,
-            router: Arc::new(self.router),
+            dispatch: Arc::new(ServerDispatch::new(self.router)),
         })
     }
 }
@@ -159,19 +168,25 @@ impl ServerBuilder {
 pub struct Server {
     acceptor: TlsAcceptor,
     options: ServerOptions,
-    router: Arc<Router>,
+    dispatch: Arc<ServerDispatch>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("options", &self.options)
-            .field("router", &self.router)
+            .field("router", self.dispatch.router())
             .finish_non_exhaustive()
     }
 }
 
 impl Server {
+    /// Connections, calls and errors so far: what the reserved method
+    /// `srpc.stats` returns to clients.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.dispatch.snapshot()
+    }
+
     /// Starts a builder; see [`ServerBuilder`].
     pub fn builder(tls: Arc<rustls::ServerConfig>) -> ServerBuilder {
         ServerBuilder::new(tls)
@@ -193,6 +208,7 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         let slots = Arc::new(Semaphore::new(self.options.max_connections));
+        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
         let tracker = TaskTracker::new();
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
@@ -216,15 +232,30 @@ impl Server {
                 Err(e) => return Err(ServerError::Accept(e)),
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, max = self.options.max_connections, "connection refused: at the connection limit");
-                drop(tcp);
+                let max = self.options.max_connections;
+                warn!(%peer, max, "connection refused: at the connection limit");
+                // Tell the client why, but spend at most a few handshakes on
+                // refusals; past that, just close.
+                if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                    let acceptor = self.acceptor.clone();
+                    let config = config.clone();
+                    tracker.spawn(async move {
+                        let reason = format!("server at connection limit ({max} connections)");
+                        if let Err(e) =
+                            rpc_core::transport::refuse(tcp, &acceptor, &config, reason).await
+                        {
+                            debug!(%peer, error = %e, "refusal not delivered");
+                        }
+                        drop(refusal);
+                    });
+                }
                 continue;
             };
             info!(%peer, "accepted");
             let conn = handler::ConnectionTask {
                 acceptor: self.acceptor.clone(),
                 config: config.clone(),
-                router: self.router.clone(),
+                dispatch: self.dispatch.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };

@@ -214,7 +214,12 @@ async fn connections_over_the_limit_are_refused_and_existing_ones_unaffected() {
     let server = TestServer::start(rpc_server::demo::router(), options).await;
     let first = server.client().await;
     let second = Client::connect(&server.address(), rpc_tests::client_tls(&server.certs)).await;
-    assert!(second.is_err(), "second connection accepted over the limit");
+    let err = second.expect_err("second connection accepted over the limit");
+    assert!(
+        err.to_string()
+            .contains("server at connection limit (1 connections)"),
+        "{err}"
+    );
     still_served(&first).await;
     // The slot is given back when the first client leaves.
     first.close();

@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rpc_core::connection::{start, BoxFuture};
 use rpc_core::transport::{exchange_hello, hello_for};
-use rpc_core::{CallContext, Connection, ConnectionConfig, Dispatch, Status};
+use rpc_core::{CallContext, Connection, ConnectionConfig, Dispatch, Frame, FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio_util::codec::Encoder;
 
 /// Test service: "echo" returns its body, "hang" never returns (and counts
 /// how many handlers were cancelled), "panic" panics.
@@ -142,4 +143,25 @@ pub async fn pair_full(
         cancelled,
         client_flushes: flushes,
     }
+}
+
+/// A client connection whose peer is a raw pipe end that completed `Hello`.
+pub async fn client_with_raw_peer(cfg: ConnectionConfig) -> (rpc_core::Connection, DuplexStream) {
+    let (mut a, mut b) = tokio::io::duplex(1 << 20);
+    let (ha, hb) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    hb.unwrap();
+    let (conn, driver) = start(a, &cfg, addr(), ha.unwrap(), None);
+    tokio::spawn(driver);
+    (conn, b)
+}
+
+pub fn encode(frame: Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(1 << 20, 1 << 20)
+        .encode(frame, &mut buf)
+        .unwrap();
+    buf
 }

@@ -21,6 +21,7 @@ Examples:
   rpc-client --ca certs/ca.pem call add 2 3
   rpc-client --ca certs/ca.pem --timeout 300ms call sleep 5000
   rpc-client --ca certs/ca.pem --heartbeat-interval 500ms ping --count 3
+  rpc-client --ca certs/ca.pem stats
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.";
@@ -77,6 +78,10 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 4)]
         count: u32,
     },
+    /// The server's counters, one "key value" per line: connections,
+    /// calls_in_flight, calls_served, errors.KIND, and "rtt ADDR MS" per
+    /// connection ("unknown" until a heartbeat measured one).
+    Stats,
     /// Load test: N concurrent callers over one connection calling echo.
     /// Keeps going across reconnects; failed calls count as errors.
     Bench(bench::BenchArgs),
@@ -170,6 +175,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let rtt = client.ping().await?;
                 println!("rtt {:.3}ms", rtt.as_secs_f64() * 1000.0);
+            }
+        }
+        Command::Stats => {
+            let stats = client.stats().await?;
+            println!("connections {}", stats.connections);
+            println!("calls_in_flight {}", stats.calls_in_flight);
+            println!("calls_served {}", stats.calls_served);
+            for (kind, n) in &stats.errors {
+                println!("errors.{kind} {n}");
+            }
+            for peer in &stats.peers {
+                match peer.rtt_us {
+                    Some(us) => println!("rtt {} {:.3}ms", peer.addr, us as f64 / 1000.0),
+                    None => println!("rtt {} unknown", peer.addr),
+                }
             }
         }
         Command::Bench(args) => bench::run(client.clone(), args).await?,

@@ -1,0 +1,98 @@
+//! What the server hands each connection's driver: the user's router, plus
+//! the framework's reserved methods and the server-wide counters.
+//!
+//! ```text
+//! Request ─► "srpc.stats"? ─yes─► StatsSnapshot (connections, calls, errors, RTTs)
+//!                 └─no──► Router (user methods)
+//! ```
+//!
+//! The driver updates [`CallCounters`] as calls start, end and are refused;
+//! `handler.rs` registers each live connection here so stats can list peers
+//! and their heartbeat RTTs.
+//!
+//! Not here: method routing itself (`router.rs`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use rpc_core::connection::BoxFuture;
+use rpc_core::stats::{CallCounters, PeerStats, StatsSnapshot, STATS_METHOD};
+use rpc_core::{codec, CallContext, Connection, Dispatch, Status};
+
+use crate::Router;
+
+pub(crate) struct ServerDispatch {
+    router: Router,
+    counters: CallCounters,
+    connections: Mutex<HashMap<u64, Connection>>,
+    next_id: AtomicU64,
+}
+
+impl ServerDispatch {
+    pub(crate) fn new(router: Router) -> Self {
+        ServerDispatch {
+            router,
+            counters: CallCounters::default(),
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
+    }
+
+    fn connections(&self) -> MutexGuard<'_, HashMap<u64, Connection>> {
+        // Inserts and removes only; a poisoned map is still consistent.
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lists a live connection; returns the key to remove it with.
+    pub(crate) fn register(&self, conn: Connection) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.connections().insert(id, conn);
+        id
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
+        self.connections().remove(&id);
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let mut peers: Vec<PeerStats> = self
+            .connections()
+            .values()
+            .map(|c| PeerStats {
+                addr: c.peer_addr().to_string(),
+                rtt_us: c
+                    .rtt()
+                    .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.addr.cmp(&b.addr));
+        StatsSnapshot {
+            connections: peers.len() as u64,
+            calls_in_flight: self.counters.in_flight(),
+            calls_served: self.counters.served(),
+            errors: self.counters.errors(),
+            peers,
+        }
+    }
+}
+
+impl Dispatch for ServerDispatch {
+    fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
+        if ctx.method == STATS_METHOD {
+            let reply = codec::encode(&self.snapshot(), usize::MAX)
+                .map_err(|e| Status::internal(format!("stats did not encode: {e}")));
+            return Box::pin(async move { reply });
+        }
+        self.router.dispatch(ctx, body)
+    }
+
+    fn counters(&self) -> Option<&CallCounters> {
+        Some(&self.counters)
+    }
+}

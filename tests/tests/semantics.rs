@@ -1,0 +1,182 @@
+//! Call semantics over real TLS on 127.0.0.1: deadlines stop server
+//! handlers, dropped calls are cancelled on the server, a draining server's
+//! clients move to a fresh connection, and stats count what happened.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rpc_client::{Client, StatusCode};
+use rpc_core::CallContext;
+use rpc_server::{Router, ServerOptions, Status};
+use rpc_tests::{client_tls, FaultProxy, TestServer};
+
+/// Records when a handler's future is dropped (it stopped).
+struct StopTime(Arc<Mutex<Option<Instant>>>);
+
+impl Drop for StopTime {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = Some(Instant::now());
+    }
+}
+
+/// `work(ms)`: a handler that would run `ms` milliseconds, recording when
+/// its future goes away.
+fn router_with_work(stopped: Arc<Mutex<Option<Instant>>>) -> Router {
+    rpc_server::demo::router().route_with_context("work", move |_ctx: CallContext, ms: u64| {
+        let guard = StopTime(stopped.clone());
+        async move {
+            let _guard = guard;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<(), Status>(())
+        }
+    })
+}
+
+async fn stopped_within(stopped: &Mutex<Option<Instant>>, limit: Duration) -> Option<Instant> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if let Some(t) = *stopped.lock().unwrap() {
+            return Some(t);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_stops_a_handler_when_the_deadline_passes() {
+    let stopped = Arc::new(Mutex::new(None));
+    let server =
+        TestServer::start(router_with_work(stopped.clone()), ServerOptions::default()).await;
+    let client = server.client().await;
+    let sent = Instant::now();
+    let err = client
+        .call_with_timeout::<_, ()>("work", &10_000u64, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::DeadlineExceeded), "{err}");
+    let at = stopped_within(&stopped, Duration::from_secs(3))
+        .await
+        .expect("the 10 s handler was not stopped");
+    let after = at.duration_since(sent);
+    assert!(after < Duration::from_secs(1), "stopped after {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_call_stops_its_handler_on_the_server() {
+    let stopped = Arc::new(Mutex::new(None));
+    let server =
+        TestServer::start(router_with_work(stopped.clone()), ServerOptions::default()).await;
+    let client = server.client().await;
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, ()>("work", &10_000u64).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(stopped.lock().unwrap().is_none(), "handler ended early");
+    call.abort();
+    let dropped_at = Instant::now();
+    let at = stopped_within(&stopped, Duration::from_secs(3))
+        .await
+        .expect("the server handler kept running after the call was dropped");
+    assert!(at.duration_since(dropped_at) < Duration::from_secs(1));
+    let stats = server_stats(&client).await;
+    assert_eq!(
+        stats.calls_in_flight, 1,
+        "only the stats call itself: {stats:?}"
+    );
+    assert_eq!(error_count(&stats, "cancelled"), 1, "{stats:?}");
+}
+
+async fn server_stats(client: &Client) -> rpc_core::stats::StatsSnapshot {
+    client.stats().await.unwrap()
+}
+
+fn error_count(stats: &rpc_core::stats::StatsSnapshot, kind: &str) -> u64 {
+    stats
+        .errors
+        .iter()
+        .find(|(k, _)| k == kind)
+        .map(|(_, n)| *n)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection() {
+    let old = TestServer::demo().await;
+    let certs = old.certs.clone();
+    // The replacement counts the calls it serves.
+    let served = Arc::new(AtomicU64::new(0));
+    let counting = {
+        let served = served.clone();
+        Router::new().route("echo", move |s: String| {
+            served.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(s) }
+        })
+    };
+    let new = TestServer::start_with_certs(certs, counting, ServerOptions::default()).await;
+    let proxy = FaultProxy::start(old.addr).await;
+    let client = Client::builder(client_tls(&old.certs))
+        .server_name("localhost")
+        .connect(&proxy.address())
+        .await
+        .unwrap();
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, ()>("sleep", &600u64).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections reach the replacement; the old server drains.
+    proxy.set_upstream(new.addr);
+    let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
+    // A new call goes to a fresh connection, i.e. the replacement.
+    let reply: String = client
+        .call_with_timeout("echo", "fresh", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(reply, "fresh");
+    assert_eq!(
+        served.load(Ordering::Relaxed),
+        1,
+        "the new call did not reach the new server"
+    );
+    // The call in flight on the old connection still finished there.
+    in_flight.await.unwrap().unwrap();
+    draining.await.unwrap().unwrap();
+    assert_eq!(proxy.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_connections_calls_and_errors_by_kind() {
+    let server = TestServer::demo().await;
+    let a = server.client().await;
+    let b = server.client().await;
+    for i in 0..5i64 {
+        let _: i64 = a.call("add", &(i, i)).await.unwrap();
+    }
+    let _ = b.call::<_, ()>("no_such", &()).await.unwrap_err();
+    let _ = b.call::<_, i64>("add", "not numbers").await.unwrap_err();
+    let stats = server_stats(&a).await;
+    assert_eq!(stats.connections, 2, "{stats:?}");
+    assert_eq!(stats.calls_in_flight, 1, "{stats:?}");
+    assert_eq!(stats.calls_served, 5, "{stats:?}");
+    assert_eq!(error_count(&stats, "unknown_method"), 1, "{stats:?}");
+    assert_eq!(error_count(&stats, "invalid_argument"), 1, "{stats:?}");
+    assert_eq!(stats.peers.len(), 2, "{stats:?}");
+    b.close();
+    b.closed().await;
+    // The server notices the close and drops the connection from its list.
+    let mut connections = u64::MAX;
+    for _ in 0..100 {
+        connections = server_stats(&a).await.connections;
+        if connections == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(connections, 1);
+}
