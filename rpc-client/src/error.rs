@@ -94,16 +94,20 @@ impl ClientError {
 
 /// A next step for the common certificate failures.
 fn hint(e: &rpc_core::Error) -> &'static str {
-    let text = e.to_string();
-    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+    let text = e.to_string().to_lowercase();
+    if text.contains("unknownissuer") || text.contains("badsignature") {
         " (the server's certificate is not signed by the CA given to the client)"
-    } else if text.contains("NotValidForName") {
+    } else if text.contains("not valid for name") || text.contains("notvalidforname") {
         " (the server's certificate is not valid for this server name; see --server-name)"
-    } else if text.contains("Expired") {
+    } else if text.contains("expired") {
         " (the server's certificate has expired)"
-    } else if text.contains("NotValidYet") {
+    } else if text.contains("not valid yet") || text.contains("notvalidyet") {
         " (the server's certificate is not valid yet; check the clocks)"
-    } else if text.contains("Connection refused") {
+    } else if text.contains("certificaterequired") {
+        " (the server requires a client certificate: give --cert and --key)"
+    } else if text.contains("unknownca") || text.contains("badcertificate") {
+        " (the server does not accept this client certificate)"
+    } else if text.contains("connection refused") {
         " (is the server running on that address?)"
     } else {
         ""

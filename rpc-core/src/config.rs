@@ -35,6 +35,11 @@ pub struct ConnectionConfig {
     pub max_in_flight: usize,
     /// Frames queued for the writer before senders wait. Default 1024.
     pub outbound_queue: usize,
+    /// A frame that has begun arriving must be complete within this long,
+    /// or the connection is closed (a peer cannot dribble a frame forever;
+    /// a 4 MiB frame then needs at least 140 KB/s). Checked at heartbeat
+    /// ticks, so it fires up to one heartbeat interval late. Default 30 s.
+    pub partial_frame_timeout: Duration,
     /// A peer that accepts no byte at all for this long while frames wait to
     /// be written is cut off (it stopped reading). Default 30 s.
     pub write_stall_timeout: Duration,
@@ -53,6 +58,7 @@ impl Default for ConnectionConfig {
             heartbeat_timeout: Duration::from_secs(15),
             max_in_flight: 100,
             outbound_queue: 1024,
+            partial_frame_timeout: Duration::from_secs(30),
             write_stall_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(1),
         }
@@ -86,6 +92,7 @@ impl ConnectionConfig {
             ("hello timeout", self.hello_timeout),
             ("close timeout", self.close_timeout),
             ("write stall timeout", self.write_stall_timeout),
+            ("partial frame timeout", self.partial_frame_timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be non-zero"));

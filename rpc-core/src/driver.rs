@@ -55,6 +55,32 @@ fn lock(
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The partial-frame deadline: fails when the *same* frame has been
+/// incomplete for `timeout`. A busy connection has a partial frame at most
+/// ticks, but a different one each time (frames completed in between).
+struct PartialFrameWatch {
+    timeout: Duration,
+    /// When a partial frame was first seen, and the frame count then.
+    since: Option<(Instant, u64)>,
+}
+
+impl PartialFrameWatch {
+    /// `mid`: bytes of an unfinished frame are waiting; `frames`: frames
+    /// decoded so far. Returns the deadline as the error when it passed.
+    fn check(&mut self, now: Instant, mid: bool, frames: u64) -> Result<(), Duration> {
+        match self.since {
+            _ if !mid => self.since = None,
+            Some((_, count)) if count != frames => self.since = Some((now, frames)),
+            Some((since, _)) if now.saturating_duration_since(since) >= self.timeout => {
+                return Err(self.timeout);
+            }
+            Some(_) => {}
+            None => self.since = Some((now, frames)),
+        }
+        Ok(())
+    }
+}
+
 /// How the read loop ended.
 enum End {
     /// Nothing to tell the peer.
@@ -74,6 +100,9 @@ pub(crate) struct Driver {
     draining: bool,
     heartbeat: Heartbeat,
     timer: std::pin::Pin<Box<Sleep>>,
+    /// Frames decoded so far, to tell one slow frame from many quick ones.
+    frames_decoded: u64,
+    partial: PartialFrameWatch,
     /// The highest request id seen.
     last_request_id: Option<u64>,
     write_stall_timeout: Duration,
@@ -98,6 +127,11 @@ impl Driver {
             timer: Box::pin(tokio::time::sleep_until(heartbeat.next_deadline())),
             heartbeat,
             last_request_id: None,
+            frames_decoded: 0,
+            partial: PartialFrameWatch {
+                timeout: config.partial_frame_timeout,
+                since: None,
+            },
             write_stall_timeout: config.write_stall_timeout,
         }
     }
@@ -143,6 +177,12 @@ impl Driver {
                     }));
                 }
                 _ = &mut self.timer => {
+                    let mid = !reader.read_buffer().is_empty() || reader.decoder().mid_frame();
+                    if let Err(waited) = self.partial.check(Instant::now(), mid, self.frames_decoded) {
+                        break End::Tell(format!(
+                            "frame not completed within {waited:?} (partial-frame deadline)"
+                        ));
+                    }
                     self.heartbeat.received(clocks.last_read());
                     self.heartbeat.sent(clocks.last_written());
                     match self.heartbeat.poll(Instant::now()) {
@@ -186,6 +226,7 @@ impl Driver {
                 }
                 Some(Err(e)) => break End::Tell(e.to_string()),
                 Some(Ok(frame)) => {
+                    self.frames_decoded += 1;
                     if let Err(reason) = self.on_frame(frame).await {
                         break End::Tell(reason);
                     }
@@ -519,4 +560,53 @@ where
         sink.feed(f).await?;
     }
     sink.close().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_same_partial_frame_for_the_timeout_fails() {
+        let t0 = Instant::now();
+        let mut w = PartialFrameWatch {
+            timeout: 30 * S,
+            since: None,
+        };
+        assert_eq!(w.check(t0, true, 7), Ok(()));
+        assert_eq!(w.check(t0 + 29 * S, true, 7), Ok(()));
+        assert_eq!(w.check(t0 + 30 * S, true, 7), Err(30 * S));
+    }
+
+    #[test]
+    fn a_new_partial_frame_every_tick_never_fails() {
+        let t0 = Instant::now();
+        let mut w = PartialFrameWatch {
+            timeout: 2 * S,
+            since: None,
+        };
+        for tick in 0..100u32 {
+            assert_eq!(
+                w.check(t0 + tick * S, true, u64::from(tick)),
+                Ok(()),
+                "tick {tick}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_partial_frame_resets_the_watch() {
+        let t0 = Instant::now();
+        let mut w = PartialFrameWatch {
+            timeout: 2 * S,
+            since: None,
+        };
+        assert_eq!(w.check(t0, true, 1), Ok(()));
+        assert_eq!(w.check(t0 + S, false, 1), Ok(()));
+        assert_eq!(w.check(t0 + 2 * S, true, 1), Ok(()));
+        assert_eq!(w.check(t0 + 3 * S, true, 1), Ok(()));
+        assert_eq!(w.check(t0 + 4 * S, true, 1), Err(2 * S));
+    }
 }

@@ -215,6 +215,12 @@ impl FrameCodec {
         }
     }
 
+    /// True while the inner codec holds a frame's length prefix and waits
+    /// for its body.
+    pub fn mid_frame(&self) -> bool {
+        self.in_body
+    }
+
     /// The largest frame this side will write.
     pub fn max_send(&self) -> usize {
         self.max_send

@@ -215,7 +215,7 @@ async fn server_with_raw_peer() -> (rpc_core::Connection, tokio::io::DuplexStrea
     (conn, a)
 }
 
-async fn goaway_reason(peer: tokio::io::DuplexStream) -> Option<String> {
+async fn goaway_reason(peer: impl tokio::io::AsyncRead + Unpin) -> Option<String> {
     use futures_util::StreamExt;
     let mut frames =
         tokio_util::codec::FramedRead::new(peer, rpc_core::FrameCodec::new(1 << 20, 1 << 20));
@@ -309,4 +309,40 @@ async fn a_peer_that_stops_reading_is_cut_off_after_the_write_stall_timeout() {
         took >= Duration::from_secs(5) && took < Duration::from_secs(7),
         "{took:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_dribbled_forever_hits_the_partial_frame_deadline() {
+    use tokio::io::AsyncWriteExt;
+    // Default config: heartbeat 5 s / 15 s, partial-frame deadline 30 s.
+    let (conn, peer) = server_with_raw_peer().await;
+    let (read, mut write) = tokio::io::split(peer);
+    let started = tokio::time::Instant::now();
+    // Announce 1000 bytes, then one byte every 2 s: alive for the
+    // heartbeat, but the frame never completes.
+    tokio::spawn(async move {
+        let _ = write.write_all(&1000u32.to_be_bytes()).await;
+        for _ in 0..999 {
+            if write.write_all(&[0]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let reason = goaway_reason(read_only(read)).await.unwrap();
+    assert!(reason.contains("partial-frame deadline"), "{reason}");
+    let took = started.elapsed();
+    // 30 s, checked at heartbeat ticks (5 s apart).
+    assert!(
+        took >= Duration::from_secs(30) && took <= Duration::from_secs(36),
+        "{took:?}"
+    );
+    conn.closed().await;
+}
+
+/// A read half as a full stream for `goaway_reason`.
+fn read_only(
+    read: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+) -> impl tokio::io::AsyncRead + Unpin {
+    read
 }

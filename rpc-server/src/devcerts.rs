@@ -43,9 +43,22 @@ pub fn generate() -> Result<DevCerts, ServerError> {
     generate_named("srpc dev CA")
 }
 
+/// A calendar date: year, month, day.
+pub type Ymd = (i32, u8, u8);
+
 /// Like [`generate`], with the CA's common name (tests make a second,
 /// unrelated CA this way).
 pub fn generate_named(ca_cn: &str) -> Result<DevCerts, ServerError> {
+    generate_with(ca_cn, None)
+}
+
+/// Like [`generate_named`], with the server certificate valid only from the
+/// first date to the second (tests make expired and not-yet-valid
+/// certificates this way).
+pub fn generate_with(
+    ca_cn: &str,
+    server_validity: Option<(Ymd, Ymd)>,
+) -> Result<DevCerts, ServerError> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name.push(DnType::CommonName, ca_cn);
@@ -68,6 +81,10 @@ pub fn generate_named(ca_cn: &str) -> Result<DevCerts, ServerError> {
         .distinguished_name
         .push(DnType::CommonName, "localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    if let Some(((fy, fm, fd), (uy, um, ud))) = server_validity {
+        server.not_before = rcgen::date_time_ymd(fy, fm, fd);
+        server.not_after = rcgen::date_time_ymd(uy, um, ud);
+    }
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
     let client_key = KeyPair::generate()?;

@@ -1,7 +1,8 @@
 //! One connection's life on the server.
 //!
 //! ```text
-//! accepted TCP ─► TLS handshake + ALPN + Hello (rpc-core transport, timeouts)
+//! accepted TCP ─► handshake slot (at most `max_handshakes` at once)
+//!   ─► TLS handshake + ALPN + Hello (rpc-core transport, timeouts)
 //!   ─► driver runs (calls dispatched to the router)
 //!   ─► ends: peer left, protocol error, drain finished, or killed
 //! ```
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use rpc_core::{transport, ConnectionConfig};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -27,6 +29,8 @@ pub(crate) struct ConnectionTask {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) config: Arc<ConnectionConfig>,
     pub(crate) dispatch: Arc<ServerDispatch>,
+    /// One permit per handshake in progress.
+    pub(crate) handshakes: Arc<Semaphore>,
     /// Fires when the server starts draining.
     pub(crate) drain: CancellationToken,
     /// Fires when the drain deadline has passed.
@@ -35,7 +39,19 @@ pub(crate) struct ConnectionTask {
 
 impl ConnectionTask {
     pub(crate) async fn run(self, tcp: TcpStream, peer: SocketAddr) {
-        let setup = transport::accept(tcp, &self.acceptor, &self.config, self.dispatch.clone());
+        let limit = self.config.handshake_timeout;
+        let Ok(Ok(slot)) =
+            tokio::time::timeout(limit, self.handshakes.clone().acquire_owned()).await
+        else {
+            info!(%peer, "connection dropped: no handshake slot within the handshake timeout");
+            return;
+        };
+        let setup = async {
+            let started =
+                transport::accept(tcp, &self.acceptor, &self.config, self.dispatch.clone()).await;
+            drop(slot);
+            started
+        };
         let started = tokio::select! {
             started = setup => started,
             _ = self.drain.cancelled() => {

@@ -49,6 +49,10 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long a shutdown waits for in-flight calls. Default 10 s.
     pub drain_timeout: Duration,
+    /// TLS handshakes (and `Hello` exchanges) in progress at once; further
+    /// connections wait for a slot, within the handshake timeout. Bounds
+    /// the CPU that connection floods can take. Default 512.
+    pub max_handshakes: usize,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +61,7 @@ impl Default for ServerOptions {
             connection: ConnectionConfig::default(),
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(10),
+            max_handshakes: 512,
         }
     }
 }
@@ -150,9 +155,9 @@ impl ServerBuilder {
             .connection
             .validate()
             .map_err(ServerError::Config)?;
-        if self.options.max_connections == 0 {
+        if self.options.max_connections == 0 || self.options.max_handshakes == 0 {
             return Err(ServerError::Config(rpc_core::Error::Config(
-                "max connections must be at least 1".into(),
+                "max connections and max handshakes must be at least 1".into(),
             )));
         }
         Ok(Server {
@@ -209,6 +214,7 @@ impl Server {
     ) -> Result<(), ServerError> {
         let slots = Arc::new(Semaphore::new(self.options.max_connections));
         let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+        let handshakes = Arc::new(Semaphore::new(self.options.max_handshakes));
         let tracker = TaskTracker::new();
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
@@ -256,6 +262,7 @@ impl Server {
                 acceptor: self.acceptor.clone(),
                 config: config.clone(),
                 dispatch: self.dispatch.clone(),
+                handshakes: handshakes.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
             };

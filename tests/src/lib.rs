@@ -53,6 +53,26 @@ pub fn client_tls(certs: &DevCerts) -> Arc<rustls::ClientConfig> {
     client_config_from_der(vec![cert_der(&certs.ca_pem)], None).unwrap()
 }
 
+/// A server TLS config that requires client certificates signed by
+/// `client_ca`'s CA.
+pub fn server_tls_mtls(certs: &DevCerts, client_ca: &DevCerts) -> Arc<rustls::ServerConfig> {
+    let identity = Identity {
+        cert_chain: vec![cert_der(&certs.server_pem)],
+        key: key_der(&certs.server_key),
+    };
+    server_config_from_der(identity, Some(vec![cert_der(&client_ca.ca_pem)])).unwrap()
+}
+
+/// A client TLS config trusting `server`'s CA and presenting `identity`'s
+/// client certificate.
+pub fn client_tls_with_cert(server: &DevCerts, identity: &DevCerts) -> Arc<rustls::ClientConfig> {
+    let id = Identity {
+        cert_chain: vec![cert_der(&identity.client_pem)],
+        key: key_der(&identity.client_key),
+    };
+    client_config_from_der(vec![cert_der(&server.ca_pem)], Some(id)).unwrap()
+}
+
 /// A client TLS config trusting the dev CA, offering the given ALPN list
 /// instead of `srpc/1`.
 pub fn client_tls_with_alpn(certs: &DevCerts, alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
@@ -90,7 +110,18 @@ impl TestServer {
         router: Router,
         options: ServerOptions,
     ) -> TestServer {
-        let server = Server::builder(server_tls(&certs))
+        let tls = server_tls(&certs);
+        TestServer::start_with_tls(certs, tls, router, options).await
+    }
+
+    /// Any TLS config (mutual TLS, say); `certs` are the ones it was made of.
+    pub async fn start_with_tls(
+        certs: DevCerts,
+        tls: Arc<rustls::ServerConfig>,
+        router: Router,
+        options: ServerOptions,
+    ) -> TestServer {
+        let server = Server::builder(tls)
             .options(options)
             .router(router)
             .build()

@@ -278,3 +278,116 @@ async fn missing_or_garbled_pem_files_are_refused_naming_the_file() {
     let err = rpc_core::tls::server_config(cert, &garbled, None).unwrap_err();
     assert!(err.to_string().contains("garbled.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn malformed_bincode_in_a_valid_frame_is_refused_each_way() {
+    let server = TestServer::demo().await;
+    let honest = server.client().await;
+    let request = frame_bytes(Frame::Request {
+        id: 1,
+        method: "echo".into(),
+        deadline_ms: None,
+        body: bytes::Bytes::from_static(b"\x02hi"),
+    });
+    let body = &request[4..];
+    let with_len = |b: &[u8]| {
+        let mut v = (b.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    };
+    let truncated = with_len(&body[..body.len() - 2]);
+    let mut trailing = body.to_vec();
+    trailing.extend_from_slice(b"!!");
+    let trailing = with_len(&trailing);
+    // Request id 1, then a 2-byte method name that is not UTF-8.
+    let bad_utf8 = with_len(&[1, 1, 2, 0xc3, 0x28, 0, 0]);
+    for (name, bytes) in [
+        ("truncated", truncated),
+        ("trailing bytes", trailing),
+        ("invalid UTF-8", bad_utf8),
+    ] {
+        let mut all = hello_bytes();
+        all.extend(bytes);
+        let reason = goaway_after(&server, &all).await;
+        assert!(reason.contains("malformed message"), "{name}: {reason}");
+    }
+    still_served(&honest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_silent_sockets_do_not_slow_a_real_client() {
+    let server = TestServer::demo().await;
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let client = server.client().await;
+    still_served(&client).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "a real client took {took:?}");
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_cap_wait_for_a_slot() {
+    let mut options = ServerOptions::default();
+    options.max_handshakes = 2;
+    options.connection.handshake_timeout = Duration::from_millis(700);
+    let server = TestServer::start(rpc_server::demo::router(), options).await;
+    // Two silent sockets hold both handshake slots until they time out.
+    let _a = TcpStream::connect(server.addr).await.unwrap();
+    let _b = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let client = server.client().await;
+    let waited = started.elapsed();
+    still_served(&client).await;
+    assert!(
+        waited >= Duration::from_millis(500),
+        "did not wait for a slot: {waited:?}"
+    );
+}
+
+/// Resident memory of this process, in KiB.
+#[cfg(target_os = "linux")]
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// 200 connections each announce a 4 MiB frame (800 MiB in all) and send
+/// 2 KiB of it. If the announced lengths became resident memory, this
+/// process (server and clients both live here) would grow by ~800 MiB; it
+/// must stay far below that. `examples/dribble_memory.rs` measures the
+/// server alone.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_frame_lengths_do_not_become_resident_memory() {
+    let server = TestServer::demo().await;
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        let mut s = server.raw_tls().await;
+        send(&mut s, &hello_bytes()).await;
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib();
+    for s in &mut conns {
+        send(s, &(4u32 * 1024 * 1024).to_be_bytes()).await;
+    }
+    for _ in 0..4 {
+        for s in &mut conns {
+            send(s, &[0u8; 512]).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grew = rss_kib().saturating_sub(before);
+    assert!(
+        grew < 64 * 1024,
+        "RSS grew by {grew} KiB for 200 dribbling connections"
+    );
+    // And the server still serves.
+    still_served(&server.client().await).await;
+}

@@ -75,6 +75,9 @@ struct ServeArgs {
     /// Calls handled at once per connection (clients queue beyond it).
     #[arg(long, value_name = "N", default_value_t = 100)]
     max_in_flight: usize,
+    /// TLS handshakes in progress at once; more connections wait.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    max_handshakes: usize,
     /// Time allowed for a client's TLS handshake.
     #[arg(long, value_name = "D", default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
@@ -126,6 +129,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.connection.handshake_timeout = args.handshake_timeout;
     options.connection.max_in_flight = args.max_in_flight;
     options.max_connections = args.max_connections;
+    options.max_handshakes = args.max_handshakes;
     options.drain_timeout = args.drain_timeout;
     let server = Server::builder(tls)
         .options(options)

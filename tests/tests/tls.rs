@@ -1,0 +1,107 @@
+//! Certificates over real TLS on 127.0.0.1: mutual TLS lets in only clients
+//! with a certificate from the configured CA, and certificate problems on
+//! either side come back as clear errors.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use rpc_client::Client;
+use rpc_server::devcerts::{generate, generate_with};
+use rpc_server::ServerOptions;
+use rpc_tests::{client_tls, client_tls_with_cert, server_tls, server_tls_mtls, TestServer};
+
+async fn mtls_server() -> TestServer {
+    let certs = generate().unwrap();
+    let tls = server_tls_mtls(&certs, &certs);
+    TestServer::start_with_tls(
+        certs,
+        tls,
+        rpc_server::demo::router(),
+        ServerOptions::default(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn mutual_tls_serves_a_client_with_a_certificate_from_the_ca() {
+    let server = mtls_server().await;
+    let client = Client::connect(
+        &server.address(),
+        client_tls_with_cert(&server.certs, &server.certs),
+    )
+    .await
+    .unwrap();
+    let reply: String = client.call("echo", "with a certificate").await.unwrap();
+    assert_eq!(reply, "with a certificate");
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_a_client_without_a_certificate_and_says_why() {
+    let server = mtls_server().await;
+    let err = Client::connect(&server.address(), client_tls(&server.certs))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("CertificateRequired"), "{text}");
+    assert!(text.contains("requires a client certificate"), "{text}");
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_a_client_certificate_from_another_ca() {
+    let server = mtls_server().await;
+    let stranger = generate_with("another CA", None).unwrap();
+    let err = Client::connect(
+        &server.address(),
+        client_tls_with_cert(&server.certs, &stranger),
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("does not accept this client certificate"),
+        "{text}"
+    );
+    // And an honest client is still served.
+    let client = Client::connect(
+        &server.address(),
+        client_tls_with_cert(&server.certs, &server.certs),
+    )
+    .await
+    .unwrap();
+    let reply: String = client.call("echo", "still served").await.unwrap();
+    assert_eq!(reply, "still served");
+}
+
+async fn server_with_validity(from: (i32, u8, u8), until: (i32, u8, u8)) -> TestServer {
+    let certs = generate_with("srpc dev CA", Some((from, until))).unwrap();
+    let tls = server_tls(&certs);
+    TestServer::start_with_tls(
+        certs,
+        tls,
+        rpc_server::demo::router(),
+        ServerOptions::default(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_expired_server_certificate_is_refused_clearly() {
+    let server = server_with_validity((2020, 1, 1), (2021, 1, 1)).await;
+    let err = Client::connect(&server.address(), client_tls(&server.certs))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert!(text.contains("has expired"), "{text}");
+}
+
+#[tokio::test]
+async fn a_server_certificate_not_yet_valid_is_refused_clearly() {
+    let server = server_with_validity((2090, 1, 1), (2091, 1, 1)).await;
+    let err = Client::connect(&server.address(), client_tls(&server.certs))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert!(text.contains("not valid yet"), "{text}");
+}
