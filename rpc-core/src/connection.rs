@@ -41,6 +41,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
+use crate::identity::PeerIdentity;
 use crate::metered::{ByteClocks, Metered};
 
 /// Capacity of the control queue (pings, pongs, GoAway).
@@ -71,6 +72,8 @@ pub struct CallContext {
     pub method: String,
     /// When the caller stops waiting, if it said.
     pub deadline: Option<Instant>,
+    /// The peer's certificate names, when it presented one (mutual TLS).
+    pub identity: Option<Arc<PeerIdentity>>,
     /// Fires when the caller cancels, the deadline passes, or the connection
     /// ends (including when the heartbeat declares the peer dead); the
     /// handler's future is dropped then too. Long handlers can watch it.
@@ -130,6 +133,7 @@ pub(crate) struct Shared {
     pub(crate) goaway: CancellationToken,
     pub(crate) close_reason: OnceLock<String>,
     pub(crate) peer: SocketAddr,
+    pub(crate) identity: Option<Arc<PeerIdentity>>,
     pub(crate) peer_hello: Hello,
     pub(crate) max_send: usize,
     /// One permit per call the peer serves at once (its `Hello`).
@@ -215,6 +219,11 @@ impl Connection {
     /// The peer's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.shared.peer
+    }
+
+    /// The names in the peer's certificate, when it presented one.
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.shared.identity.as_deref()
     }
 
     /// The `Hello` the peer sent.
@@ -376,15 +385,17 @@ where
 {
     let clocks = ByteClocks::new(Instant::now());
     let stream = Metered::new(stream, clocks.clone());
-    start_metered(stream, clocks, config, peer, peer_hello, dispatch)
+    start_metered(stream, clocks, None, config, peer, peer_hello, dispatch)
 }
 
 /// Like [`start`], for a stream whose bytes already stamp `clocks`: the
 /// transport wraps the TCP socket *under* TLS, so every byte counts as
-/// liveness, not only whole TLS records (up to 16 KiB each).
+/// liveness, not only whole TLS records (up to 16 KiB each). `identity` is
+/// the peer certificate's names, shown to handlers.
 pub fn start_metered<S>(
     stream: S,
     clocks: Arc<ByteClocks>,
+    identity: Option<Arc<PeerIdentity>>,
     config: &ConnectionConfig,
     peer: SocketAddr,
     peer_hello: Hello,
@@ -413,6 +424,7 @@ where
         goaway: CancellationToken::new(),
         close_reason: OnceLock::new(),
         peer,
+        identity,
         peer_hello,
         max_send,
         call_slots: Semaphore::new((peer_hello.max_in_flight as usize).min(Semaphore::MAX_PERMITS)),

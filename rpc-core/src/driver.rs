@@ -391,6 +391,7 @@ impl Driver {
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
         let ctx = CallContext {
             peer: self.shared.peer,
+            identity: self.shared.identity.clone(),
             id,
             method,
             deadline,

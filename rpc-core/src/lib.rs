@@ -17,6 +17,7 @@
 //! | `driver.rs` | the driver: reader loop, batching writer, heartbeat timer |
 //! | `metered.rs` | byte clocks: when bytes last moved each way |
 //! | `heartbeat.rs` | the liveness state machine (no I/O) |
+//! | `identity.rs` | the peer certificate's subject and SANs |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
@@ -39,6 +40,7 @@ mod driver;
 pub mod error;
 pub mod frame;
 pub mod heartbeat;
+pub mod identity;
 pub mod metered;
 pub mod stats;
 pub mod tls;
@@ -49,6 +51,7 @@ pub use connection::{BoxFuture, CallContext, Connection, Dispatch};
 pub use driver::MAX_BATCH;
 pub use error::{Error, Status, StatusCode};
 pub use frame::{Frame, FrameCodec, Hello, PROTOCOL_VERSION};
+pub use identity::PeerIdentity;
 
 /// Re-exported so users name the same `tokio_util` token type.
 pub use tokio_util::sync::CancellationToken;

@@ -38,6 +38,7 @@ use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection, Dispatch};
 use crate::error::Error;
 use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::identity::PeerIdentity;
 use crate::metered::{ByteClocks, Metered};
 use crate::tls::check_alpn;
 
@@ -74,7 +75,8 @@ pub async fn accept(
         .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%peer, "TLS handshake done");
-    finish(tls, clocks, peer, config, Some(dispatch)).await
+    let identity = peer_identity(tls.get_ref().1.peer_certificates());
+    finish(tls, clocks, identity, peer, config, Some(dispatch)).await
 }
 
 /// Server side, over a limit: completes TLS, then answers the client's
@@ -123,12 +125,24 @@ pub async fn connect(
     .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
-    finish(tls, clocks, addr, config, None).await
+    let identity = peer_identity(tls.get_ref().1.peer_certificates());
+    finish(tls, clocks, identity, addr, config, None).await
+}
+
+/// The names in the peer's end-entity certificate, if it sent one.
+fn peer_identity(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+) -> Option<Arc<PeerIdentity>> {
+    certs?
+        .first()
+        .and_then(|c| PeerIdentity::from_der(c))
+        .map(Arc::new)
 }
 
 async fn finish<S>(
     mut stream: S,
     clocks: Arc<ByteClocks>,
+    identity: Option<Arc<PeerIdentity>>,
     peer: SocketAddr,
     config: &ConnectionConfig,
     dispatch: Option<Arc<dyn Dispatch>>,
@@ -145,7 +159,7 @@ where
     .await
     .map_err(|_| Error::Protocol(format!("no Hello from the peer within {hello_wait:?}")))??;
     let (conn, driver) =
-        connection::start_metered(stream, clocks, config, peer, peer_hello, dispatch);
+        connection::start_metered(stream, clocks, identity, config, peer, peer_hello, dispatch);
     Ok((conn, Box::pin(driver)))
 }
 

@@ -5,12 +5,13 @@
 //! | `echo` | `String` | the same `String` |
 //! | `add` | `(i64, i64)` | `i64` (`InvalidArgument` on overflow) |
 //! | `sleep` | `u64` milliseconds | `()` after that long |
+//! | `whoami` | `()` | the client certificate's subject, or `anonymous` |
 //!
 //! Not here: anything the CLI prints; see the `rpc-client` binary.
 
 use std::time::Duration;
 
-use rpc_core::Status;
+use rpc_core::{CallContext, Status};
 
 use crate::Router;
 
@@ -22,6 +23,8 @@ pub mod methods {
     pub const ADD: &str = "add";
     /// `sleep(u64 ms) -> ()`
     pub const SLEEP: &str = "sleep";
+    /// `whoami(()) -> String`
+    pub const WHOAMI: &str = "whoami";
 }
 
 /// A router with the demo methods.
@@ -36,5 +39,10 @@ pub fn router() -> Router {
         .route(methods::SLEEP, |ms: u64| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(())
+        })
+        .route_with_context(methods::WHOAMI, |ctx: CallContext, (): ()| async move {
+            Ok(ctx
+                .identity
+                .map_or_else(|| "anonymous".to_owned(), |id| id.subject.clone()))
         })
 }

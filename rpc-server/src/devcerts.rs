@@ -21,6 +21,9 @@ use crate::ServerError;
 /// Subject common name of the development client certificate.
 pub const CLIENT_SUBJECT_CN: &str = "srpc dev client";
 
+/// The DNS subject alternative name of the development client certificate.
+pub const CLIENT_SAN: &str = "client.srpc.test";
+
 /// A CA and the server and client certificates it signed, as PEM text.
 #[derive(Debug, Clone)]
 pub struct DevCerts {
@@ -88,7 +91,7 @@ pub fn generate_with(
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
     let client_key = KeyPair::generate()?;
-    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    let mut client = CertificateParams::new(vec![CLIENT_SAN.to_string()])?;
     client
         .distinguished_name
         .push(DnType::CommonName, CLIENT_SUBJECT_CN);

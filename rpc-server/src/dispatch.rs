@@ -2,7 +2,8 @@
 //! the framework's reserved methods and the server-wide counters.
 //!
 //! ```text
-//! Request ─► "srpc.stats"? ─yes─► StatsSnapshot (connections, calls, errors, RTTs)
+//! Request ─► authorize(ctx)? ─no─► the hook's Status (PermissionDenied)
+//!    └─► "srpc.stats"? ─yes─► StatsSnapshot (connections, calls, errors, RTTs)
 //!                 └─no──► Router (user methods)
 //! ```
 //!
@@ -14,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rpc_core::connection::BoxFuture;
@@ -23,17 +24,23 @@ use rpc_core::{codec, CallContext, Connection, Dispatch, Status};
 
 use crate::Router;
 
+/// Decides per call whether the peer may make it (see
+/// `ServerBuilder::authorize`).
+pub(crate) type Authorize = Arc<dyn Fn(&CallContext) -> Result<(), Status> + Send + Sync>;
+
 pub(crate) struct ServerDispatch {
     router: Router,
+    authorize: Option<Authorize>,
     counters: CallCounters,
     connections: Mutex<HashMap<u64, Connection>>,
     next_id: AtomicU64,
 }
 
 impl ServerDispatch {
-    pub(crate) fn new(router: Router) -> Self {
+    pub(crate) fn new(router: Router, authorize: Option<Authorize>) -> Self {
         ServerDispatch {
             router,
+            authorize,
             counters: CallCounters::default(),
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -84,6 +91,11 @@ impl ServerDispatch {
 
 impl Dispatch for ServerDispatch {
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
+        if let Some(authorize) = &self.authorize {
+            if let Err(status) = authorize(&ctx) {
+                return Box::pin(async move { Err(status) });
+            }
+        }
         if ctx.method == STATS_METHOD {
             let reply = codec::encode(&self.snapshot(), usize::MAX)
                 .map_err(|e| Status::internal(format!("stats did not encode: {e}")));

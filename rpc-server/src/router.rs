@@ -142,6 +142,7 @@ mod tests {
     fn ctx(method: &str) -> CallContext {
         CallContext {
             peer: "127.0.0.1:9".parse().unwrap(),
+            identity: None,
             id: 1,
             method: method.into(),
             deadline: None,

@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 /// connection limit; further excess connections are closed without a word.
 pub const MAX_REFUSALS: usize = 64;
 
-use crate::dispatch::ServerDispatch;
+use crate::dispatch::{Authorize, ServerDispatch};
 use crate::{handler, Router, ServerError};
 use rpc_core::stats::StatsSnapshot;
 
@@ -71,6 +71,7 @@ pub struct ServerBuilder {
     tls: Arc<rustls::ServerConfig>,
     options: ServerOptions,
     router: Router,
+    authorize: Option<Authorize>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -90,7 +91,20 @@ impl ServerBuilder {
             tls,
             options: ServerOptions::default(),
             router: Router::new(),
+            authorize: None,
         }
+    }
+
+    /// Runs `hook` before every call, with the call's context (peer address,
+    /// certificate identity, method). An `Err` refuses the call with that
+    /// status, typically `Status::new(StatusCode::PermissionDenied, ...)`.
+    /// Stats calls go through it too.
+    pub fn authorize<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&rpc_core::CallContext) -> Result<(), rpc_core::Status> + Send + Sync + 'static,
+    {
+        self.authorize = Some(Arc::new(hook));
+        self
     }
 
     /// Replaces all limits at once.
@@ -163,7 +177,7 @@ impl ServerBuilder {
         Ok(Server {
             acceptor: TlsAcceptor::from(self.tls),
             options: self.options,
-            dispatch: Arc::new(ServerDispatch::new(self.router)),
+            dispatch: Arc::new(ServerDispatch::new(self.router, self.authorize)),
         })
     }
 }

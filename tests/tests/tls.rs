@@ -105,3 +105,75 @@ async fn a_server_certificate_not_yet_valid_is_refused_clearly() {
     assert!(text.contains("invalid peer certificate"), "{text}");
     assert!(text.contains("not valid yet"), "{text}");
 }
+
+#[tokio::test]
+async fn handlers_see_the_client_certificate_and_whoami_reports_it() {
+    let server = mtls_server().await;
+    let client = Client::connect(
+        &server.address(),
+        client_tls_with_cert(&server.certs, &server.certs),
+    )
+    .await
+    .unwrap();
+    let subject: String = client.call("whoami", &()).await.unwrap();
+    assert_eq!(subject, "CN=srpc dev client");
+    // Without mutual TLS nobody is identified.
+    let plain = TestServer::demo().await;
+    let client = plain.client().await;
+    let subject: String = client.call("whoami", &()).await.unwrap();
+    assert_eq!(subject, "anonymous");
+}
+
+#[tokio::test]
+async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
+    use rpc_core::CallContext;
+    use rpc_server::{Server, Status, StatusCode};
+
+    let certs = generate().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = {
+        let seen = seen.clone();
+        Server::builder(server_tls_mtls(&certs, &certs))
+            .router(rpc_server::demo::router())
+            .authorize(move |ctx: &CallContext| {
+                let id = ctx
+                    .identity
+                    .as_ref()
+                    .expect("mTLS gives every call an identity");
+                seen.lock()
+                    .unwrap()
+                    .push((id.subject.clone(), id.sans.clone()));
+                if ctx.method == "sleep" && id.common_name() != Some("an operator") {
+                    return Err(Status::new(
+                        StatusCode::PermissionDenied,
+                        "sleep is for operators",
+                    ));
+                }
+                Ok(())
+            })
+            .build()
+            .unwrap()
+    };
+    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    let client = Client::connect(&addr, client_tls_with_cert(&certs, &certs))
+        .await
+        .unwrap();
+    let reply: String = client.call("echo", "allowed").await.unwrap();
+    assert_eq!(reply, "allowed");
+    let err = client.call::<_, ()>("sleep", &1u64).await.unwrap_err();
+    assert_eq!(err.code(), Some(StatusCode::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("sleep is for operators"), "{err}");
+    // The connection is still fine, and the hook saw subject and SANs.
+    let reply: String = client.call("echo", "after").await.unwrap();
+    assert_eq!(reply, "after");
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[0],
+        (
+            "CN=srpc dev client".to_string(),
+            vec!["DNS:client.srpc.test".to_string()]
+        )
+    );
+}

@@ -22,6 +22,7 @@ Examples:
   rpc-client --ca certs/ca.pem --timeout 300ms call sleep 5000
   rpc-client --ca certs/ca.pem --heartbeat-interval 500ms ping --count 3
   rpc-client --ca certs/ca.pem stats
+  rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.";
@@ -108,6 +109,9 @@ enum CallCmd {
         /// Milliseconds.
         ms: u64,
     },
+    /// Prints the subject of the client certificate the server saw
+    /// (--cert/--key), or "anonymous".
+    Whoami,
 }
 
 fn main() -> ExitCode {
@@ -164,6 +168,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Call(CallCmd::Sleep { ms }) => {
             client.call::<_, ()>("sleep", &ms).await?;
             println!("ok");
+        }
+        Command::Call(CallCmd::Whoami) => {
+            let subject: String = client.call("whoami", &()).await?;
+            println!("{subject}");
         }
         Command::Ping { count } => {
             // One ping per heartbeat interval: faster gets a connection cut
