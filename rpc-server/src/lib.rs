@@ -39,4 +39,4 @@ mod server;
 pub use error::ServerError;
 pub use router::Router;
 pub use rpc_core::{CallContext, Status, StatusCode};
-pub use server::{Server, ServerBuilder, ServerOptions, MAX_REFUSALS};
+pub use server::{Server, ServerBuilder, ServerOptions, TlsFiles, MAX_REFUSALS};

@@ -19,7 +19,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rpc_core::ConnectionConfig;
@@ -175,7 +176,7 @@ impl ServerBuilder {
             )));
         }
         Ok(Server {
-            acceptor: TlsAcceptor::from(self.tls),
+            acceptor: Arc::new(RwLock::new(TlsAcceptor::from(self.tls))),
             options: self.options,
             dispatch: Arc::new(ServerDispatch::new(self.router, self.authorize)),
         })
@@ -185,7 +186,8 @@ impl ServerBuilder {
 /// A configured server, ready to [`serve`](Server::serve) a listener.
 #[derive(Clone)]
 pub struct Server {
-    acceptor: TlsAcceptor,
+    /// Swapped whole by a reload; each new connection takes the current one.
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     options: ServerOptions,
     dispatch: Arc<ServerDispatch>,
 }
@@ -199,7 +201,55 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Where a server's certificate, key and client CA come from, for
+/// [`Server::reload_tls_files`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA for client certificates (mutual TLS), if any.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files and builds a server TLS config.
+    pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+        Ok(rpc_core::tls::server_config(
+            &self.cert,
+            &self.key,
+            self.client_ca.as_deref(),
+        )?)
+    }
+}
+
 impl Server {
+    /// Uses `tls` for every handshake from now on; connections already open
+    /// keep the session they have.
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        let acceptor = TlsAcceptor::from(tls);
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+    }
+
+    /// Re-reads certificate, key and client CA and uses them for new
+    /// handshakes. On any error (missing file, no key, key not matching) the
+    /// current certificate stays in use and the error says what is wrong.
+    pub fn reload_tls_files(&self, files: &TlsFiles) -> Result<(), ServerError> {
+        let tls = files.load()?;
+        self.set_tls(tls);
+        info!(cert = %files.cert.display(), "TLS certificate reloaded");
+        Ok(())
+    }
+
+    fn current_acceptor(&self) -> TlsAcceptor {
+        // A poisoned lock still holds a whole acceptor (writes swap it whole).
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Connections, calls and errors so far: what the reserved method
     /// `srpc.stats` returns to clients.
     pub fn stats(&self) -> StatsSnapshot {
@@ -257,7 +307,7 @@ impl Server {
                 // Tell the client why, but spend at most a few handshakes on
                 // refusals; past that, just close.
                 if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                    let acceptor = self.acceptor.clone();
+                    let acceptor = self.current_acceptor();
                     let config = config.clone();
                     tracker.spawn(async move {
                         let reason = format!("server at connection limit ({max} connections)");
@@ -273,7 +323,7 @@ impl Server {
             };
             info!(%peer, "accepted");
             let conn = handler::ConnectionTask {
-                acceptor: self.acceptor.clone(),
+                acceptor: self.current_acceptor(),
                 config: config.clone(),
                 dispatch: self.dispatch.clone(),
                 handshakes: handshakes.clone(),

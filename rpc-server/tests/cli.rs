@@ -137,3 +137,92 @@ fn sigterm_stops_the_server_with_exit_status_0() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// True when a client trusting `ca` completes TLS + Hello with the server.
+fn handshake_ok(addr: &str, ca: &std::path::Path) -> bool {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let tls = rpc_core::tls::client_config(ca, None).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let config = rpc_core::ConnectionConfig::default();
+        rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
+            .await
+            .is_ok()
+    })
+}
+
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    assert!(server()
+        .args(["gen-certs", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap()
+        .status
+        .success());
+    std::fs::copy(p("ca.pem"), p("ca_a.pem")).unwrap();
+    let mut child = server()
+        .args(["--listen", "127.0.0.1:0", "--cert"])
+        .arg(p("server.pem"))
+        .arg("--key")
+        .arg(p("server.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(handshake_ok(&addr, &p("ca_a.pem")));
+
+    // New files in place, SIGHUP: new handshakes use them.
+    assert!(server()
+        .args(["gen-certs", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap()
+        .status
+        .success());
+    std::fs::copy(p("ca.pem"), p("ca_b.pem")).unwrap();
+    hup(child.id());
+    assert!(
+        handshake_ok(&addr, &p("ca_b.pem")),
+        "new certificate not in use after SIGHUP"
+    );
+    assert!(
+        !handshake_ok(&addr, &p("ca_a.pem")),
+        "old certificate still in use after SIGHUP"
+    );
+
+    // A garbled file, SIGHUP: refused, the current certificate stays.
+    std::fs::write(p("server.pem"), "garbage\n").unwrap();
+    hup(child.id());
+    assert!(
+        handshake_ok(&addr, &p("ca_b.pem")),
+        "a bad file replaced a good certificate"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "server exited on a bad reload"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

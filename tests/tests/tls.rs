@@ -177,3 +177,52 @@ async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
         )
     );
 }
+
+#[tokio::test]
+async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_files() {
+    use rpc_server::{Server, TlsFiles};
+
+    let dir = tempfile::tempdir().unwrap();
+    rpc_server::devcerts::write_to(dir.path()).unwrap();
+    std::fs::copy(dir.path().join("ca.pem"), dir.path().join("ca_a.pem")).unwrap();
+    let files = TlsFiles {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server.key"),
+        client_ca: None,
+    };
+    let server = Server::builder(files.load().unwrap())
+        .router(rpc_server::demo::router())
+        .build()
+        .unwrap();
+    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    }
+    let trust = |name: &str| rpc_core::tls::client_config(&dir.path().join(name), None).unwrap();
+    let old = Client::connect(&addr, trust("ca_a.pem")).await.unwrap();
+
+    // New certificate files from a new CA, then a reload.
+    rpc_server::devcerts::write_to(dir.path()).unwrap();
+    std::fs::copy(dir.path().join("ca.pem"), dir.path().join("ca_b.pem")).unwrap();
+    server.reload_tls_files(&files).unwrap();
+    assert!(
+        Client::connect(&addr, trust("ca_a.pem")).await.is_err(),
+        "old certificate still served"
+    );
+    let fresh = Client::connect(&addr, trust("ca_b.pem")).await.unwrap();
+    let reply: String = fresh.call("echo", "new certificate").await.unwrap();
+    assert_eq!(reply, "new certificate");
+    // The connection made before the reload is unaffected.
+    let reply: String = old.call("echo", "old connection").await.unwrap();
+    assert_eq!(reply, "old connection");
+
+    // A bad file is refused, naming it, and the current certificate stays.
+    std::fs::write(dir.path().join("server.pem"), "not a certificate\n").unwrap();
+    let err = server.reload_tls_files(&files).unwrap_err();
+    assert!(err.to_string().contains("server.pem"), "{err}");
+    let again = Client::connect(&addr, trust("ca_b.pem")).await.unwrap();
+    let reply: String = again.call("echo", "still b").await.unwrap();
+    assert_eq!(reply, "still b");
+}

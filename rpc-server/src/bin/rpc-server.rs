@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use rpc_core::error::report;
-use rpc_server::{demo, devcerts, Server, ServerOptions};
+use rpc_server::{demo, devcerts, Server, ServerOptions, TlsFiles};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -21,7 +21,9 @@ Examples:
              --client-ca certs/ca.pem --heartbeat-interval 1s --heartbeat-timeout 3s
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.
-SIGINT/SIGTERM drain in-flight calls (up to --drain-timeout) and exit 0.";
+SIGINT/SIGTERM drain in-flight calls (up to --drain-timeout) and exit 0.
+SIGHUP re-reads --cert, --key and --client-ca for new connections; if a file
+is bad, the error is logged and the current certificate stays.";
 
 /// Serve the srpc demo service (echo, add, sleep) over TLS.
 #[derive(Parser, Debug)]
@@ -121,7 +123,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--cert and --key are required to serve (make development ones with: rpc-server gen-certs --out certs/)"
         );
     };
-    let tls = rpc_core::tls::server_config(cert, key, args.client_ca.as_deref())?;
+    let files = TlsFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        client_ca: args.client_ca.clone(),
+    };
+    let tls = files.load()?;
     let mut options = ServerOptions::default();
     options.connection.max_frame = args.max_frame_bytes;
     options.connection.heartbeat_interval = args.heartbeat_interval;
@@ -140,9 +147,32 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = Server::bind(args.listen).await?;
         println!("listening on {}", listener.local_addr()?);
+        #[cfg(unix)]
+        let reloader = tokio::spawn(reload_on_sighup(server.clone(), files));
         server.serve(listener, shutdown_signal()).await?;
+        #[cfg(unix)]
+        reloader.abort();
         Ok(())
     })
+}
+
+/// Re-reads the certificate, key and client CA on every SIGHUP; a bad file
+/// is logged and the current certificate stays.
+#[cfg(unix)]
+async fn reload_on_sighup(server: Server, files: TlsFiles) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; certificate reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = server.reload_tls_files(&files) {
+            tracing::error!(
+                error = %report(&e),
+                "certificate reload failed; keeping the current certificate"
+            );
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.
