@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rpc_client::Client;
 use rpc_core::{CallContext, ConnectionConfig};
 use rpc_server::{ServerOptions, Status};
-use rpc_tests::{client_tls, FaultProxy, TestServer};
+use rpc_tests::{client_tls, FaultProxy, StopTime, TestServer};
 
 const INTERVAL: Duration = Duration::from_millis(500);
 const TIMEOUT: Duration = Duration::from_millis(1500);
@@ -30,14 +30,6 @@ fn config() -> ConnectionConfig {
     c.heartbeat_interval = INTERVAL;
     c.heartbeat_timeout = TIMEOUT;
     c
-}
-
-struct StopTime(Arc<Mutex<Option<Instant>>>);
-
-impl Drop for StopTime {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap() = Some(Instant::now());
-    }
 }
 
 async fn one_run(phase: Duration) -> (Duration, Duration) {

@@ -250,5 +250,15 @@ pub async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]
     stream.flush().await.unwrap();
 }
 
+/// Records, when dropped, the moment it was dropped: put one in a handler's
+/// future to see when the server stopped that handler.
+pub struct StopTime(pub Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl Drop for StopTime {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = Some(std::time::Instant::now());
+    }
+}
+
 /// The ALPN protocol, re-exported for tests.
 pub const SRPC_ALPN: &[u8] = ALPN;

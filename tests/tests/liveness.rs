@@ -14,7 +14,7 @@ use rpc_core::{CallContext, ConnectionConfig, Frame};
 use rpc_server::{Router, ServerOptions, Status};
 use rpc_tests::{
     client_tls, decode_frames, frame_bytes, hello_bytes, read_until_closed, send, FaultProxy,
-    TestServer,
+    StopTime, TestServer,
 };
 
 fn heartbeat(interval_ms: u64, timeout_ms: u64) -> ConnectionConfig {
@@ -28,15 +28,6 @@ fn server_options(interval_ms: u64, timeout_ms: u64) -> ServerOptions {
     let mut o = ServerOptions::default();
     o.connection = heartbeat(interval_ms, timeout_ms);
     o
-}
-
-/// Records when a handler's future is dropped (it stopped).
-struct StopTime(Arc<Mutex<Option<Instant>>>);
-
-impl Drop for StopTime {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap() = Some(Instant::now());
-    }
 }
 
 /// The demo router plus `hold`: a handler that runs until it is stopped.

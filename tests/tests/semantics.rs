@@ -12,16 +12,7 @@ use std::time::{Duration, Instant};
 use rpc_client::{Client, StatusCode};
 use rpc_core::CallContext;
 use rpc_server::{Router, ServerOptions, Status};
-use rpc_tests::{client_tls, FaultProxy, TestServer};
-
-/// Records when a handler's future is dropped (it stopped).
-struct StopTime(Arc<Mutex<Option<Instant>>>);
-
-impl Drop for StopTime {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap() = Some(Instant::now());
-    }
-}
+use rpc_tests::{client_tls, FaultProxy, StopTime, TestServer};
 
 /// `work(ms)`: a handler that would run `ms` milliseconds, recording when
 /// its future goes away.
