@@ -420,6 +420,12 @@ impl Client {
         self.call(rpc_core::stats::STATS_METHOD, &()).await
     }
 
+    /// The server's services and methods, with argument and reply type
+    /// names (reserved method `srpc.list`).
+    pub async fn list(&self) -> Result<Vec<rpc_core::service::ServiceDescription>, ClientError> {
+        self.call(rpc_core::service::LIST_METHOD, &()).await
+    }
+
     /// The latest heartbeat round-trip time on the current connection.
     pub fn rtt(&self) -> Option<Duration> {
         self.core().current().as_ref().and_then(Connection::rtt)
@@ -459,6 +465,22 @@ impl Client {
     pub async fn closed(&self) {
         let mut states = self.state();
         let _ = states.wait_for(|s| *s == ConnState::Closed).await;
+    }
+}
+
+impl rpc_core::service::Caller for Client {
+    type Error = ClientError;
+
+    fn call_method<A, R>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> impl std::future::Future<Output = Result<R, ClientError>> + Send
+    where
+        A: Serialize + Sync,
+        R: DeserializeOwned + Send,
+    {
+        self.call(method, args)
     }
 }
 

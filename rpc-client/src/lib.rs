@@ -4,7 +4,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let tls = rpc_core::tls::client_config("certs/ca.pem".as_ref(), None)?;
 //! let client = rpc_client::Client::connect("localhost:7443", tls).await?;
-//! let sum: i64 = client.call("add", &(2i64, 3i64)).await?;
+//! let sum: i64 = client.call("Demo.add", &(2i64, 3i64)).await?;
 //! assert_eq!(sum, 5);
 //! # Ok(()) }
 //! ```

@@ -197,7 +197,7 @@ async fn bench_keeps_going_when_the_server_restarts() {
     let served = Arc::new(AtomicU64::new(0));
     let counting = {
         let served = served.clone();
-        rpc_server::Router::new().route("echo", move |s: String| {
+        rpc_server::Router::new().route("Demo.echo", move |s: String| {
             served.fetch_add(1, Ordering::Relaxed);
             async move { Ok(s) }
         })

@@ -18,6 +18,7 @@
 //! | `metered.rs` | byte clocks: when bytes last moved each way |
 //! | `heartbeat.rs` | the liveness state machine (no I/O) |
 //! | `identity.rs` | the peer certificate's subject and SANs |
+//! | `service.rs` | what `#[service]` builds on: `Service`, `Caller`, context |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
@@ -42,6 +43,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod identity;
 pub mod metered;
+pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod transport;
@@ -52,6 +54,12 @@ pub use driver::MAX_BATCH;
 pub use error::{Error, Status, StatusCode};
 pub use frame::{Frame, FrameCodec, Hello, PROTOCOL_VERSION};
 pub use identity::PeerIdentity;
+
+/// Names generated code uses; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use bytes::Bytes;
+}
 
 /// Re-exported so users name the same `tokio_util` token type.
 pub use tokio_util::sync::CancellationToken;

@@ -1,48 +1,74 @@
-//! The demo service served by the `rpc-server` binary: `echo`, `add`, `sleep`.
+//! The demo service served by the `rpc-server` binary, declared with
+//! `#[service]`.
 //!
 //! | method | arguments | reply |
 //! |---|---|---|
-//! | `echo` | `String` | the same `String` |
-//! | `add` | `(i64, i64)` | `i64` (`InvalidArgument` on overflow) |
-//! | `sleep` | `u64` milliseconds | `()` after that long |
-//! | `whoami` | `()` | the client certificate's subject, or `anonymous` |
+//! | `Demo.echo` | `text: String` | the same `String` |
+//! | `Demo.add` | `a: i64, b: i64` | `i64` (`InvalidArgument` on overflow) |
+//! | `Demo.sleep` | `ms: u64` | `()` after that long |
+//! | `Demo.whoami` | none | the client certificate's subject, or `anonymous` |
 //!
 //! Not here: anything the CLI prints; see the `rpc-client` binary.
 
 use std::time::Duration;
 
-use rpc_core::{CallContext, Status};
+use rpc_core::Status;
 
 use crate::Router;
 
-/// Method names of the demo service.
-pub mod methods {
-    /// `echo(String) -> String`
-    pub const ECHO: &str = "echo";
-    /// `add((i64, i64)) -> i64`
-    pub const ADD: &str = "add";
-    /// `sleep(u64 ms) -> ()`
-    pub const SLEEP: &str = "sleep";
-    /// `whoami(()) -> String`
-    pub const WHOAMI: &str = "whoami";
+/// The demo service.
+#[rpc_macros::service(crate = rpc_core)]
+pub trait Demo {
+    /// Returns `text` unchanged.
+    async fn echo(&self, text: String) -> String;
+    /// Returns `a + b`; `InvalidArgument` when the sum does not fit.
+    async fn add(&self, a: i64, b: i64) -> Result<i64, Status>;
+    /// Sleeps `ms` milliseconds on the server, then returns.
+    async fn sleep(&self, ms: u64);
+    /// The subject of the client's certificate (mutual TLS), or
+    /// `anonymous`.
+    async fn whoami(&self) -> String;
 }
 
-/// A router with the demo methods.
+/// The demo's implementation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DemoService;
+
+impl Demo for DemoService {
+    async fn echo(&self, text: String) -> String {
+        text
+    }
+
+    async fn add(&self, a: i64, b: i64) -> Result<i64, Status> {
+        a.checked_add(b).ok_or_else(|| {
+            Status::invalid_argument(format!("{a} + {b} overflows a 64-bit integer"))
+        })
+    }
+
+    async fn sleep(&self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    async fn whoami(&self) -> String {
+        rpc_core::service::context()
+            .and_then(|ctx| ctx.identity)
+            .map_or_else(|| "anonymous".to_owned(), |id| id.subject.clone())
+    }
+}
+
+/// Wire names of the demo methods.
+pub mod methods {
+    /// `Demo.echo(text: String) -> String`
+    pub const ECHO: &str = "Demo.echo";
+    /// `Demo.add(a: i64, b: i64) -> i64`
+    pub const ADD: &str = "Demo.add";
+    /// `Demo.sleep(ms: u64)`
+    pub const SLEEP: &str = "Demo.sleep";
+    /// `Demo.whoami() -> String`
+    pub const WHOAMI: &str = "Demo.whoami";
+}
+
+/// A router serving the demo service.
 pub fn router() -> Router {
-    Router::new()
-        .route(methods::ECHO, |text: String| async move { Ok(text) })
-        .route(methods::ADD, |(a, b): (i64, i64)| async move {
-            a.checked_add(b).ok_or_else(|| {
-                Status::invalid_argument(format!("{a} + {b} overflows a 64-bit integer"))
-            })
-        })
-        .route(methods::SLEEP, |ms: u64| async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(())
-        })
-        .route_with_context(methods::WHOAMI, |ctx: CallContext, (): ()| async move {
-            Ok(ctx
-                .identity
-                .map_or_else(|| "anonymous".to_owned(), |id| id.subject.clone()))
-        })
+    Router::new().service(DemoServer::new(DemoService))
 }

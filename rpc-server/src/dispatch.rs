@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! Request ─► authorize(ctx)? ─no─► the hook's Status (PermissionDenied)
+//!    └─► "srpc.list"? ─yes─► services, methods, argument and reply types
 //!    └─► "srpc.stats"? ─yes─► StatsSnapshot (connections, calls, errors, RTTs)
 //!                 └─no──► Router (user methods)
 //! ```
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rpc_core::connection::BoxFuture;
+use rpc_core::service::LIST_METHOD;
 use rpc_core::stats::{CallCounters, PeerStats, StatsSnapshot, STATS_METHOD};
 use rpc_core::{codec, CallContext, Connection, Dispatch, Status};
 
@@ -95,6 +97,11 @@ impl Dispatch for ServerDispatch {
             if let Err(status) = authorize(&ctx) {
                 return Box::pin(async move { Err(status) });
             }
+        }
+        if ctx.method == LIST_METHOD {
+            let reply = codec::encode(&self.router.describe(), usize::MAX)
+                .map_err(|e| Status::internal(format!("listing did not encode: {e}")));
+            return Box::pin(async move { reply });
         }
         if ctx.method == STATS_METHOD {
             let reply = codec::encode(&self.snapshot(), usize::MAX)

@@ -14,13 +14,13 @@ use rpc_tests::TestServer;
 async fn echo_and_add_round_trip() {
     let server = TestServer::demo().await;
     let client = server.client().await;
-    let text: String = client.call("echo", "hello, world").await.unwrap();
+    let text: String = client.call("Demo.echo", "hello, world").await.unwrap();
     assert_eq!(text, "hello, world");
-    let sum: i64 = client.call("add", &(40i64, 2i64)).await.unwrap();
+    let sum: i64 = client.call("Demo.add", &(40i64, 2i64)).await.unwrap();
     assert_eq!(sum, 42);
-    let sum: i64 = client.call("add", &(-7i64, 3i64)).await.unwrap();
+    let sum: i64 = client.call("Demo.add", &(-7i64, 3i64)).await.unwrap();
     assert_eq!(sum, -4);
-    client.call::<_, ()>("sleep", &1u64).await.unwrap();
+    client.call::<_, ()>("Demo.sleep", &1u64).await.unwrap();
 }
 
 #[tokio::test]
@@ -30,8 +30,8 @@ async fn a_thousand_concurrent_calls_on_one_connection_each_get_their_own_reply(
     let calls = (0..1000i64).map(|i| {
         let client = client.clone();
         async move {
-            let sum: i64 = client.call("add", &(i, 1_000_000i64)).await?;
-            let echo: String = client.call("echo", &format!("call {i}")).await?;
+            let sum: i64 = client.call("Demo.add", &(i, 1_000_000i64)).await?;
+            let echo: String = client.call("Demo.echo", &format!("call {i}")).await?;
             Ok::<_, ClientError>((i, sum, echo))
         }
     });
@@ -58,25 +58,25 @@ async fn unknown_method_and_bad_arguments_return_status_and_the_connection_still
         .unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::UnknownMethod), "{err}");
     assert!(err.to_string().contains("no_such_method"), "{err}");
-    let ok: String = client.call("echo", "after unknown").await.unwrap();
+    let ok: String = client.call("Demo.echo", "after unknown").await.unwrap();
     assert_eq!(ok, "after unknown");
 
     // `add` takes (i64, i64); send a string.
     let err = client
-        .call::<_, i64>("add", "two and three")
+        .call::<_, i64>("Demo.add", "two and three")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::InvalidArgument), "{err}");
-    assert!(err.to_string().contains("add"), "{err}");
+    assert!(err.to_string().contains("Demo.add"), "{err}");
     // One argument instead of two: too short.
-    let err = client.call::<_, i64>("add", &1i64).await.unwrap_err();
+    let err = client.call::<_, i64>("Demo.add", &1i64).await.unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::InvalidArgument), "{err}");
-    let sum: i64 = client.call("add", &(2i64, 3i64)).await.unwrap();
+    let sum: i64 = client.call("Demo.add", &(2i64, 3i64)).await.unwrap();
     assert_eq!(sum, 5);
 
     // An application error travels as data too.
     let err = client
-        .call::<_, i64>("add", &(i64::MAX, 1i64))
+        .call::<_, i64>("Demo.add", &(i64::MAX, 1i64))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::InvalidArgument), "{err}");
@@ -90,11 +90,11 @@ async fn reply_of_the_wrong_type_is_a_decode_error() {
     let client = server.client().await;
     // echo returns a String; ask for a u64 from a 1-byte string.
     let err = client
-        .call::<_, (u64, u64, u64)>("echo", "x")
+        .call::<_, (u64, u64, u64)>("Demo.echo", "x")
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Decode { .. }), "{err}");
-    let ok: String = client.call("echo", "fine").await.unwrap();
+    let ok: String = client.call("Demo.echo", "fine").await.unwrap();
     assert_eq!(ok, "fine");
 }
 
@@ -104,14 +104,14 @@ async fn a_call_past_its_deadline_fails_with_deadline_exceeded() {
     let client = server.client().await;
     let started = std::time::Instant::now();
     let err = client
-        .call_with_timeout::<_, ()>("sleep", &5_000u64, Duration::from_millis(300))
+        .call_with_timeout::<_, ()>("Demo.sleep", &5_000u64, Duration::from_millis(300))
         .await
         .unwrap_err();
     let took = started.elapsed();
     assert_eq!(err.code(), Some(StatusCode::DeadlineExceeded), "{err}");
     assert!(err.to_string().contains("deadline"), "{err}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
-    let ok: String = client.call("echo", "still here").await.unwrap();
+    let ok: String = client.call("Demo.echo", "still here").await.unwrap();
     assert_eq!(ok, "still here");
 }
 
@@ -121,7 +121,7 @@ async fn shutdown_lets_in_flight_calls_finish_then_stops() {
     let client = server.client().await;
     let slow = {
         let client = client.clone();
-        tokio::spawn(async move { client.call::<_, ()>("sleep", &300u64).await })
+        tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &300u64).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let addr = server.addr;
@@ -140,7 +140,7 @@ async fn drain_timeout_cuts_off_calls_that_do_not_finish() {
     let client = server.client().await;
     let slow = {
         let client = client.clone();
-        tokio::spawn(async move { client.call::<_, ()>("sleep", &60_000u64).await })
+        tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &60_000u64).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -160,7 +160,7 @@ async fn calls_on_one_connection_run_concurrently() {
     let server = TestServer::demo().await;
     let client = server.client().await;
     let started = std::time::Instant::now();
-    let sleeps = (0..20).map(|_| client.call::<_, ()>("sleep", &200u64));
+    let sleeps = (0..20).map(|_| client.call::<_, ()>("Demo.sleep", &200u64));
     for r in futures_util::future::join_all(sleeps).await {
         r.unwrap();
     }
@@ -181,11 +181,11 @@ async fn a_panicking_handler_fails_only_its_own_call() {
             }
             Ok::<(), Status>(())
         })
-        .route("echo", |s: String| async move { Ok(s) });
+        .route("Demo.echo", |s: String| async move { Ok(s) });
     let server = TestServer::start(router, ServerOptions::default()).await;
     let client = server.client().await;
     let err = client.call::<_, ()>("boom", &()).await.unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::Internal), "{err}");
-    let ok: String = client.call("echo", "alive").await.unwrap();
+    let ok: String = client.call("Demo.echo", "alive").await.unwrap();
     assert_eq!(ok, "alive");
 }

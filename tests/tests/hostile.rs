@@ -20,9 +20,9 @@ const CUTOFF: Duration = Duration::from_secs(5);
 
 /// The honest client still gets answers.
 async fn still_served(client: &Client) {
-    let reply: String = client.call("echo", "still served").await.unwrap();
+    let reply: String = client.call("Demo.echo", "still served").await.unwrap();
     assert_eq!(reply, "still served");
-    let sum: i64 = client.call("add", &(1i64, 2i64)).await.unwrap();
+    let sum: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
     assert_eq!(sum, 3);
 }
 
@@ -134,7 +134,7 @@ async fn a_request_before_hello_is_refused() {
     let honest = server.client().await;
     let request = frame_bytes(Frame::Request {
         id: 1,
-        method: "echo".into(),
+        method: "Demo.echo".into(),
         deadline_ms: None,
         body: bytes::Bytes::from_static(b"\x01x"),
     });
@@ -285,7 +285,7 @@ async fn malformed_bincode_in_a_valid_frame_is_refused_each_way() {
     let honest = server.client().await;
     let request = frame_bytes(Frame::Request {
         id: 1,
-        method: "echo".into(),
+        method: "Demo.echo".into(),
         deadline_ms: None,
         body: bytes::Bytes::from_static(b"\x02hi"),
     });

@@ -149,7 +149,7 @@ async fn two_mib_calls_over_a_1_mb_per_s_link_are_not_mistaken_for_a_dead_peer()
     let started = Instant::now();
     for _ in 0..2 {
         let echoed: String = client
-            .call_with_timeout("echo", big.as_str(), Duration::from_secs(30))
+            .call_with_timeout("Demo.echo", big.as_str(), Duration::from_secs(30))
             .await
             .unwrap();
         assert_eq!(echoed.len(), big.len());
@@ -184,7 +184,7 @@ async fn after_a_reset_under_load_the_client_reconnects_and_calls_succeed_again(
                 while Instant::now() < end {
                     let text = format!("caller {i}");
                     match client
-                        .call_with_timeout::<_, String>("echo", &text, Duration::from_secs(2))
+                        .call_with_timeout::<_, String>("Demo.echo", &text, Duration::from_secs(2))
                         .await
                     {
                         Ok(reply) => {
@@ -213,7 +213,7 @@ async fn after_a_reset_under_load_the_client_reconnects_and_calls_succeed_again(
         ok_after > 0,
         "no call succeeded after the reset ({failed} failed)"
     );
-    let reply: String = client.call("echo", "after").await.unwrap();
+    let reply: String = client.call("Demo.echo", "after").await.unwrap();
     assert_eq!(reply, "after");
 }
 
@@ -265,7 +265,7 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
     // A call made meanwhile waits its own timeout, then fails clearly.
     let started = Instant::now();
     let err = client
-        .call_with_timeout::<_, String>("echo", "x", Duration::from_millis(300))
+        .call_with_timeout::<_, String>("Demo.echo", "x", Duration::from_millis(300))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Unavailable { .. }), "{err}");
@@ -281,7 +281,7 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
             .await;
     proxy.set_upstream(second.addr);
     let reply: String = client
-        .call_with_timeout("echo", "back", Duration::from_secs(10))
+        .call_with_timeout("Demo.echo", "back", Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(reply, "back");

@@ -104,7 +104,7 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
     let served = Arc::new(AtomicU64::new(0));
     let counting = {
         let served = served.clone();
-        Router::new().route("echo", move |s: String| {
+        Router::new().route("Demo.echo", move |s: String| {
             served.fetch_add(1, Ordering::Relaxed);
             async move { Ok(s) }
         })
@@ -118,7 +118,7 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
         .unwrap();
     let in_flight = {
         let client = client.clone();
-        tokio::spawn(async move { client.call::<_, ()>("sleep", &600u64).await })
+        tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &600u64).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     // New connections reach the replacement; the old server drains.
@@ -126,7 +126,7 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
     let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
     // A new call goes to a fresh connection, i.e. the replacement.
     let reply: String = client
-        .call_with_timeout("echo", "fresh", Duration::from_secs(5))
+        .call_with_timeout("Demo.echo", "fresh", Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(reply, "fresh");
@@ -147,10 +147,13 @@ async fn stats_count_connections_calls_and_errors_by_kind() {
     let a = server.client().await;
     let b = server.client().await;
     for i in 0..5i64 {
-        let _: i64 = a.call("add", &(i, i)).await.unwrap();
+        let _: i64 = a.call("Demo.add", &(i, i)).await.unwrap();
     }
     let _ = b.call::<_, ()>("no_such", &()).await.unwrap_err();
-    let _ = b.call::<_, i64>("add", "not numbers").await.unwrap_err();
+    let _ = b
+        .call::<_, i64>("Demo.add", "not numbers")
+        .await
+        .unwrap_err();
     let stats = server_stats(&a).await;
     assert_eq!(stats.connections, 2, "{stats:?}");
     assert_eq!(stats.calls_in_flight, 1, "{stats:?}");

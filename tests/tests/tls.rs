@@ -31,7 +31,10 @@ async fn mutual_tls_serves_a_client_with_a_certificate_from_the_ca() {
     )
     .await
     .unwrap();
-    let reply: String = client.call("echo", "with a certificate").await.unwrap();
+    let reply: String = client
+        .call("Demo.echo", "with a certificate")
+        .await
+        .unwrap();
     assert_eq!(reply, "with a certificate");
 }
 
@@ -68,7 +71,7 @@ async fn mutual_tls_refuses_a_client_certificate_from_another_ca() {
     )
     .await
     .unwrap();
-    let reply: String = client.call("echo", "still served").await.unwrap();
+    let reply: String = client.call("Demo.echo", "still served").await.unwrap();
     assert_eq!(reply, "still served");
 }
 
@@ -115,12 +118,12 @@ async fn handlers_see_the_client_certificate_and_whoami_reports_it() {
     )
     .await
     .unwrap();
-    let subject: String = client.call("whoami", &()).await.unwrap();
+    let subject: String = client.call("Demo.whoami", &()).await.unwrap();
     assert_eq!(subject, "CN=srpc dev client");
     // Without mutual TLS nobody is identified.
     let plain = TestServer::demo().await;
     let client = plain.client().await;
-    let subject: String = client.call("whoami", &()).await.unwrap();
+    let subject: String = client.call("Demo.whoami", &()).await.unwrap();
     assert_eq!(subject, "anonymous");
 }
 
@@ -143,7 +146,7 @@ async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
                 seen.lock()
                     .unwrap()
                     .push((id.subject.clone(), id.sans.clone()));
-                if ctx.method == "sleep" && id.common_name() != Some("an operator") {
+                if ctx.method == "Demo.sleep" && id.common_name() != Some("an operator") {
                     return Err(Status::new(
                         StatusCode::PermissionDenied,
                         "sleep is for operators",
@@ -160,13 +163,13 @@ async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
     let client = Client::connect(&addr, client_tls_with_cert(&certs, &certs))
         .await
         .unwrap();
-    let reply: String = client.call("echo", "allowed").await.unwrap();
+    let reply: String = client.call("Demo.echo", "allowed").await.unwrap();
     assert_eq!(reply, "allowed");
-    let err = client.call::<_, ()>("sleep", &1u64).await.unwrap_err();
+    let err = client.call::<_, ()>("Demo.sleep", &1u64).await.unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::PermissionDenied), "{err}");
     assert!(err.to_string().contains("sleep is for operators"), "{err}");
     // The connection is still fine, and the hook saw subject and SANs.
-    let reply: String = client.call("echo", "after").await.unwrap();
+    let reply: String = client.call("Demo.echo", "after").await.unwrap();
     assert_eq!(reply, "after");
     let seen = seen.lock().unwrap();
     assert_eq!(
@@ -212,10 +215,10 @@ async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_file
         "old certificate still served"
     );
     let fresh = Client::connect(&addr, trust("ca_b.pem")).await.unwrap();
-    let reply: String = fresh.call("echo", "new certificate").await.unwrap();
+    let reply: String = fresh.call("Demo.echo", "new certificate").await.unwrap();
     assert_eq!(reply, "new certificate");
     // The connection made before the reload is unaffected.
-    let reply: String = old.call("echo", "old connection").await.unwrap();
+    let reply: String = old.call("Demo.echo", "old connection").await.unwrap();
     assert_eq!(reply, "old connection");
 
     // A bad file is refused, naming it, and the current certificate stays.
@@ -223,6 +226,6 @@ async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_file
     let err = server.reload_tls_files(&files).unwrap_err();
     assert!(err.to_string().contains("server.pem"), "{err}");
     let again = Client::connect(&addr, trust("ca_b.pem")).await.unwrap();
-    let reply: String = again.call("echo", "still b").await.unwrap();
+    let reply: String = again.call("Demo.echo", "still b").await.unwrap();
     assert_eq!(reply, "still b");
 }

@@ -58,7 +58,7 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
             let mut first_error = None;
             while Instant::now() < end {
                 let t0 = Instant::now();
-                let result: Result<String, _> = client.call("echo", payload.as_str()).await;
+                let result: Result<String, _> = client.call("Demo.echo", payload.as_str()).await;
                 let us = t0.elapsed().as_micros() as u64;
                 match result {
                     Ok(reply) if reply.len() == payload.len() => {

@@ -22,6 +22,7 @@ Examples:
   rpc-client --ca certs/ca.pem --timeout 300ms call sleep 5000
   rpc-client --ca certs/ca.pem --heartbeat-interval 500ms ping --count 3
   rpc-client --ca certs/ca.pem stats
+  rpc-client --ca certs/ca.pem list
   rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
 
@@ -79,6 +80,9 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 4)]
         count: u32,
     },
+    /// The server's services and methods with argument and reply types,
+    /// one method per line, e.g. "Demo.add(a: i64, b: i64) -> i64".
+    List,
     /// The server's counters, one "key value" per line: connections,
     /// calls_in_flight, calls_served, errors.KIND, and "rtt ADDR MS" per
     /// connection ("unknown" until a heartbeat measured one).
@@ -158,19 +162,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = builder.connect(&cli.connect).await?;
     match cli.command {
         Command::Call(CallCmd::Echo { text }) => {
-            let reply: String = client.call("echo", &text).await?;
+            let reply: String = client.call("Demo.echo", &text).await?;
             println!("{reply}");
         }
         Command::Call(CallCmd::Add { a, b }) => {
-            let sum: i64 = client.call("add", &(a, b)).await?;
+            let sum: i64 = client.call("Demo.add", &(a, b)).await?;
             println!("{sum}");
         }
         Command::Call(CallCmd::Sleep { ms }) => {
-            client.call::<_, ()>("sleep", &ms).await?;
+            client.call::<_, ()>("Demo.sleep", &ms).await?;
             println!("ok");
         }
         Command::Call(CallCmd::Whoami) => {
-            let subject: String = client.call("whoami", &()).await?;
+            let subject: String = client.call("Demo.whoami", &()).await?;
             println!("{subject}");
         }
         Command::Ping { count } => {
@@ -183,6 +187,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let rtt = client.ping().await?;
                 println!("rtt {:.3}ms", rtt.as_secs_f64() * 1000.0);
+            }
+        }
+        Command::List => {
+            for service in client.list().await? {
+                for m in &service.methods {
+                    let args: Vec<String> =
+                        m.args.iter().map(|(n, t)| format!("{n}: {t}")).collect();
+                    let dot = if service.name.is_empty() { "" } else { "." };
+                    println!(
+                        "{}{dot}{}({}) -> {}",
+                        service.name,
+                        m.name,
+                        args.join(", "),
+                        m.returns
+                    );
+                }
             }
         }
         Command::Stats => {

@@ -1,0 +1,341 @@
+//! `#[service]`: a trait of async methods becomes an srpc service.
+//!
+//! ```text
+//! #[service]
+//! pub trait Calculator {
+//!     async fn add(&self, a: i64, b: i64) -> i64;
+//! }
+//! // generates
+//! pub trait Calculator: Send + Sync + 'static {
+//!     fn add(&self, a: i64, b: i64) -> impl Future<Output = i64> + Send;
+//! }
+//! pub struct CalculatorClient<C> { .. }   // add(&self, a, b) -> Result<i64, C::Error>
+//! pub struct CalculatorServer<T> { .. }   // impl rpc_core::service::Service
+//! ```
+//!
+//! Implementations write `async fn add(&self, a: i64, b: i64) -> i64 { .. }`
+//! as usual. Methods travel as `Calculator.add` with the arguments as one
+//! tuple. A method returning `Result<T, Status>` fails *as a call* with that
+//! status (`InvalidArgument`, `PermissionDenied`, ...) and its client method
+//! returns `Result<T, C::Error>`; any other `Result<T, E>` is sent whole, so
+//! typed application errors travel as data.
+//!
+//! Generated code names the runtime crate as `::srpc::core` unless told
+//! otherwise with `#[service(crate = some::path)]` (the framework's own
+//! crates use `rpc_core`).
+//!
+//! What is refused, with an error on the offending item: methods that are
+//! not `async`, receivers other than `&self`, generic methods, patterns
+//! instead of argument names, `impl Trait` arguments, and trait items other
+//! than methods.
+
+use proc_macro::TokenStream;
+use proc_macro2::TokenStream as Tokens;
+use quote::{format_ident, quote, ToTokens};
+use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
+
+/// Turns a trait of `async fn name(&self, args..) -> T` methods into an srpc
+/// service: the trait (with `Send` futures), `NameClient<C>` and
+/// `NameServer<T>`. See the crate docs.
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as Args);
+    let item = syn::parse_macro_input!(item as ItemTrait);
+    match expand(args, item) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+struct Args {
+    krate: syn::Path,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.is_empty() {
+            return Ok(Args {
+                krate: syn::parse_quote!(::srpc::core),
+            });
+        }
+        let key: syn::Token![crate] = input.parse()?;
+        let _ = key;
+        input.parse::<syn::Token![=]>()?;
+        Ok(Args {
+            krate: input.parse()?,
+        })
+    }
+}
+
+struct Method {
+    name: syn::Ident,
+    args: Vec<(syn::Ident, Type)>,
+    /// The declared return type.
+    ret: Type,
+    /// `T` when the return type is `Result<T, Status>`: the method fails as
+    /// a call with that status, and a success sends `T`.
+    ok_of_status: Option<Type>,
+    attrs: Vec<syn::Attribute>,
+}
+
+/// `Some(T)` for `Result<T, Status>` (any path ending in `Status`).
+fn status_result(ty: &Type) -> Option<Type> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().filter_map(|a| match a {
+        syn::GenericArgument::Type(t) => Some(t),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    let Type::Path(e) = err else { return None };
+    (e.path.segments.last()?.ident == "Status").then(|| ok.clone())
+}
+
+fn parse_method(item: &TraitItem) -> syn::Result<Method> {
+    let TraitItem::Fn(f) = item else {
+        return Err(syn::Error::new(
+            item.span(),
+            "srpc: a service trait may contain only `async fn` methods",
+        ));
+    };
+    let sig = &f.sig;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "srpc: service methods must be `async fn` (e.g. `async fn add(&self, a: i64) -> i64;`)",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "srpc: service methods cannot be generic; the wire needs concrete types",
+        ));
+    }
+    if let Some(body) = &f.default {
+        return Err(syn::Error::new(
+            body.span(),
+            "srpc: service methods cannot have a default body",
+        ));
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => {}
+        Some(other) => {
+            return Err(syn::Error::new(
+                other.span(),
+                "srpc: the first parameter of a service method must be `&self`",
+            ))
+        }
+        None => {
+            return Err(syn::Error::new(
+                sig.paren_token.span.join(),
+                "srpc: service methods take `&self` first",
+            ))
+        }
+    }
+    let mut args = Vec::new();
+    for arg in inputs {
+        let FnArg::Typed(pt) = arg else {
+            return Err(syn::Error::new(
+                arg.span(),
+                "srpc: `self` may appear only first",
+            ));
+        };
+        let Pat::Ident(id) = &*pt.pat else {
+            return Err(syn::Error::new(
+                pt.pat.span(),
+                "srpc: service method arguments need plain names (no patterns)",
+            ));
+        };
+        if let Type::ImplTrait(_) = &*pt.ty {
+            return Err(syn::Error::new(
+                pt.ty.span(),
+                "srpc: `impl Trait` arguments cannot be sent; use a concrete serde type",
+            ));
+        }
+        args.push((id.ident.clone(), (*pt.ty).clone()));
+    }
+    let ret = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => {
+            if let Type::ImplTrait(_) = &**ty {
+                return Err(syn::Error::new(
+                    ty.span(),
+                    "srpc: `impl Trait` replies cannot be sent; use a concrete serde type",
+                ));
+            }
+            (**ty).clone()
+        }
+    };
+    let attrs = f.attrs.clone();
+    Ok(Method {
+        name: sig.ident.clone(),
+        args,
+        ok_of_status: status_result(&ret),
+        ret,
+        attrs,
+    })
+}
+
+fn type_name(ty: &Type) -> String {
+    ty.to_token_stream().to_string().replace(' ', "")
+}
+
+fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
+    if !item.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            item.generics.span(),
+            "srpc: service traits cannot be generic",
+        ));
+    }
+    let methods = item
+        .items
+        .iter()
+        .map(parse_method)
+        .collect::<syn::Result<Vec<_>>>()?;
+    let krate = &args.krate;
+    let vis = &item.vis;
+    let name = &item.ident;
+    let attrs = &item.attrs;
+    let service = name.to_string();
+    let client = format_ident!("{}Client", name);
+    let server = format_ident!("{}Server", name);
+
+    let trait_methods = methods.iter().map(|m| {
+        let Method { name, args, ret, attrs, .. } = m;
+        let params = args.iter().map(|(a, t)| quote!(#a: #t));
+        quote! {
+            #(#attrs)*
+            fn #name(&self, #(#params),*) -> impl ::core::future::Future<Output = #ret> + ::core::marker::Send;
+        }
+    });
+
+    let client_methods = methods.iter().map(|m| {
+        let Method {
+            name, args, attrs, ..
+        } = m;
+        let ret = m.ok_of_status.as_ref().unwrap_or(&m.ret);
+        let wire = format!("{service}.{name}");
+        let params = args.iter().map(|(a, t)| quote!(#a: #t));
+        let values = args.iter().map(|(a, _)| a);
+        quote! {
+            #(#attrs)*
+            pub async fn #name(&self, #(#params),*) -> ::core::result::Result<#ret, C::Error> {
+                self.caller.call_method(#wire, &( #(#values,)* )).await
+            }
+        }
+    });
+
+    let arms = methods.iter().map(|m| {
+        let Method { name, args, .. } = m;
+        let wire = format!("{service}.{name}");
+        let names: Vec<_> = args.iter().map(|(a, _)| a).collect();
+        let types: Vec<_> = args.iter().map(|(_, t)| t).collect();
+        let reply = if m.ok_of_status.is_some() {
+            quote!(#krate::service::encode_reply(#wire, &reply?))
+        } else {
+            quote!(#krate::service::encode_reply(#wire, &reply))
+        };
+        quote! {
+            #wire => {
+                let inner = self.inner.clone();
+                ::core::option::Option::Some(::std::boxed::Box::pin(async move {
+                    let ( #(#names,)* ): ( #(#types,)* ) =
+                        #krate::service::decode_args(#wire, &body)?;
+                    let reply = #krate::service::with_context(ctx, inner.#name(#(#names),*)).await;
+                    #reply
+                }))
+            }
+        }
+    });
+
+    let descriptions = methods.iter().map(|m| {
+        let method = m.name.to_string();
+        let args = m.args.iter().map(|(a, t)| {
+            let a = a.to_string();
+            let t = type_name(t);
+            quote!((#a.to_string(), #t.to_string()))
+        });
+        let ret = type_name(m.ok_of_status.as_ref().unwrap_or(&m.ret));
+        quote! {
+            #krate::service::MethodDescription {
+                name: #method.to_string(),
+                args: ::std::vec![#(#args),*],
+                returns: #ret.to_string(),
+            }
+        }
+    });
+
+    let client_doc = format!(
+        "Typed client of the `{service}` service; wrap any `Caller` (an `rpc_client::Client`)."
+    );
+    let server_doc = format!(
+        "Serves an implementation of `{service}`: give it to `ServerBuilder::add_service`."
+    );
+    Ok(quote! {
+        #(#attrs)*
+        #vis trait #name: ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(#trait_methods)*
+        }
+
+        #[doc = #client_doc]
+        #[derive(Clone, Debug)]
+        #vis struct #client<C> {
+            caller: C,
+        }
+
+        impl<C: #krate::service::Caller> #client<C> {
+            /// Calls go through `caller` (a connected client).
+            pub fn new(caller: C) -> Self {
+                Self { caller }
+            }
+
+            /// The underlying caller.
+            pub fn caller(&self) -> &C {
+                &self.caller
+            }
+
+            #(#client_methods)*
+        }
+
+        #[doc = #server_doc]
+        #vis struct #server<T> {
+            inner: ::std::sync::Arc<T>,
+        }
+
+        impl<T: #name> #server<T> {
+            /// Wraps an implementation.
+            pub fn new(inner: T) -> Self {
+                Self { inner: ::std::sync::Arc::new(inner) }
+            }
+        }
+
+        impl<T: #name> #krate::service::Service for #server<T> {
+            fn describe(&self) -> #krate::service::ServiceDescription {
+                #krate::service::ServiceDescription {
+                    name: #service.to_string(),
+                    methods: ::std::vec![#(#descriptions),*],
+                }
+            }
+
+            fn call(
+                &self,
+                ctx: #krate::CallContext,
+                body: #krate::__private::Bytes,
+            ) -> ::core::option::Option<#krate::BoxFuture<::core::result::Result<#krate::__private::Bytes, #krate::Status>>> {
+                match ctx.method.as_str() {
+                    #(#arms)*
+                    _ => ::core::option::Option::None,
+                }
+            }
+        }
+    })
+}
