@@ -120,23 +120,54 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &600u64).await })
     };
+    // Four streams of calls run across the drain; none may fail.
+    let streams: Vec<_> = (0..4)
+        .map(|s| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for i in 0..400 {
+                    let text = format!("stream {s} call {i}");
+                    let reply: String = client
+                        .call_with_timeout("Demo.echo", &text, Duration::from_secs(5))
+                        .await
+                        .unwrap_or_else(|e| panic!("{text} failed across the drain: {e}"));
+                    assert_eq!(reply, text);
+                }
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // New connections reach the replacement; the old server drains.
     proxy.set_upstream(new.addr);
     let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
-    // A new call goes to a fresh connection, i.e. the replacement.
+    // The client takes the GoAway and connects afresh...
+    let mut states = client.state();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while proxy.accepted() < 2 {
+            let _ = states.changed().await;
+        }
+        let _ = states
+            .wait_for(|s| *s == rpc_client::ConnState::Ready)
+            .await;
+    })
+    .await
+    .expect("no fresh connection after GoAway");
+    // ...where new calls go.
+    let before = served.load(Ordering::Relaxed);
     let reply: String = client
         .call_with_timeout("Demo.echo", "fresh", Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(reply, "fresh");
-    assert_eq!(
-        served.load(Ordering::Relaxed),
-        1,
+    assert!(
+        served.load(Ordering::Relaxed) > before,
         "the new call did not reach the new server"
     );
     // The call in flight on the old connection still finished there.
     in_flight.await.unwrap().unwrap();
+    for stream in streams {
+        stream.await.unwrap();
+    }
     draining.await.unwrap().unwrap();
     assert_eq!(proxy.accepted(), 2);
 }
