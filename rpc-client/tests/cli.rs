@@ -279,3 +279,22 @@ async fn stats_prints_counters_one_per_line() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_prints_each_method_with_its_types() {
+    let f = start_server().await;
+    let out = run(&f.ca, &f.addr, &["list"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for line in [
+        "Demo.echo(text: String) -> String",
+        "Demo.add(a: i64, b: i64) -> i64",
+        "Demo.sleep(ms: u64) -> ()",
+        "Demo.whoami() -> String",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+}

@@ -281,6 +281,36 @@ pub fn client_config_from_der(
     Ok(Arc::new(config))
 }
 
+/// Parses every certificate in PEM text (certificates made in memory, for
+/// tests and examples).
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: PathBuf::from("<memory>"),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: PathBuf::from("<memory>"),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key in PEM text.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: PathBuf::from("<memory>"),
+        },
+        source => TlsError::Pem {
+            path: PathBuf::from("<memory>"),
+            source,
+        },
+    })
+}
+
 /// Refuses a finished handshake that did not agree on [`ALPN`].
 pub fn check_alpn(negotiated: Option<&[u8]>) -> Result<(), crate::Error> {
     match negotiated {

@@ -26,8 +26,9 @@
 //!
 //! What is refused, with an error on the offending item: methods that are
 //! not `async`, receivers other than `&self`, generic methods, patterns
-//! instead of argument names, `impl Trait` arguments, and trait items other
-//! than methods.
+//! instead of argument names, `impl Trait` arguments, trait items other
+//! than methods, and the method names `new` and `as_caller` (the generated
+//! client's own).
 
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
@@ -98,6 +99,9 @@ fn status_result(ty: &Type) -> Option<Type> {
     let Type::Path(e) = err else { return None };
     (e.path.segments.last()?.ident == "Status").then(|| ok.clone())
 }
+
+/// Names the generated client defines itself.
+const RESERVED_NAMES: [&str; 2] = ["new", "as_caller"];
 
 fn parse_method(item: &TraitItem) -> syn::Result<Method> {
     let TraitItem::Fn(f) = item else {
@@ -175,6 +179,15 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
             (**ty).clone()
         }
     };
+    if RESERVED_NAMES.contains(&sig.ident.to_string().as_str()) {
+        return Err(syn::Error::new(
+            sig.ident.span(),
+            format!(
+                "srpc: `{}` is taken by the generated client; name the method differently",
+                sig.ident
+            ),
+        ));
+    }
     let attrs = f.attrs.clone();
     Ok(Method {
         name: sig.ident.clone(),
@@ -226,7 +239,11 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
         let wire = format!("{service}.{name}");
         let params = args.iter().map(|(a, t)| quote!(#a: #t));
         let values = args.iter().map(|(a, _)| a);
+        let has_doc = attrs.iter().any(|a| a.path().is_ident("doc"));
+        let fallback = format!("Calls `{wire}`.");
+        let doc = (!has_doc).then(|| quote!(#[doc = #fallback]));
         quote! {
+            #doc
             #(#attrs)*
             pub async fn #name(&self, #(#params),*) -> ::core::result::Result<#ret, C::Error> {
                 self.caller.call_method(#wire, &( #(#values,)* )).await
@@ -298,8 +315,8 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
                 Self { caller }
             }
 
-            /// The underlying caller.
-            pub fn caller(&self) -> &C {
+            /// The underlying caller (the connected client).
+            pub fn as_caller(&self) -> &C {
                 &self.caller
             }
 

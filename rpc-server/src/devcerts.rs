@@ -16,6 +16,10 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+use std::sync::Arc;
+
+use rpc_core::tls::{self, Identity};
+
 use crate::ServerError;
 
 /// Subject common name of the development client certificate.
@@ -39,6 +43,41 @@ pub struct DevCerts {
     pub client_pem: String,
     /// Client private key.
     pub client_key: String,
+}
+
+impl DevCerts {
+    /// A server TLS config with the server certificate; with `mutual`,
+    /// clients must present a certificate from this CA.
+    pub fn server_tls(&self, mutual: bool) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+        let identity = Identity {
+            cert_chain: tls::certs_from_pem(&self.server_pem)?,
+            key: tls::key_from_pem(&self.server_key)?,
+        };
+        let ca = mutual
+            .then(|| tls::certs_from_pem(&self.ca_pem))
+            .transpose()?;
+        Ok(tls::server_config_from_der(identity, ca)?)
+    }
+
+    /// A client TLS config trusting this CA; with `with_identity`, it
+    /// presents the client certificate (mutual TLS).
+    pub fn client_tls(
+        &self,
+        with_identity: bool,
+    ) -> Result<Arc<rustls::ClientConfig>, ServerError> {
+        let identity = if with_identity {
+            Some(Identity {
+                cert_chain: tls::certs_from_pem(&self.client_pem)?,
+                key: tls::key_from_pem(&self.client_key)?,
+            })
+        } else {
+            None
+        };
+        Ok(tls::client_config_from_der(
+            tls::certs_from_pem(&self.ca_pem)?,
+            identity,
+        )?)
+    }
 }
 
 /// Generates a fresh CA with a server and a client certificate.
