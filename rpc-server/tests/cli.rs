@@ -12,6 +12,41 @@ fn server() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rpc-server"))
 }
 
+/// `rpc-server gen-certs --out dir`, which must succeed.
+fn gen_certs(dir: &std::path::Path) {
+    let out = server()
+        .args(["gen-certs", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts `rpc-server` on 127.0.0.1:0 with `dir`'s server certificate and
+/// returns it with the address from its `listening on ADDR` line.
+fn serve(dir: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = server()
+        .args(["--listen", "127.0.0.1:0", "--cert"])
+        .arg(dir.join("server.pem"))
+        .arg("--key")
+        .arg(dir.join("server.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
+    let addr = line.trim().trim_start_matches("listening on ").to_owned();
+    (child, addr)
+}
+
 #[test]
 fn gen_certs_writes_six_files_with_private_keys_0600() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,26 +134,8 @@ fn help_explains_flags_and_gives_an_example() {
 #[test]
 fn sigterm_stops_the_server_with_exit_status_0() {
     let dir = tempfile::tempdir().unwrap();
-    let status = server()
-        .args(["gen-certs", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(status.status.success());
-    let mut child = server()
-        .args(["--listen", "127.0.0.1:0", "--cert"])
-        .arg(dir.path().join("server.pem"))
-        .arg("--key")
-        .arg(dir.path().join("server.key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
+    gen_certs(dir.path());
+    let (mut child, _addr) = serve(dir.path());
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -157,32 +174,9 @@ fn handshake_ok(addr: &str, ca: &std::path::Path) -> bool {
 fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    assert!(server()
-        .args(["gen-certs", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap()
-        .status
-        .success());
+    gen_certs(dir.path());
     std::fs::copy(p("ca.pem"), p("ca_a.pem")).unwrap();
-    let mut child = server()
-        .args(["--listen", "127.0.0.1:0", "--cert"])
-        .arg(p("server.pem"))
-        .arg("--key")
-        .arg(p("server.key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+    let (mut child, addr) = serve(dir.path());
     let hup = |pid: u32| {
         assert!(Command::new("kill")
             .args(["-HUP", &pid.to_string()])
@@ -194,13 +188,7 @@ fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
     assert!(handshake_ok(&addr, &p("ca_a.pem")));
 
     // New files in place, SIGHUP: new handshakes use them.
-    assert!(server()
-        .args(["gen-certs", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap()
-        .status
-        .success());
+    gen_certs(dir.path());
     std::fs::copy(p("ca.pem"), p("ca_b.pem")).unwrap();
     hup(child.id());
     assert!(

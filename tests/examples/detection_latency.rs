@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rpc_client::Client;
-use rpc_core::{CallContext, ConnectionConfig};
-use rpc_server::{ServerOptions, Status};
-use rpc_tests::{client_tls, FaultProxy, StopTime, TestServer};
+use rpc_core::ConnectionConfig;
+use rpc_server::ServerOptions;
+use rpc_tests::{client_tls, with_hold, FaultProxy, TestServer};
 
 const INTERVAL: Duration = Duration::from_millis(500);
 const TIMEOUT: Duration = Duration::from_millis(1500);
@@ -34,17 +34,7 @@ fn config() -> ConnectionConfig {
 
 async fn one_run(phase: Duration) -> (Duration, Duration) {
     let stopped = Arc::new(Mutex::new(None));
-    let router = {
-        let stopped = stopped.clone();
-        rpc_server::Router::new().route_with_context("hold", move |ctx: CallContext, (): ()| {
-            let guard = StopTime(stopped.clone());
-            async move {
-                let _guard = guard;
-                ctx.cancelled.cancelled().await;
-                Ok::<(), Status>(())
-            }
-        })
-    };
+    let router = with_hold(rpc_server::Router::new(), stopped.clone());
     let mut options = ServerOptions::default();
     options.connection = config();
     let server = TestServer::start(router, options).await;

@@ -260,5 +260,21 @@ impl Drop for StopTime {
     }
 }
 
+/// Adds `hold` to `router`: a handler that runs until the server stops it
+/// (cancellation, deadline, dead peer), recording when in `stopped`.
+pub fn with_hold(
+    router: Router,
+    stopped: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+) -> Router {
+    router.route_with_context("hold", move |ctx: rpc_core::CallContext, (): ()| {
+        let guard = StopTime(stopped.clone());
+        async move {
+            let _guard = guard;
+            ctx.cancelled.cancelled().await;
+            Ok::<(), rpc_core::Status>(())
+        }
+    })
+}
+
 /// The ALPN protocol, re-exported for tests.
 pub const SRPC_ALPN: &[u8] = ALPN;

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rpc_client::{Client, ClientError, ConnState};
-use rpc_core::{CallContext, ConnectionConfig, Frame};
-use rpc_server::{Router, ServerOptions, Status};
+use rpc_core::{ConnectionConfig, Frame};
+use rpc_server::ServerOptions;
 use rpc_tests::{
-    client_tls, decode_frames, frame_bytes, hello_bytes, read_until_closed, send, FaultProxy,
-    StopTime, TestServer,
+    client_tls, decode_frames, frame_bytes, hello_bytes, read_until_closed, send, with_hold,
+    FaultProxy, TestServer,
 };
 
 fn heartbeat(interval_ms: u64, timeout_ms: u64) -> ConnectionConfig {
@@ -30,18 +30,6 @@ fn server_options(interval_ms: u64, timeout_ms: u64) -> ServerOptions {
     o
 }
 
-/// The demo router plus `hold`: a handler that runs until it is stopped.
-fn router_with_hold(stopped: Arc<Mutex<Option<Instant>>>) -> Router {
-    rpc_server::demo::router().route_with_context("hold", move |ctx: CallContext, (): ()| {
-        let guard = StopTime(stopped.clone());
-        async move {
-            let _guard = guard;
-            ctx.cancelled.cancelled().await;
-            Ok::<(), Status>(())
-        }
-    })
-}
-
 async fn client_via(proxy: &FaultProxy, server: &TestServer, cfg: ConnectionConfig) -> Client {
     Client::builder(client_tls(&server.certs))
         .server_name("localhost")
@@ -55,8 +43,11 @@ async fn client_via(proxy: &FaultProxy, server: &TestServer, cfg: ConnectionConf
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_link_fails_the_pending_call_and_the_server_drops_its_side() {
     let stopped = Arc::new(Mutex::new(None));
-    let server =
-        TestServer::start(router_with_hold(stopped.clone()), server_options(200, 600)).await;
+    let server = TestServer::start(
+        with_hold(rpc_server::demo::router(), stopped.clone()),
+        server_options(200, 600),
+    )
+    .await;
     let proxy = FaultProxy::start(server.addr).await;
     let client = client_via(&proxy, &server, heartbeat(200, 600)).await;
     let pending = {
