@@ -146,10 +146,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = Server::bind(args.listen).await?;
-        println!("listening on {}", listener.local_addr()?);
+        // Signal handlers go in before the address is printed: whoever reads
+        // it may signal at once, and an unhandled SIGTERM kills the process.
+        let shutdown = shutdown_signal()?;
         #[cfg(unix)]
-        let reloader = tokio::spawn(reload_on_sighup(server.clone(), files));
-        server.serve(listener, shutdown_signal()).await?;
+        let reloader = {
+            use tokio::signal::unix::{signal, SignalKind};
+            let hup = signal(SignalKind::hangup())?;
+            tokio::spawn(reload_on_sighup(server.clone(), files, hup))
+        };
+        println!("listening on {}", listener.local_addr()?);
+        server.serve(listener, shutdown).await?;
         #[cfg(unix)]
         reloader.abort();
         Ok(())
@@ -159,12 +166,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Re-reads the certificate, key and client CA on every SIGHUP; a bad file
 /// is logged and the current certificate stays.
 #[cfg(unix)]
-async fn reload_on_sighup(server: Server, files: TlsFiles) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; certificate reload disabled");
-        return;
-    };
+async fn reload_on_sighup(server: Server, files: TlsFiles, mut hup: tokio::signal::unix::Signal) {
     while hup.recv().await.is_some() {
         if let Err(e) = server.reload_tls_files(&files) {
             tracing::error!(
@@ -175,26 +177,27 @@ async fn reload_on_sighup(server: Server, files: TlsFiles) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Listens for SIGINT and SIGTERM from now on; the future completes on
+/// either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+            tracing::info!("shutdown signal received");
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown signal received");
+        })
     }
-    tracing::info!("shutdown signal received");
 }

@@ -1,0 +1,159 @@
+//! The four contenders behind one client interface and one server entry.
+//!
+//! Every contender speaks TLS 1.3 on 127.0.0.1 with the same certificates
+//! and the same crypto provider (rustls with aws-lc-rs). Each echoes a byte
+//! payload back; the client checks the reply's length.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+mod raw;
+mod srpc_stack;
+mod tarpc_stack;
+mod tonic_stack;
+
+/// A boxed future, as the contenders' clients return.
+pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
+
+/// One connection to a contender's server; cheap to share among tasks.
+pub(crate) trait Caller: Send + Sync + 'static {
+    /// Sends `payload`, returns the reply's length.
+    fn echo(&self, payload: Bytes) -> BoxFut<'_, usize>;
+    /// Ends the connection.
+    fn close(&self);
+}
+
+/// The contenders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Stack {
+    /// This project.
+    Srpc,
+    /// tokio-rustls + LengthDelimitedCodec echo with request ids.
+    Raw,
+    /// tonic 0.14 unary echo (HTTP/2, protobuf).
+    Tonic,
+    /// tarpc 0.38 over tokio-rustls with bincode.
+    Tarpc,
+}
+
+impl Stack {
+    /// Every contender, ours first.
+    pub(crate) const ALL: [Stack; 4] = [Stack::Srpc, Stack::Raw, Stack::Tarpc, Stack::Tonic];
+
+    /// The name in tables and on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Stack::Srpc => "srpc",
+            Stack::Raw => "raw",
+            Stack::Tonic => "tonic",
+            Stack::Tarpc => "tarpc",
+        }
+    }
+}
+
+/// PEM text of the certificates every contender uses.
+#[derive(Clone)]
+pub(crate) struct Certs {
+    /// The CA that signed the server certificate (clients trust it).
+    pub(crate) ca: String,
+    /// The server's certificate, valid for `localhost` and 127.0.0.1.
+    pub(crate) server_cert: String,
+    /// The server's private key.
+    pub(crate) server_key: String,
+}
+
+/// How a client sets up TLS for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handshake {
+    /// A full handshake every time (no session resumption).
+    Full,
+    /// Resume an earlier session when the client has one (srpc's default).
+    Resumed,
+}
+
+/// Makes connections to one contender's server.
+pub(crate) struct Dialer {
+    inner: DialerKind,
+}
+
+enum DialerKind {
+    Srpc(srpc_stack::Dialer),
+    Raw(raw::Dialer),
+    Tonic(tonic_stack::Dialer),
+    Tarpc(tarpc_stack::Dialer),
+}
+
+impl Dialer {
+    /// A dialer for `stack` at `addr`.
+    pub(crate) fn new(
+        stack: Stack,
+        addr: SocketAddr,
+        certs: &Certs,
+        handshake: Handshake,
+    ) -> anyhow::Result<Self> {
+        let inner = match stack {
+            Stack::Srpc => DialerKind::Srpc(srpc_stack::Dialer::new(addr, certs, handshake)?),
+            Stack::Raw => DialerKind::Raw(raw::Dialer::new(addr, certs, handshake)?),
+            Stack::Tonic => DialerKind::Tonic(tonic_stack::Dialer::new(addr, certs, handshake)?),
+            Stack::Tarpc => DialerKind::Tarpc(tarpc_stack::Dialer::new(addr, certs, handshake)?),
+        };
+        Ok(Dialer { inner })
+    }
+
+    /// Opens one connection (TLS handshake included).
+    pub(crate) async fn connect(&self) -> anyhow::Result<Arc<dyn Caller>> {
+        Ok(match &self.inner {
+            DialerKind::Srpc(d) => Arc::new(d.connect().await?),
+            DialerKind::Raw(d) => Arc::new(d.connect().await?),
+            DialerKind::Tonic(d) => Arc::new(d.connect().await?),
+            DialerKind::Tarpc(d) => Arc::new(d.connect().await?),
+        })
+    }
+}
+
+/// Serves `stack` on `listener` until the process is killed.
+pub(crate) async fn serve(stack: Stack, listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
+    match stack {
+        Stack::Srpc => srpc_stack::serve(listener, certs).await,
+        Stack::Raw => raw::serve(listener, certs).await,
+        Stack::Tonic => tonic_stack::serve(listener, certs).await,
+        Stack::Tarpc => tarpc_stack::serve(listener, certs).await,
+    }
+}
+
+/// The rustls server config of raw and tarpc: TLS 1.3, the same certificate,
+/// the same provider as srpc.
+fn plain_server_tls(certs: &Certs) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let chain = rpc_core::tls::certs_from_pem(&certs.server_cert)?;
+    let key = rpc_core::tls::key_from_pem(&certs.server_key)?;
+    let config = rustls::ServerConfig::builder_with_provider(rpc_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// The rustls client config of raw and tarpc.
+fn plain_client_tls(certs: &Certs, handshake: Handshake) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rpc_core::tls::certs_from_pem(&certs.ca)? {
+        roots.add(cert)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(rpc_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if handshake == Handshake::Full {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(Arc::new(config))
+}
+
+/// The name every client checks the server certificate against.
+const SERVER_NAME: &str = "localhost";

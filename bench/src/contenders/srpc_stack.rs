@@ -1,0 +1,79 @@
+//! srpc: a `#[service]` trait, the typed client, default settings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use srpc::{service, Client, Server};
+use tokio::net::TcpListener;
+
+use super::{BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+
+/// The benchmark's service.
+#[service]
+pub(crate) trait Echo {
+    /// Returns `data`.
+    async fn echo(&self, data: Bytes) -> Bytes;
+}
+
+struct EchoImpl;
+
+impl Echo for EchoImpl {
+    async fn echo(&self, data: Bytes) -> Bytes {
+        data
+    }
+}
+
+pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
+    let identity = rpc_core::tls::Identity {
+        cert_chain: rpc_core::tls::certs_from_pem(&certs.server_cert)?,
+        key: rpc_core::tls::key_from_pem(&certs.server_key)?,
+    };
+    let tls = rpc_core::tls::server_config_from_der(identity, None)?;
+    let server = Server::builder(tls)
+        .add_service(EchoServer::new(EchoImpl))
+        .build()?;
+    server.serve(listener, std::future::pending()).await?;
+    Ok(())
+}
+
+pub(super) struct Dialer {
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Dialer {
+    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+        let ca = rpc_core::tls::certs_from_pem(&certs.ca)?;
+        let mut tls = rpc_core::tls::client_config_from_der(ca, None)?;
+        if handshake == Handshake::Full {
+            let mut config = (*tls).clone();
+            config.resumption = rustls::client::Resumption::disabled();
+            tls = Arc::new(config);
+        }
+        Ok(Dialer {
+            addr: addr.to_string(),
+            tls,
+        })
+    }
+
+    pub(super) async fn connect(&self) -> anyhow::Result<SrpcCaller> {
+        let client = Client::builder(self.tls.clone())
+            .server_name(SERVER_NAME)
+            .connect(&self.addr)
+            .await?;
+        Ok(SrpcCaller(EchoClient::new(client)))
+    }
+}
+
+pub(super) struct SrpcCaller(EchoClient<Client>);
+
+impl Caller for SrpcCaller {
+    fn echo(&self, payload: Bytes) -> BoxFut<'_, usize> {
+        Box::pin(async move { Ok(self.0.echo(payload).await?.len()) })
+    }
+
+    fn close(&self) {
+        self.0.as_caller().close();
+    }
+}

@@ -1,0 +1,104 @@
+//! tonic 0.14: unary echo over HTTP/2 and TLS (tonic's `tls-aws-lc`, so the
+//! same rustls provider), protobuf from `proto/echo.proto`.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+use super::{BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+
+mod pb {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("echo");
+}
+
+use pb::echo_client::EchoClient;
+use pb::echo_server::{Echo, EchoServer};
+use pb::Payload;
+
+struct EchoImpl;
+
+#[tonic::async_trait]
+impl Echo for EchoImpl {
+    async fn echo(
+        &self,
+        request: tonic::Request<Payload>,
+    ) -> Result<tonic::Response<Payload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+}
+
+pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        &certs.server_cert,
+        &certs.server_key,
+    ));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .tls_config(tls)?
+        .add_service(EchoServer::new(EchoImpl).max_decoding_message_size(16 << 20))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+pub(super) struct Dialer {
+    uri: String,
+    tls: ClientTlsConfig,
+    /// Set for `Handshake::Resumed`: one endpoint, so one rustls config
+    /// whose session cache resumes. Otherwise a new endpoint (and config)
+    /// per connection, so every handshake is a full one.
+    shared: Option<Endpoint>,
+}
+
+impl Dialer {
+    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&certs.ca))
+            .domain_name(SERVER_NAME);
+        let mut dialer = Dialer {
+            uri: format!("https://{addr}"),
+            tls,
+            shared: None,
+        };
+        if handshake == Handshake::Resumed {
+            dialer.shared = Some(dialer.endpoint()?);
+        }
+        Ok(dialer)
+    }
+
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(self.uri.clone())?
+            .tcp_nodelay(true)
+            .tls_config(self.tls.clone())?)
+    }
+
+    pub(super) async fn connect(&self) -> anyhow::Result<TonicCaller> {
+        let channel = match &self.shared {
+            Some(endpoint) => endpoint.connect().await?,
+            None => self.endpoint()?.connect().await?,
+        };
+        Ok(TonicCaller(std::sync::RwLock::new(Some(channel))))
+    }
+}
+
+/// The channel (one HTTP/2 connection); dropping it on `close` ends it.
+pub(super) struct TonicCaller(std::sync::RwLock<Option<Channel>>);
+
+impl Caller for TonicCaller {
+    fn echo(&self, payload: Bytes) -> BoxFut<'_, usize> {
+        let channel = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        Box::pin(async move {
+            let channel = channel.ok_or_else(|| anyhow::anyhow!("tonic channel closed"))?;
+            let mut client = EchoClient::new(channel).max_decoding_message_size(16 << 20);
+            let reply = client.echo(Payload { data: payload }).await?;
+            Ok(reply.into_inner().data.len())
+        })
+    }
+
+    fn close(&self) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}

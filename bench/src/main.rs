@@ -1,0 +1,231 @@
+//! `srpc-bench`: srpc side by side with raw TLS, tarpc and tonic.
+//!
+//! ```sh
+//! cargo run --release -p srpc-bench -- run
+//! ```
+//!
+//! `run` writes throwaway certificates, then for each repetition and each
+//! contender starts that contender's server as a separate process
+//! (`srpc-bench serve`, this same binary) and measures it from this process
+//! over 127.0.0.1: 64-byte calls at 1 and 64 in flight, 1 MiB calls at 4 in
+//! flight, new connection + one call, and server memory per idle connection
+//! (on a fresh server process). It prints a Markdown table of medians with
+//! srpc's ratio to each contender and writes `results.md`, `results.json`
+//! and `calls-per-second.svg` to `--out`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod contenders;
+mod report;
+mod scenario;
+
+use contenders::{Certs, Dialer, Handshake, Stack};
+use report::{Metric, Samples};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "srpc side by side with raw TLS, tarpc and tonic")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Runs every scenario against every contender and reports medians.
+    Run(RunArgs),
+    /// Serves one contender on 127.0.0.1 (started by `run`).
+    Serve {
+        /// Which contender.
+        #[arg(long, value_enum)]
+        stack: Stack,
+        /// Folder with ca.pem, server.pem and server.key.
+        #[arg(long)]
+        certs: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Repetitions of every scenario (the report shows medians).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Measured time of each timed scenario.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    measure: Duration,
+    /// Warm-up before each load scenario (not counted).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Idle connections for the memory scenario.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Contenders to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Stack>,
+    /// Where results.md, results.json and calls-per-second.svg go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Two rustls providers could be linked (tonic picks through features);
+    // make aws-lc-rs the process default so nothing has to guess.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Cmd::Serve { stack, certs } => runtime.block_on(serve(stack, &certs)),
+        Cmd::Run(args) => runtime.block_on(run(args)),
+    }
+}
+
+async fn serve(stack: Stack, dir: &Path) -> anyhow::Result<()> {
+    let certs = read_certs(dir)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // The parent reads this line to learn the port.
+    println!("listening {}", listener.local_addr()?);
+    contenders::serve(stack, listener, &certs).await
+}
+
+fn read_certs(dir: &Path) -> anyhow::Result<Certs> {
+    Ok(Certs {
+        ca: std::fs::read_to_string(dir.join("ca.pem"))?,
+        server_cert: std::fs::read_to_string(dir.join("server.pem"))?,
+        server_key: std::fs::read_to_string(dir.join("server.key"))?,
+    })
+}
+
+/// A contender's server process; killed when dropped.
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(stack: Stack, certs: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--stack", stack.name(), "--certs"])
+            .arg(certs)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout from the server"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .ok_or_else(|| anyhow::anyhow!("server said {line:?}, not its address"))?
+            .parse()?;
+        Ok(ServerProcess { child, addr })
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stacks: Vec<Stack> = if args.only.is_empty() {
+        Stack::ALL.to_vec()
+    } else {
+        args.only.clone()
+    };
+    let dir = tempfile::tempdir()?;
+    let dev = srpc::server::devcerts::generate()?;
+    std::fs::write(dir.path().join("ca.pem"), &dev.ca_pem)?;
+    std::fs::write(dir.path().join("server.pem"), &dev.server_pem)?;
+    std::fs::write(dir.path().join("server.key"), &dev.server_key)?;
+    let certs = read_certs(dir.path())?;
+
+    let mut samples = Samples::default();
+    // Repetitions outside, contenders inside: drift on the machine touches
+    // every contender alike.
+    for rep in 1..=args.reps {
+        for &stack in &stacks {
+            eprintln!("[{rep}/{}] {}", args.reps, stack.name());
+            measure_stack(stack, &args, dir.path(), &certs, &mut samples).await?;
+        }
+    }
+    let report = report::Report::new(&stacks, &samples, &args_line(&args));
+    println!("{}", report.markdown());
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("results.md"), report.markdown())?;
+    std::fs::write(args.out.join("results.json"), report.json()?)?;
+    report.chart(&args.out.join("calls-per-second.svg"))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn args_line(args: &RunArgs) -> String {
+    format!(
+        "--reps {} --measure {} --warmup {} --idle {}",
+        args.reps,
+        humantime::format_duration(args.measure),
+        humantime::format_duration(args.warmup),
+        args.idle
+    )
+}
+
+async fn measure_stack(
+    stack: Stack,
+    args: &RunArgs,
+    dir: &Path,
+    certs: &Certs,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let server = ServerProcess::start(stack, dir)?;
+    let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
+    let caller = dialer.connect().await?;
+    for (in_flight, payload, rate, p50, p99) in [
+        (1, 64, Metric::Calls1, Some(Metric::P50x1), Some(Metric::P99x1)),
+        (64, 64, Metric::Calls64, Some(Metric::P50x64), Some(Metric::P99x64)),
+        (4, 1 << 20, Metric::MibPerSec, None, None),
+    ] {
+        let got = scenario::load(caller.clone(), in_flight, payload, args.warmup, args.measure)
+            .await?;
+        anyhow::ensure!(
+            got.errors == 0,
+            "{}: {} calls failed at {in_flight} in flight, {payload} B",
+            stack.name(),
+            got.errors
+        );
+        if rate == Metric::MibPerSec {
+            samples.push(stack, rate, got.mib_per_sec);
+        } else {
+            samples.push(stack, rate, got.calls_per_sec);
+        }
+        if let (Some(p50), Some(p99)) = (p50, p99) {
+            samples.push(stack, p50, got.p50_us);
+            samples.push(stack, p99, got.p99_us);
+        }
+    }
+    caller.close();
+
+    let (rate, errors) = scenario::connect_rate(&dialer, args.measure).await?;
+    anyhow::ensure!(errors == 0, "{}: {errors} connections failed", stack.name());
+    samples.push(stack, Metric::ConnFull, rate);
+    let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
+    let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
+    anyhow::ensure!(errors == 0, "{}: {errors} resumed connections failed", stack.name());
+    samples.push(stack, Metric::ConnResumed, rate);
+    drop(server);
+
+    // Memory on a fresh server, so earlier scenarios' heap does not hide it.
+    let server = ServerProcess::start(stack, dir)?;
+    let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
+    let kib = scenario::idle_rss(&dialer, args.idle, server.child.id()).await?;
+    samples.push(stack, Metric::IdleKib, kib);
+    Ok(())
+}

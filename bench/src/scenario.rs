@@ -1,0 +1,156 @@
+//! The measurements, run from the client process against a server process.
+//!
+//! Every loop is bounded by a deadline; a failed call is counted and the
+//! scenario reports it instead of hiding it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use crate::contenders::{Caller, Dialer};
+
+/// Calls made back to back by `in_flight` tasks on one connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Load {
+    /// Calls completed per second (after the warm-up).
+    pub(crate) calls_per_sec: f64,
+    /// Payload bytes echoed per second, in MiB.
+    pub(crate) mib_per_sec: f64,
+    /// Median latency.
+    pub(crate) p50_us: f64,
+    /// 99th percentile latency.
+    pub(crate) p99_us: f64,
+    /// Calls that failed or came back with the wrong length.
+    pub(crate) errors: u64,
+}
+
+/// Runs `in_flight` callers for `warmup + measure`; counts only calls that
+/// started after the warm-up and finished before the end.
+pub(crate) async fn load(
+    caller: Arc<dyn Caller>,
+    in_flight: usize,
+    payload: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Load> {
+    let body = Bytes::from(vec![0x5a; payload]);
+    let start = Instant::now();
+    let from = start + warmup;
+    let end = from + measure;
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let caller = caller.clone();
+        let body = body.clone();
+        let errors = errors.clone();
+        tasks.spawn(async move {
+            // 1 µs .. 60 s in nanoseconds, 3 significant digits.
+            let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let reply = caller.echo(body.clone()).await;
+                let t1 = Instant::now();
+                match reply {
+                    Ok(len) if len == body.len() => {
+                        if t0 >= from && t1 <= end {
+                            let ns = u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX);
+                            hist.saturating_record(ns.max(1_000));
+                        }
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        // A broken connection must not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            anyhow::Ok(hist)
+        });
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    while let Some(done) = tasks.join_next().await {
+        all.add(done??)?;
+    }
+    let secs = measure.as_secs_f64();
+    let calls = all.len() as f64;
+    Ok(Load {
+        calls_per_sec: calls / secs,
+        mib_per_sec: calls * payload as f64 / secs / f64::from(1u32 << 20),
+        p50_us: all.value_at_quantile(0.50) as f64 / 1e3,
+        p99_us: all.value_at_quantile(0.99) as f64 / 1e3,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// New connection, one 64-byte call, close; one after another for
+/// `measure`. Returns connections per second and the failures.
+pub(crate) async fn connect_rate(dialer: &Dialer, measure: Duration) -> anyhow::Result<(f64, u64)> {
+    let body = Bytes::from(vec![0x5a; 64]);
+    // Warm-up: the first connection (and, when resuming, its session).
+    let first = dialer.connect().await?;
+    first.echo(body.clone()).await?;
+    first.close();
+    let start = Instant::now();
+    let end = start + measure;
+    let (mut done, mut errors) = (0u64, 0u64);
+    while Instant::now() < end {
+        let ok = match dialer.connect().await {
+            Ok(conn) => {
+                let reply = conn.echo(body.clone()).await;
+                conn.close();
+                matches!(reply, Ok(64))
+            }
+            Err(_) => false,
+        };
+        if ok {
+            done += 1;
+        } else {
+            errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok((done as f64 / start.elapsed().as_secs_f64(), errors))
+}
+
+/// Opens `n` connections (each makes one call, then idles) and returns the
+/// server's resident memory per connection in KiB, read from
+/// `/proc/<server_pid>/status` before and after.
+pub(crate) async fn idle_rss(dialer: &Dialer, n: usize, server_pid: u32) -> anyhow::Result<f64> {
+    let body = Bytes::from(vec![0x5a; 64]);
+    // Warm the server up (runtime, TLS, first allocations) and let it settle.
+    let first = dialer.connect().await?;
+    first.echo(body.clone()).await?;
+    first.close();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(server_pid)?;
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let conn = dialer.connect().await?;
+        let len = conn.echo(body.clone()).await?;
+        anyhow::ensure!(len == 64, "echo came back with {len} bytes");
+        open.push(conn);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(server_pid)?;
+    for conn in &open {
+        conn.close();
+    }
+    drop(open);
+    Ok((after.saturating_sub(before)) as f64 / n as f64)
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))
+}
