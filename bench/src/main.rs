@@ -189,12 +189,30 @@ async fn measure_stack(
     let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
     let caller = dialer.connect().await?;
     for (in_flight, payload, rate, p50, p99) in [
-        (1, 64, Metric::Calls1, Some(Metric::P50x1), Some(Metric::P99x1)),
-        (64, 64, Metric::Calls64, Some(Metric::P50x64), Some(Metric::P99x64)),
+        (
+            1,
+            64,
+            Metric::Calls1,
+            Some(Metric::P50x1),
+            Some(Metric::P99x1),
+        ),
+        (
+            64,
+            64,
+            Metric::Calls64,
+            Some(Metric::P50x64),
+            Some(Metric::P99x64),
+        ),
         (4, 1 << 20, Metric::MibPerSec, None, None),
     ] {
-        let got = scenario::load(caller.clone(), in_flight, payload, args.warmup, args.measure)
-            .await?;
+        let got = scenario::load(
+            caller.clone(),
+            in_flight,
+            payload,
+            args.warmup,
+            args.measure,
+        )
+        .await?;
         anyhow::ensure!(
             got.errors == 0,
             "{}: {} calls failed at {in_flight} in flight, {payload} B",
@@ -218,7 +236,11 @@ async fn measure_stack(
     samples.push(stack, Metric::ConnFull, rate);
     let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
     let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
-    anyhow::ensure!(errors == 0, "{}: {errors} resumed connections failed", stack.name());
+    anyhow::ensure!(
+        errors == 0,
+        "{}: {errors} resumed connections failed",
+        stack.name()
+    );
     samples.push(stack, Metric::ConnResumed, rate);
     drop(server);
 

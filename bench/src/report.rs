@@ -77,7 +77,10 @@ pub(crate) struct Samples(BTreeMap<(Metric, &'static str), Vec<f64>>);
 impl Samples {
     /// Records one repetition's value.
     pub(crate) fn push(&mut self, stack: Stack, metric: Metric, value: f64) {
-        self.0.entry((metric, stack.name())).or_default().push(value);
+        self.0
+            .entry((metric, stack.name()))
+            .or_default()
+            .push(value);
     }
 }
 
@@ -145,7 +148,12 @@ impl Report {
 
     /// A Markdown table: medians, then srpc's ratio to each other contender.
     pub(crate) fn markdown(&self) -> String {
-        let others: Vec<&str> = self.stacks.iter().copied().filter(|s| *s != "srpc").collect();
+        let others: Vec<&str> = self
+            .stacks
+            .iter()
+            .copied()
+            .filter(|s| *s != "srpc")
+            .collect();
         let mut out = format!(
             "Measured {} on {}.\nCommand: `{}`\n\n| scenario |",
             self.date, self.machine, self.command
@@ -189,7 +197,10 @@ impl Report {
 
     /// A bar chart of calls/s per contender at 1 and 64 in flight.
     pub(crate) fn chart(&self, path: &Path) -> anyhow::Result<()> {
-        let groups = [(Metric::Calls1, "64 B × 1 in flight"), (Metric::Calls64, "64 B × 64 in flight")];
+        let groups = [
+            (Metric::Calls1, "64 B × 1 in flight"),
+            (Metric::Calls64, "64 B × 64 in flight"),
+        ];
         let n = self.stacks.len();
         let top = self
             .rows
@@ -235,7 +246,10 @@ impl Report {
                     continue;
                 };
                 let x0 = gi as f64 + 0.1 + si as f64 * width;
-                bars.push(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, *v)], color.filled()));
+                bars.push(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.9, *v)],
+                    color.filled(),
+                ));
                 labels.push(Text::new(
                     group(*v, 0),
                     (x0, *v + top * 0.01),
@@ -245,7 +259,9 @@ impl Report {
             chart
                 .draw_series(bars)?
                 .label(*stack)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
             chart.draw_series(labels)?;
         }
         chart
@@ -262,7 +278,9 @@ impl Report {
 /// `1234567.8` as `1,234,568` (or with `decimals` places).
 fn group(v: f64, decimals: usize) -> String {
     let s = format!("{v:.decimals$}");
-    let (int, frac) = s.split_once('.').map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
+    let (int, frac) = s
+        .split_once('.')
+        .map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
     let (sign, digits) = int.strip_prefix('-').map_or(("", int), |d| ("-", d));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

@@ -118,7 +118,11 @@ impl Dialer {
 }
 
 /// Serves `stack` on `listener` until the process is killed.
-pub(crate) async fn serve(stack: Stack, listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
+pub(crate) async fn serve(
+    stack: Stack,
+    listener: TcpListener,
+    certs: &Certs,
+) -> anyhow::Result<()> {
     match stack {
         Stack::Srpc => srpc_stack::serve(listener, certs).await,
         Stack::Raw => raw::serve(listener, certs).await,
@@ -140,7 +144,10 @@ fn plain_server_tls(certs: &Certs) -> anyhow::Result<Arc<rustls::ServerConfig>> 
 }
 
 /// The rustls client config of raw and tarpc.
-fn plain_client_tls(certs: &Certs, handshake: Handshake) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+fn plain_client_tls(
+    certs: &Certs,
+    handshake: Handshake,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rpc_core::tls::certs_from_pem(&certs.ca)? {
         roots.add(cert)?;

@@ -65,7 +65,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+    pub(super) fn new(
+        addr: SocketAddr,
+        certs: &Certs,
+        handshake: Handshake,
+    ) -> anyhow::Result<Self> {
         Ok(Dialer {
             addr,
             connector: TlsConnector::from(plain_client_tls(certs, handshake)?),
@@ -101,7 +105,10 @@ impl Dialer {
                     break;
                 }
                 let id = frame.get_u64();
-                let waiter = waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                let waiter = waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 if let Some(tx) = waiter {
                     let _ = tx.send(frame.freeze());
                 }

@@ -43,7 +43,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+    pub(super) fn new(
+        addr: SocketAddr,
+        certs: &Certs,
+        handshake: Handshake,
+    ) -> anyhow::Result<Self> {
         let ca = rpc_core::tls::certs_from_pem(&certs.ca)?;
         let mut tls = rpc_core::tls::client_config_from_der(ca, None)?;
         if handshake == Handshake::Full {

@@ -66,7 +66,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+    pub(super) fn new(
+        addr: SocketAddr,
+        certs: &Certs,
+        handshake: Handshake,
+    ) -> anyhow::Result<Self> {
         Ok(Dialer {
             addr,
             connector: TlsConnector::from(plain_client_tls(certs, handshake)?),
@@ -95,10 +99,7 @@ impl Caller for TarpcCaller {
         let client = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
         Box::pin(async move {
             let client = client.ok_or_else(|| anyhow::anyhow!("tarpc client closed"))?;
-            Ok(client
-                .echo(tarpc::context::current(), payload)
-                .await?
-                .len())
+            Ok(client.echo(tarpc::context::current(), payload).await?.len())
         })
     }
 

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 use super::{BoxFut, Caller, Certs, Handshake, SERVER_NAME};
 
@@ -31,10 +33,8 @@ impl Echo for EchoImpl {
 }
 
 pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        &certs.server_cert,
-        &certs.server_key,
-    ));
+    let tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(&certs.server_cert, &certs.server_key));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .tls_config(tls)?
@@ -54,7 +54,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(addr: SocketAddr, certs: &Certs, handshake: Handshake) -> anyhow::Result<Self> {
+    pub(super) fn new(
+        addr: SocketAddr,
+        certs: &Certs,
+        handshake: Handshake,
+    ) -> anyhow::Result<Self> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&certs.ca))
             .domain_name(SERVER_NAME);
