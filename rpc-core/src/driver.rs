@@ -359,22 +359,16 @@ impl Driver {
         // Ids need not arrive in order (concurrent calls race to the queue);
         // the highest one tells a late Cancel from one never requested.
         self.last_request_id = Some(self.last_request_id.map_or(id, |last| last.max(id)));
-        let token = {
-            let mut in_flight = lock(&self.in_flight);
+        let overloaded = {
+            let in_flight = lock(&self.in_flight);
             if in_flight.contains_key(&id) {
                 return Err(
                     Error::Protocol(format!("request id {id} is already in flight")).to_string(),
                 );
             }
-            if in_flight.len() >= self.max_in_flight {
-                None
-            } else {
-                let token = self.shared.shutdown.child_token();
-                in_flight.insert(id, token.clone());
-                Some(token)
-            }
+            in_flight.len() >= self.max_in_flight
         };
-        let Some(token) = token else {
+        if overloaded {
             if let Some(c) = dispatch.counters() {
                 c.failed(StatusCode::Overloaded);
             }
@@ -387,8 +381,9 @@ impl Driver {
             );
             let _ = self.shared.outbound.send(refuse(status)).await;
             return Ok(());
-        };
+        }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
+        let token = CancellationToken::new();
         let ctx = CallContext {
             peer: self.shared.peer,
             identity: self.shared.identity.clone(),
@@ -398,14 +393,34 @@ impl Driver {
             cancelled: token.clone(),
         };
         let span = tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer);
+        if let Some(c) = dispatch.counters() {
+            c.started();
+        }
+        let mut handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
+        // Most handlers finish when first polled: answer those right here,
+        // with no task, no timer and no cancellation bookkeeping.
+        let ready = span.in_scope(|| (&mut handler).now_or_never());
+        if let Some(outcome) = ready {
+            token.cancel();
+            let result = Some(outcome.unwrap_or_else(|_| panicked()));
+            if let Some(frame) = finish_call(&self.shared, dispatch.as_ref(), id, result) {
+                match self.shared.outbound.try_send(frame) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(frame)) => {
+                        let _ = self.shared.outbound.send(frame).await;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            return Ok(());
+        }
+        // The rest run as tasks, which end when the handler does, the
+        // deadline passes, the caller cancels, or the connection ends.
+        lock(&self.in_flight).insert(id, token.clone());
         let shared = self.shared.clone();
         let in_flight = self.in_flight.clone();
         self.handlers.spawn(
             async move {
-                if let Some(c) = dispatch.counters() {
-                    c.started();
-                }
-                let handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
                 let until_deadline = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
@@ -413,40 +428,17 @@ impl Driver {
                     }
                 };
                 let result = tokio::select! {
-                    r = handler => Some(r.unwrap_or_else(|_| {
-                        warn!("handler panicked");
-                        Err(Status::internal("the handler panicked"))
-                    })),
+                    r = handler => Some(r.unwrap_or_else(|_| panicked())),
                     _ = until_deadline => Some(Err(Status::new(
                         StatusCode::DeadlineExceeded, "the call's deadline passed on the server"))),
                     _ = token.cancelled() => None,
+                    _ = shared.shutdown.cancelled() => None,
                 };
                 token.cancel();
                 lock(&in_flight).remove(&id);
-                if let Some(c) = dispatch.counters() {
-                    c.finished(match &result {
-                        Some(Ok(_)) => Ok(()),
-                        Some(Err(status)) => Err(status.code),
-                        None => Err(StatusCode::Cancelled),
-                    });
+                if let Some(frame) = finish_call(&shared, dispatch.as_ref(), id, result) {
+                    let _ = shared.outbound.send(frame).await;
                 }
-                let Some(mut result) = result else {
-                    debug!("handler stopped: cancelled");
-                    return;
-                };
-                if let Ok(reply) = &result {
-                    let probe = Frame::Response {
-                        id,
-                        result: Ok(reply.clone()),
-                    };
-                    if let Err(e) = frame_len(&probe, shared.max_send) {
-                        result = Err(Status::internal(format!("reply not sent: {e}")));
-                    }
-                }
-                if let Err(status) = &result {
-                    debug!(%status, "call failed");
-                }
-                let _ = shared.outbound.send(Frame::Response { id, result }).await;
             }
             .instrument(span),
         );
@@ -484,6 +476,52 @@ impl Driver {
         reason
     }
 }
+
+fn panicked() -> Result<Bytes, Status> {
+    warn!("handler panicked");
+    Err(Status::internal("the handler panicked"))
+}
+
+/// Counts a finished call and makes its `Response`; `None` when the call
+/// was cancelled (nobody waits for an answer).
+fn finish_call(
+    shared: &Shared,
+    dispatch: &dyn Dispatch,
+    id: u64,
+    result: Option<Result<Bytes, Status>>,
+) -> Option<Frame> {
+    if let Some(c) = dispatch.counters() {
+        c.finished(match &result {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(status)) => Err(status.code),
+            None => Err(StatusCode::Cancelled),
+        });
+    }
+    let Some(mut result) = result else {
+        debug!("handler stopped: cancelled");
+        return None;
+    };
+    if let Ok(reply) = &result {
+        // Exact sizing walks the frame; only replies near the limit need it.
+        if reply.len() + RESPONSE_OVERHEAD > shared.max_send {
+            let probe = Frame::Response {
+                id,
+                result: Ok(reply.clone()),
+            };
+            if let Err(e) = frame_len(&probe, shared.max_send) {
+                result = Err(Status::internal(format!("reply not sent: {e}")));
+            }
+        }
+    }
+    if let Err(status) = &result {
+        debug!(%status, "call failed");
+    }
+    Some(Frame::Response { id, result })
+}
+
+/// More than a `Response` frame adds to its reply's bytes: variant tags and
+/// varint id and length (bincode `DefaultOptions`).
+const RESPONSE_OVERHEAD: usize = 32;
 
 /// How the writer tells a slow peer from one that stopped reading.
 struct Stall {
