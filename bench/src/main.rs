@@ -67,9 +67,23 @@ struct RunArgs {
     /// Contenders to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Stack>,
+    /// Scenario groups to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Group>,
     /// Where results.md, results.json and calls-per-second.svg go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+}
+
+/// Groups of scenarios, to run a part of the benchmark while tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    /// 64 B at 1 and 64 in flight, 1 MiB at 4.
+    Load,
+    /// New connection + one call, full and resumed.
+    Connect,
+    /// Server memory per idle connection.
+    Idle,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,11 +184,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn args_line(args: &RunArgs) -> String {
     format!(
-        "--reps {} --measure {} --warmup {} --idle {}",
+        "--reps {} --measure {} --warmup {} --idle {}{}",
         args.reps,
         humantime::format_duration(args.measure),
         humantime::format_duration(args.warmup),
-        args.idle
+        args.idle,
+        if args.scenarios.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = args
+                .scenarios
+                .iter()
+                .map(|g| format!("{g:?}").to_lowercase())
+                .collect();
+            format!(" --scenarios {}", names.join(","))
+        }
     )
 }
 
@@ -185,8 +209,43 @@ async fn measure_stack(
     certs: &Certs,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
+    let wants = |g: Group| args.scenarios.is_empty() || args.scenarios.contains(&g);
     let server = ServerProcess::start(stack, dir)?;
     let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
+    if wants(Group::Load) {
+        load_scenarios(stack, args, &dialer, samples).await?;
+    }
+    if wants(Group::Connect) {
+        let (rate, errors) = scenario::connect_rate(&dialer, args.measure).await?;
+        anyhow::ensure!(errors == 0, "{}: {errors} connections failed", stack.name());
+        samples.push(stack, Metric::ConnFull, rate);
+        let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
+        let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
+        anyhow::ensure!(
+            errors == 0,
+            "{}: {errors} resumed connections failed",
+            stack.name()
+        );
+        samples.push(stack, Metric::ConnResumed, rate);
+    }
+    drop(server);
+
+    if wants(Group::Idle) {
+        // Memory on a fresh server, so earlier scenarios' heap does not hide it.
+        let server = ServerProcess::start(stack, dir)?;
+        let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
+        let kib = scenario::idle_rss(&dialer, args.idle, server.child.id()).await?;
+        samples.push(stack, Metric::IdleKib, kib);
+    }
+    Ok(())
+}
+
+async fn load_scenarios(
+    stack: Stack,
+    args: &RunArgs,
+    dialer: &Dialer,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
     let caller = dialer.connect().await?;
     for (in_flight, payload, rate, p50, p99) in [
         (
@@ -230,24 +289,5 @@ async fn measure_stack(
         }
     }
     caller.close();
-
-    let (rate, errors) = scenario::connect_rate(&dialer, args.measure).await?;
-    anyhow::ensure!(errors == 0, "{}: {errors} connections failed", stack.name());
-    samples.push(stack, Metric::ConnFull, rate);
-    let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
-    let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
-    anyhow::ensure!(
-        errors == 0,
-        "{}: {errors} resumed connections failed",
-        stack.name()
-    );
-    samples.push(stack, Metric::ConnResumed, rate);
-    drop(server);
-
-    // Memory on a fresh server, so earlier scenarios' heap does not hide it.
-    let server = ServerProcess::start(stack, dir)?;
-    let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
-    let kib = scenario::idle_rss(&dialer, args.idle, server.child.id()).await?;
-    samples.push(stack, Metric::IdleKib, kib);
     Ok(())
 }

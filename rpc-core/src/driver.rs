@@ -569,6 +569,7 @@ async fn write_loop<W>(
 where
     W: AsyncWrite + Unpin,
 {
+    let mut last_batch = 0;
     loop {
         let first = tokio::select! {
             biased;
@@ -578,17 +579,32 @@ where
         };
         let Some(first) = first else { break };
         stall.guard(sink.feed(first)).await?;
-        for _ in 1..MAX_BATCH {
+        let mut fed = 1;
+        // Only when the last batch had company: a lone call (one in
+        // flight) must not wait for a turn of the scheduler.
+        let mut yielded = last_batch < 2;
+        while fed < MAX_BATCH {
             let next = match control.try_recv() {
                 Ok(f) => f,
                 Err(_) => match data.try_recv() {
                     Ok(f) => f,
+                    // Frames of one burst (replies to the requests of one
+                    // read, calls made together) arrive a few at a time:
+                    // give their producers one turn before the syscall.
+                    // `last_batch` above keeps single calls from waiting.
+                    Err(_) if !yielded => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     Err(_) => break,
                 },
             };
             stall.guard(sink.feed(next)).await?;
+            fed += 1;
         }
         stall.guard(sink.flush()).await?;
+        last_batch = fed;
     }
     // Closing: what is already queued (replies, then a last GoAway), then
     // TLS close_notify. The driver bounds this with `close_timeout`.
