@@ -64,6 +64,10 @@ struct RunArgs {
     /// Idle connections for the memory scenario.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// How long the idle connections stay idle before the server's memory
+    /// is read.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    idle_for: Duration,
     /// Contenders to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Stack>,
@@ -184,11 +188,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn args_line(args: &RunArgs) -> String {
     format!(
-        "--reps {} --measure {} --warmup {} --idle {}{}",
+        "--reps {} --measure {} --warmup {} --idle {} --idle-for {}{}",
         args.reps,
         humantime::format_duration(args.measure),
         humantime::format_duration(args.warmup),
         args.idle,
+        humantime::format_duration(args.idle_for),
         if args.scenarios.is_empty() {
             String::new()
         } else {
@@ -234,7 +239,7 @@ async fn measure_stack(
         // Memory on a fresh server, so earlier scenarios' heap does not hide it.
         let server = ServerProcess::start(stack, dir)?;
         let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
-        let kib = scenario::idle_rss(&dialer, args.idle, server.child.id()).await?;
+        let kib = scenario::idle_rss(&dialer, args.idle, args.idle_for, server.child.id()).await?;
         samples.push(stack, Metric::IdleKib, kib);
     }
     Ok(())

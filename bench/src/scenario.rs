@@ -118,10 +118,15 @@ pub(crate) async fn connect_rate(dialer: &Dialer, measure: Duration) -> anyhow::
     Ok((done as f64 / start.elapsed().as_secs_f64(), errors))
 }
 
-/// Opens `n` connections (each makes one call, then idles) and returns the
-/// server's resident memory per connection in KiB, read from
+/// Opens `n` connections (each makes one call, then idles for `settle`) and
+/// returns the server's resident memory per connection in KiB, read from
 /// `/proc/<server_pid>/status` before and after.
-pub(crate) async fn idle_rss(dialer: &Dialer, n: usize, server_pid: u32) -> anyhow::Result<f64> {
+pub(crate) async fn idle_rss(
+    dialer: &Dialer,
+    n: usize,
+    settle: Duration,
+    server_pid: u32,
+) -> anyhow::Result<f64> {
     let body = Bytes::from(vec![0x5a; 64]);
     // Warm the server up (runtime, TLS, first allocations) and let it settle.
     let first = dialer.connect().await?;
@@ -136,7 +141,9 @@ pub(crate) async fn idle_rss(dialer: &Dialer, n: usize, server_pid: u32) -> anyh
         anyhow::ensure!(len == 64, "echo came back with {len} bytes");
         open.push(conn);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Idle means idle for a while: past a few heartbeat intervals, whatever
+    // a stack keeps for a quiet connection is all that is left.
+    tokio::time::sleep(settle).await;
     let after = rss_kib(server_pid)?;
     for conn in &open {
         conn.close();

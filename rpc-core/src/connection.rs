@@ -31,13 +31,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::driver::Driver;
+use crate::driver::{ControlQueue, Driver, Outbound};
 use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
@@ -119,8 +119,8 @@ pub(crate) struct CallTable {
 }
 
 pub(crate) struct Shared {
-    pub(crate) outbound: mpsc::Sender<Frame>,
-    pub(crate) control: mpsc::Sender<Frame>,
+    pub(crate) outbound: Arc<Outbound>,
+    pub(crate) control: Arc<ControlQueue>,
     calls: Mutex<CallTable>,
     pub(crate) next_id: AtomicU64,
     /// Fires when the connection must end (local close, or the driver ended).
@@ -411,11 +411,9 @@ where
         config.heartbeat_timeout,
         Duration::from_millis(peer_hello.heartbeat_ms.into()),
     );
-    let (tx, rx) = mpsc::channel(config.outbound_queue);
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let shared = Arc::new(Shared {
-        outbound: tx,
-        control: control_tx,
+        outbound: Arc::new(Outbound::new(config.outbound_queue)),
+        control: Arc::default(),
         calls: Mutex::new(CallTable::default()),
         next_id: AtomicU64::new(1),
         shutdown: CancellationToken::new(),
@@ -435,6 +433,6 @@ where
     });
     let driver = Driver::new(shared.clone(), config, dispatch, heartbeat);
     let span = tracing::info_span!("conn", %peer);
-    let fut = driver.run(stream, clocks, rx, control_rx).instrument(span);
+    let fut = driver.run(stream, clocks).instrument(span);
     (Connection { shared }, fut)
 }

@@ -20,7 +20,7 @@
 //! Not here: the handle users call (`connection.rs`), handshakes
 //! (`transport.rs`), the heartbeat rules themselves (`heartbeat.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::connection::{CallContext, CloseCause, Dispatch, Shared};
+use crate::connection::{CallContext, CloseCause, Dispatch, Shared, CONTROL_QUEUE};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame, FrameCodec};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
@@ -136,13 +136,7 @@ impl Driver {
         }
     }
 
-    pub(crate) async fn run<S>(
-        mut self,
-        stream: S,
-        clocks: Arc<ByteClocks>,
-        data_rx: mpsc::Receiver<Frame>,
-        control_rx: mpsc::Receiver<Frame>,
-    ) -> String
+    pub(crate) async fn run<S>(mut self, stream: S, clocks: Arc<ByteClocks>) -> String
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -153,8 +147,8 @@ impl Driver {
         let stop_writer = CancellationToken::new();
         let mut writer_task = tokio::spawn(write_loop(
             writer,
-            data_rx,
-            control_rx,
+            self.shared.outbound.clone(),
+            self.shared.control.clone(),
             stop_writer.clone(),
             Stall {
                 clocks: clocks.clone(),
@@ -243,8 +237,10 @@ impl Driver {
                 CloseCause::Other(reason)
             }
         };
-        self.finish(cause, stop_writer, writer_task, writer_done)
-            .await
+        // Boxed, like the rare paths in `on_request`: the driver's future
+        // lives as long as the connection, so its size is memory per
+        // connection, and the closing state need not be part of it.
+        Box::pin(self.finish(cause, stop_writer, writer_task, writer_done)).await
     }
 
     fn reset_timer(&mut self) {
@@ -255,7 +251,7 @@ impl Driver {
     /// Queues a control frame; if 64 are already waiting the peer is not
     /// reading, and the heartbeat will notice.
     fn send_control(&self, frame: Frame) {
-        if self.shared.control.try_send(frame).is_err() {
+        if !self.shared.control.push(frame) {
             debug!("control queue full; frame dropped");
         }
     }
@@ -353,7 +349,7 @@ impl Driver {
                 c.failed(StatusCode::ShuttingDown);
             }
             let status = Status::new(StatusCode::ShuttingDown, "server is shutting down");
-            let _ = self.shared.outbound.send(refuse(status)).await;
+            let _ = Box::pin(self.shared.outbound.send(refuse(status))).await;
             return Ok(());
         }
         // Ids need not arrive in order (concurrent calls race to the queue);
@@ -379,7 +375,7 @@ impl Driver {
                     self.max_in_flight
                 ),
             );
-            let _ = self.shared.outbound.send(refuse(status)).await;
+            let _ = Box::pin(self.shared.outbound.send(refuse(status))).await;
             return Ok(());
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
@@ -404,12 +400,8 @@ impl Driver {
             token.cancel();
             let result = Some(outcome.unwrap_or_else(|_| panicked()));
             if let Some(frame) = finish_call(&self.shared, dispatch.as_ref(), id, result) {
-                match self.shared.outbound.try_send(frame) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(frame)) => {
-                        let _ = self.shared.outbound.send(frame).await;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                if let Err(TrySend::Full(frame)) = self.shared.outbound.try_send(frame) {
+                    let _ = Box::pin(self.shared.outbound.send(frame)).await;
                 }
             }
             return Ok(());
@@ -523,6 +515,152 @@ fn finish_call(
 /// varint id and length (bincode `DefaultOptions`).
 const RESPONSE_OVERHEAD: usize = 32;
 
+/// Ping, Pong and GoAway, which the writer sends before any data frame.
+/// A deque that allocates nothing while empty: a channel's first block
+/// would cost every idle connection about 2.4 KiB.
+#[derive(Default)]
+pub(crate) struct ControlQueue {
+    frames: Mutex<VecDeque<Frame>>,
+    ready: Notify,
+}
+
+impl ControlQueue {
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Frame>> {
+        // push_back/pop_front only: a poisoned deque is still consistent.
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame`; false when [`CONTROL_QUEUE`] frames already wait.
+    pub(crate) fn push(&self, frame: Frame) -> bool {
+        {
+            let mut frames = self.frames();
+            if frames.len() >= CONTROL_QUEUE {
+                return false;
+            }
+            frames.push_back(frame);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Frame> {
+        self.frames().pop_front()
+    }
+
+    /// The next frame, waiting for one. `notify_one` keeps a permit when
+    /// nobody waits, so a push between `pop` and `notified` is not lost.
+    async fn next(&self) -> Frame {
+        loop {
+            if let Some(frame) = self.pop() {
+                return frame;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// Why [`Outbound::try_send`] did not queue a frame.
+pub(crate) enum TrySend {
+    /// The queue is at capacity; `send` would wait.
+    Full(Frame),
+    /// The writer has stopped.
+    Closed,
+}
+
+/// Data frames (requests, responses, cancels) on their way to the writer:
+/// a bounded queue, like a channel, but a deque that allocates nothing
+/// while empty (a tokio channel's first block is about 2.4 KiB for every
+/// connection, idle or not).
+pub(crate) struct Outbound {
+    frames: Mutex<(VecDeque<Frame>, bool)>,
+    /// One permit per free place; closed when the writer stops.
+    space: Semaphore,
+    ready: Notify,
+}
+
+impl Outbound {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Outbound {
+            frames: Mutex::new((VecDeque::new(), false)),
+            space: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
+            ready: Notify::new(),
+        }
+    }
+
+    fn frames(&self) -> MutexGuard<'_, (VecDeque<Frame>, bool)> {
+        // push_back/pop_front only: a poisoned deque is still consistent.
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, frame: Frame) -> Result<(), Frame> {
+        {
+            let mut frames = self.frames();
+            if frames.1 {
+                return Err(frame);
+            }
+            frames.0.push_back(frame);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues `frame`, waiting for room; gives it back if the writer has
+    /// stopped.
+    pub(crate) async fn send(&self, frame: Frame) -> Result<(), Frame> {
+        match self.space.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                self.push(frame)
+            }
+            Err(_) => Err(frame),
+        }
+    }
+
+    /// Queues `frame` if there is room now.
+    pub(crate) fn try_send(&self, frame: Frame) -> Result<(), TrySend> {
+        match self.space.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                self.push(frame).map_err(|_| TrySend::Closed)
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(TrySend::Full(frame)),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(TrySend::Closed),
+        }
+    }
+
+    fn pop(&self) -> Option<Frame> {
+        let frame = self.frames().0.pop_front();
+        if frame.is_some() {
+            self.space.add_permits(1);
+        }
+        frame
+    }
+
+    async fn next(&self) -> Frame {
+        loop {
+            if let Some(frame) = self.pop() {
+                return frame;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The writer stopped: senders fail from now on instead of waiting.
+    fn close(&self) {
+        self.frames().1 = true;
+        self.space.close();
+    }
+}
+
+/// Closes the queue however the writer ends (error, cancel, panic).
+struct CloseOnDrop(Arc<Outbound>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// How the writer tells a slow peer from one that stopped reading.
 struct Stall {
     clocks: Arc<ByteClocks>,
@@ -561,20 +699,21 @@ impl Stall {
 
 async fn write_loop<W>(
     mut sink: FramedWrite<W, FrameCodec>,
-    mut data: mpsc::Receiver<Frame>,
-    mut control: mpsc::Receiver<Frame>,
+    data: Arc<Outbound>,
+    control: Arc<ControlQueue>,
     stop: CancellationToken,
     stall: Stall,
 ) -> Result<(), Error>
 where
     W: AsyncWrite + Unpin,
 {
+    let _close = CloseOnDrop(data.clone());
     let mut last_batch = 0;
     loop {
         let first = tokio::select! {
             biased;
-            f = control.recv() => f,
-            f = data.recv() => f,
+            f = control.next() => Some(f),
+            f = data.next() => Some(f),
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { break };
@@ -584,20 +723,20 @@ where
         // flight) must not wait for a turn of the scheduler.
         let mut yielded = last_batch < 2;
         while fed < MAX_BATCH {
-            let next = match control.try_recv() {
-                Ok(f) => f,
-                Err(_) => match data.try_recv() {
-                    Ok(f) => f,
+            let next = match control.pop() {
+                Some(f) => f,
+                None => match data.pop() {
+                    Some(f) => f,
                     // Frames of one burst (replies to the requests of one
                     // read, calls made together) arrive a few at a time:
                     // give their producers one turn before the syscall.
                     // `last_batch` above keeps single calls from waiting.
-                    Err(_) if !yielded => {
+                    None if !yielded => {
                         yielded = true;
                         tokio::task::yield_now().await;
                         continue;
                     }
-                    Err(_) => break,
+                    None => break,
                 },
             };
             stall.guard(sink.feed(next)).await?;
@@ -608,10 +747,10 @@ where
     }
     // Closing: what is already queued (replies, then a last GoAway), then
     // TLS close_notify. The driver bounds this with `close_timeout`.
-    while let Ok(f) = data.try_recv() {
+    while let Some(f) = data.pop() {
         sink.feed(f).await?;
     }
-    while let Ok(f) = control.try_recv() {
+    while let Some(f) = control.pop() {
         sink.feed(f).await?;
     }
     sink.close().await
@@ -649,6 +788,42 @@ mod tests {
                 "tick {tick}"
             );
         }
+    }
+
+    fn ping(nonce: u64) -> Frame {
+        Frame::Ping { nonce }
+    }
+
+    #[tokio::test]
+    async fn the_outbound_queue_is_bounded_ordered_and_fails_once_closed() {
+        let q = Arc::new(Outbound::new(2));
+        assert!(q.try_send(ping(1)).is_ok());
+        assert!(q.send(ping(2)).await.is_ok());
+        assert!(matches!(q.try_send(ping(3)), Err(TrySend::Full(_))));
+        // A waiting sender gets in as soon as the writer takes a frame.
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.send(ping(3)).await.is_ok() }
+        });
+        assert_eq!(q.next().await, ping(1));
+        assert!(waiting.await.unwrap());
+        assert_eq!(q.pop(), Some(ping(2)));
+        assert_eq!(q.pop(), Some(ping(3)));
+        assert_eq!(q.pop(), None);
+        q.close();
+        assert!(matches!(q.try_send(ping(4)), Err(TrySend::Closed)));
+        assert_eq!(q.send(ping(5)).await, Err(ping(5)));
+    }
+
+    #[tokio::test]
+    async fn the_control_queue_holds_at_most_its_capacity() {
+        let q = ControlQueue::default();
+        for n in 0..CONTROL_QUEUE as u64 {
+            assert!(q.push(ping(n)));
+        }
+        assert!(!q.push(ping(999)), "a full control queue drops the frame");
+        assert_eq!(q.next().await, ping(0));
+        assert!(q.push(ping(1000)));
     }
 
     #[test]

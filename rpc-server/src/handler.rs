@@ -46,12 +46,14 @@ impl ConnectionTask {
             info!(%peer, "connection dropped: no handshake slot within the handshake timeout");
             return;
         };
-        let setup = async {
+        // Boxed: the handshake's state (a few KiB) is freed once it is done
+        // instead of staying in this task for the connection's whole life.
+        let setup = Box::pin(async {
             let started =
                 transport::accept(tcp, &self.acceptor, &self.config, self.dispatch.clone()).await;
             drop(slot);
             started
-        };
+        });
         let started = tokio::select! {
             started = setup => started,
             _ = self.drain.cancelled() => {

@@ -339,10 +339,12 @@ impl Server {
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
-            tracker.spawn(async move {
+            let fut = async move {
                 conn.run(tcp, peer).await;
                 drop(slot);
-            });
+            };
+            eprintln!("SIZE conn task {}", std::mem::size_of_val(&fut));
+            tracker.spawn(fut);
         }
         drop(listener);
         tracker.close();
