@@ -12,8 +12,13 @@
 //!
 //! Mutual TLS: [`server_config`] takes an optional client CA; with one, the
 //! server requires a client certificate signed by it (`WebPkiClientVerifier`).
-//! Each config gets its own session cache, so resumption can never skip client
-//! authentication of a stricter config.
+//!
+//! Session resumption is on: clients keep tickets in memory (per config, so
+//! reconnects resume); servers issue stateless TLS 1.3 tickets sealed with a
+//! key of their own config. A ticket carries the client's certificate chain,
+//! so handlers see the same identity on a resumed connection, and a new config
+//! (a certificate or CA reload) refuses every ticket of the old one: resumption
+//! can never skip client authentication of a stricter config.
 //!
 //! This module does not open sockets or run handshakes; see
 //! [`crate::transport`].
@@ -233,6 +238,13 @@ fn build_server_config(
         .with_single_cert(identity.cert_chain, identity.key)
         .map_err(|e| certified_key_error(e, files.map(|f| f.0), files.map(|f| f.1)))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Session resumption with stateless TLS 1.3 tickets: the server keeps
+    // nothing per client, so any number of clients can resume. A ticket
+    // carries the client's certificate chain (handlers see the same
+    // identity) and is sealed with a key made for this config only, so a
+    // reload, which builds a new config, ends every earlier session: a
+    // client the new CA refuses cannot resume its way around it.
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
     Ok(Arc::new(config))
 }
 
@@ -258,7 +270,16 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = resumption();
     Ok(Arc::new(config))
+}
+
+/// Client session resumption, on by default: up to 256 servers' tickets in
+/// memory, shared by every connection made with the same config (reconnects
+/// included). Set `ClientConfig::resumption` to
+/// `Resumption::disabled()` to turn it off.
+fn resumption() -> rustls::client::Resumption {
+    rustls::client::Resumption::in_memory_sessions(256)
 }
 
 /// Builds a client config from CA certificates already in memory.
@@ -278,6 +299,7 @@ pub fn client_config_from_der(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = resumption();
     Ok(Arc::new(config))
 }
 

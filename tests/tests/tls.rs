@@ -5,6 +5,8 @@
 // Test code: a panic is how a test reports failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+
 use rpc_client::Client;
 use rpc_server::devcerts::{generate, generate_with};
 use rpc_server::ServerOptions;
@@ -228,4 +230,96 @@ async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_file
     let again = Client::connect(&addr, trust("ca_b.pem")).await.unwrap();
     let reply: String = again.call("Demo.echo", "still b").await.unwrap();
     assert_eq!(reply, "still b");
+}
+
+/// TLS handshake (no srpc `Hello`) with a server config; returns how the
+/// handshake went on the client side and the certificate the server saw.
+async fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> (rustls::HandshakeKind, Option<Vec<u8>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let seen = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec());
+        (tls, seen)
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut server_side, seen) = accept.await.unwrap();
+    // TLS 1.3 tickets arrive after the handshake: let the server send them
+    // and the client read them before this connection goes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    server_side.write_all(b"x").await.unwrap();
+    server_side.flush().await.unwrap();
+    let mut byte = [0u8; 1];
+    tls.read_exact(&mut byte).await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    (kind, seen)
+}
+
+#[tokio::test]
+async fn a_client_resumes_its_session_and_keeps_its_identity_under_mutual_tls() {
+    let certs = generate().unwrap();
+    let server = server_tls_mtls(&certs, &certs);
+    let client = client_tls_with_cert(&certs, &certs);
+    let (first, cert1) = handshake(server.clone(), client.clone()).await;
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    let (second, cert2) = handshake(server.clone(), client.clone()).await;
+    assert_eq!(
+        second,
+        rustls::HandshakeKind::Resumed,
+        "the default client config resumes"
+    );
+    assert!(cert1.is_some(), "the server saw the client certificate");
+    assert_eq!(
+        cert1, cert2,
+        "a resumed session carries the same client certificate"
+    );
+
+    // A new server config (what a certificate or CA reload makes) takes no
+    // ticket of the old one: the next handshake is a full one again.
+    let reloaded = server_tls_mtls(&certs, &certs);
+    let (after_reload, _) = handshake(reloaded, client.clone()).await;
+    assert_eq!(after_reload, rustls::HandshakeKind::Full);
+
+    // Resumption is the config's, so it can be turned off.
+    let mut off = (*client).clone();
+    off.resumption = rustls::client::Resumption::disabled();
+    let off = Arc::new(off);
+    let (a, _) = handshake(server.clone(), off.clone()).await;
+    let (b, _) = handshake(server, off).await;
+    assert_eq!(
+        (a, b),
+        (rustls::HandshakeKind::Full, rustls::HandshakeKind::Full)
+    );
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_is_identified_on_its_resumed_connection() {
+    let server = mtls_server().await;
+    let tls = client_tls_with_cert(&server.certs, &server.certs);
+    for round in 0..3 {
+        let client = Client::connect(&server.address(), tls.clone())
+            .await
+            .unwrap();
+        let subject: String = client.call("Demo.whoami", &()).await.unwrap();
+        assert_eq!(subject, "CN=srpc dev client", "connection {round}");
+        client.close();
+        client.closed().await;
+    }
 }
