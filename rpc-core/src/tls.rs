@@ -120,9 +120,22 @@ fn pem_error(path: &Path, e: pem::Error) -> TlsError {
     }
 }
 
-/// The crypto provider every config uses: rustls' default, aws-lc-rs.
+/// The crypto provider every config uses: rustls' default, aws-lc-rs, with
+/// `TLS13_AES_128_GCM_SHA256` preferred over rustls' default first choice,
+/// `TLS13_AES_256_GCM_SHA384` (both stay offered, with ChaCha20-Poly1305).
+/// AES-128-GCM is the suite every TLS 1.3 stack must implement and the one
+/// Go and most browsers prefer; on x86 it runs about a third faster than
+/// AES-256, and SHA-256 has CPU instructions (SHA-NI) that SHA-384 lacks,
+/// which shortens every handshake's key schedule.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::cipher_suite;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
 }
 
 /// Reads every certificate in a PEM file; at least one must be there.
