@@ -339,12 +339,10 @@ impl Server {
                 drain: drain.clone(),
                 kill: kill.clone(),
             };
-            let fut = async move {
+            tracker.spawn(async move {
                 conn.run(tcp, peer).await;
                 drop(slot);
-            };
-            eprintln!("SIZE conn task {}", std::mem::size_of_val(&fut));
-            tracker.spawn(fut);
+            });
         }
         drop(listener);
         tracker.close();
