@@ -145,7 +145,10 @@ impl Driver {
         let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
         let stop_writer = CancellationToken::new();
-        let mut writer_task = tokio::spawn(write_loop(
+        // The writer runs inside this task, polled by the loop below after
+        // the reader: replies to a burst of requests are written together,
+        // and no other task is woken to write them.
+        let mut writer = Box::pin(write_loop(
             writer,
             self.shared.outbound.clone(),
             self.shared.control.clone(),
@@ -161,14 +164,6 @@ impl Driver {
                 biased;
                 _ = self.shared.shutdown.cancelled() => {
                     break End::Quiet(CloseCause::Other("closed by this side".into()));
-                }
-                res = &mut writer_task => {
-                    writer_done = true;
-                    break End::Quiet(CloseCause::Other(match res {
-                        Ok(Ok(())) => "writer stopped".into(),
-                        Ok(Err(e)) => format!("write failed: {e}"),
-                        Err(e) => format!("writer task failed: {e}"),
-                    }));
                 }
                 _ = &mut self.timer => {
                     let mid = !reader.read_buffer().is_empty() || reader.decoder().mid_frame();
@@ -206,7 +201,17 @@ impl Driver {
                 _ = self.handlers.wait(), if self.draining => {
                     break End::Quiet(CloseCause::Other("drained after GoAway".into()));
                 }
-                next = reader.next() => next,
+                // Reading pauses while this side's own replies exceed the
+                // outbound queue, until the writer catches up (a peer that
+                // sends calls but does not read the replies).
+                next = reader.next(), if !self.shared.outbound.over_capacity() => next,
+                res = &mut writer => {
+                    writer_done = true;
+                    break End::Quiet(CloseCause::Other(match res {
+                        Ok(()) => "writer stopped".into(),
+                        Err(e) => format!("write failed: {e}"),
+                    }));
+                }
             };
             match next {
                 None => break End::Quiet(CloseCause::Other("peer closed the connection".into())),
@@ -240,7 +245,7 @@ impl Driver {
         // Boxed, like the rare paths in `on_request`: the driver's future
         // lives as long as the connection, so its size is memory per
         // connection, and the closing state need not be part of it.
-        Box::pin(self.finish(cause, stop_writer, writer_task, writer_done)).await
+        Box::pin(self.finish(cause, stop_writer, writer, writer_done)).await
     }
 
     fn reset_timer(&mut self) {
@@ -349,7 +354,7 @@ impl Driver {
                 c.failed(StatusCode::ShuttingDown);
             }
             let status = Status::new(StatusCode::ShuttingDown, "server is shutting down");
-            let _ = Box::pin(self.shared.outbound.send(refuse(status))).await;
+            self.shared.outbound.send_now(refuse(status));
             return Ok(());
         }
         // Ids need not arrive in order (concurrent calls race to the queue);
@@ -375,7 +380,7 @@ impl Driver {
                     self.max_in_flight
                 ),
             );
-            let _ = Box::pin(self.shared.outbound.send(refuse(status))).await;
+            self.shared.outbound.send_now(refuse(status));
             return Ok(());
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
@@ -400,9 +405,7 @@ impl Driver {
             token.cancel();
             let result = Some(outcome.unwrap_or_else(|_| panicked()));
             if let Some(frame) = finish_call(&self.shared, dispatch.as_ref(), id, result) {
-                if let Err(TrySend::Full(frame)) = self.shared.outbound.try_send(frame) {
-                    let _ = Box::pin(self.shared.outbound.send(frame)).await;
-                }
+                self.shared.outbound.send_now(frame);
             }
             return Ok(());
         }
@@ -437,13 +440,16 @@ impl Driver {
         Ok(())
     }
 
-    async fn finish(
+    async fn finish<W>(
         self,
         cause: CloseCause,
         stop_writer: CancellationToken,
-        mut writer_task: tokio::task::JoinHandle<Result<(), Error>>,
+        mut writer: W,
         writer_done: bool,
-    ) -> String {
+    ) -> String
+    where
+        W: std::future::Future<Output = Result<(), Error>> + Unpin,
+    {
         let reason = cause.describe();
         let _ = self.shared.close_reason.set(reason.clone());
         self.shared.shutdown.cancel();
@@ -452,7 +458,7 @@ impl Driver {
         stop_writer.cancel();
         let wait = async {
             if !writer_done {
-                let _ = (&mut writer_task).await;
+                let _ = (&mut writer).await;
             }
             self.handlers.wait().await;
         };
@@ -461,7 +467,6 @@ impl Driver {
             .is_err()
         {
             debug!("peer did not take the last frames in time");
-            writer_task.abort();
         }
         debug!(%reason, "connection closed");
         self.shared.done.cancel();
@@ -562,7 +567,7 @@ impl ControlQueue {
 /// Why [`Outbound::try_send`] did not queue a frame.
 pub(crate) enum TrySend {
     /// The queue is at capacity; `send` would wait.
-    Full(Frame),
+    Full,
     /// The writer has stopped.
     Closed,
 }
@@ -572,36 +577,77 @@ pub(crate) enum TrySend {
 /// while empty (a tokio channel's first block is about 2.4 KiB for every
 /// connection, idle or not).
 pub(crate) struct Outbound {
-    frames: Mutex<(VecDeque<Frame>, bool)>,
+    frames: Mutex<Queue>,
     /// One permit per free place; closed when the writer stops.
     space: Semaphore,
     ready: Notify,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    closed: bool,
+    /// Frames queued by `send_now` without a permit; popping one of them
+    /// returns no permit.
+    unpermitted: usize,
 }
 
 impl Outbound {
     pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
         Outbound {
-            frames: Mutex::new((VecDeque::new(), false)),
-            space: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
+            frames: Mutex::new(Queue::default()),
+            space: Semaphore::new(capacity),
             ready: Notify::new(),
+            capacity,
         }
     }
 
-    fn frames(&self) -> MutexGuard<'_, (VecDeque<Frame>, bool)> {
+    fn frames(&self) -> MutexGuard<'_, Queue> {
         // push_back/pop_front only: a poisoned deque is still consistent.
         self.frames.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, frame: Frame) -> Result<(), Frame> {
         {
-            let mut frames = self.frames();
-            if frames.1 {
+            let mut q = self.frames();
+            if q.closed {
                 return Err(frame);
             }
-            frames.0.push_back(frame);
+            q.frames.push_back(frame);
         }
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Queues `frame` at once, past the capacity if need be: for the
+    /// connection's own task, which also runs the writer and so must never
+    /// wait for it. That task stops reading while the queue is over
+    /// capacity ([`Outbound::over_capacity`]), which bounds the excess.
+    pub(crate) fn send_now(&self, frame: Frame) {
+        match self.space.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                let _ = self.push(frame);
+            }
+            Err(_) => {
+                {
+                    let mut q = self.frames();
+                    if q.closed {
+                        return;
+                    }
+                    q.frames.push_back(frame);
+                    q.unpermitted += 1;
+                }
+                self.ready.notify_one();
+            }
+        }
+    }
+
+    /// More frames wait than the capacity.
+    pub(crate) fn over_capacity(&self) -> bool {
+        self.frames().frames.len() > self.capacity
     }
 
     /// Queues `frame`, waiting for room; gives it back if the writer has
@@ -623,14 +669,22 @@ impl Outbound {
                 permit.forget();
                 self.push(frame).map_err(|_| TrySend::Closed)
             }
-            Err(tokio::sync::TryAcquireError::NoPermits) => Err(TrySend::Full(frame)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(TrySend::Full),
             Err(tokio::sync::TryAcquireError::Closed) => Err(TrySend::Closed),
         }
     }
 
     fn pop(&self) -> Option<Frame> {
-        let frame = self.frames().0.pop_front();
-        if frame.is_some() {
+        let (frame, permitted) = {
+            let mut q = self.frames();
+            let frame = q.frames.pop_front();
+            let permitted = frame.is_some() && q.unpermitted == 0;
+            if frame.is_some() && !permitted {
+                q.unpermitted -= 1;
+            }
+            (frame, permitted)
+        };
+        if permitted {
             self.space.add_permits(1);
         }
         frame
@@ -647,7 +701,7 @@ impl Outbound {
 
     /// The writer stopped: senders fail from now on instead of waiting.
     fn close(&self) {
-        self.frames().1 = true;
+        self.frames().closed = true;
         self.space.close();
     }
 }
@@ -799,7 +853,7 @@ mod tests {
         let q = Arc::new(Outbound::new(2));
         assert!(q.try_send(ping(1)).is_ok());
         assert!(q.send(ping(2)).await.is_ok());
-        assert!(matches!(q.try_send(ping(3)), Err(TrySend::Full(_))));
+        assert!(matches!(q.try_send(ping(3)), Err(TrySend::Full)));
         // A waiting sender gets in as soon as the writer takes a frame.
         let waiting = tokio::spawn({
             let q = q.clone();
@@ -810,6 +864,23 @@ mod tests {
         assert_eq!(q.pop(), Some(ping(2)));
         assert_eq!(q.pop(), Some(ping(3)));
         assert_eq!(q.pop(), None);
+        // The connection's own replies never wait: past the capacity they
+        // are queued all the same, and the queue reports it is over.
+        for n in 10..13 {
+            q.send_now(ping(n));
+        }
+        assert!(q.over_capacity());
+        assert!(matches!(q.try_send(ping(13)), Err(TrySend::Full)));
+        for n in 10..13 {
+            assert_eq!(q.pop(), Some(ping(n)));
+        }
+        assert!(!q.over_capacity());
+        // Exactly the capacity is free again: no permit was made up.
+        assert!(q.try_send(ping(20)).is_ok());
+        assert!(q.try_send(ping(21)).is_ok());
+        assert!(matches!(q.try_send(ping(22)), Err(TrySend::Full)));
+        assert_eq!(q.pop(), Some(ping(20)));
+        assert_eq!(q.pop(), Some(ping(21)));
         q.close();
         assert!(matches!(q.try_send(ping(4)), Err(TrySend::Closed)));
         assert_eq!(q.send(ping(5)).await, Err(ping(5)));

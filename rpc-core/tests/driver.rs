@@ -346,3 +346,52 @@ fn read_only(
 ) -> impl tokio::io::AsyncRead + Unpin {
     read
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_sends_calls_but_never_reads_replies_is_held_back_then_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = ConnectionConfig::default();
+    cfg.write_stall_timeout = Duration::from_secs(5);
+    let (mut a, mut b) = tokio::io::duplex(1 << 16);
+    let (ha, hb) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    ha.unwrap();
+    let service = std::sync::Arc::new(common::TestService::default());
+    let (conn, driver) =
+        rpc_core::connection::start(b, &cfg, common::addr(), hb.unwrap(), Some(service));
+    tokio::spawn(driver);
+    // 10,000 echo calls of 16 KiB (160 MiB of replies) into a peer that
+    // never reads. The server must stop taking calls once its replies back
+    // up, not buffer them all.
+    let (_unread, mut write) = tokio::io::split(a);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        for id in 1..=10_000u64 {
+            let frame = rpc_core::Frame::Request {
+                id,
+                method: "echo".into(),
+                deadline_ms: None,
+                body: Bytes::from(vec![1u8; 16 * 1024]),
+            };
+            if write.write_all(&common::encode(frame)).await.is_err() {
+                break;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let started = tokio::time::Instant::now();
+    conn.closed().await;
+    let took = started.elapsed();
+    let reason = conn.close_reason().unwrap();
+    assert!(reason.contains("peer stopped reading"), "{reason}");
+    assert!(took < Duration::from_secs(7), "{took:?}");
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    let queue = cfg.outbound_queue;
+    assert!(
+        sent <= queue + 16,
+        "the server read {sent} calls with its replies unread (queue {queue})"
+    );
+}
