@@ -85,7 +85,7 @@ pub(crate) struct Dialer {
 enum DialerKind {
     Srpc(srpc_stack::Dialer),
     Raw(raw::Dialer),
-    Tonic(tonic_stack::Dialer),
+    Tonic(Box<tonic_stack::Dialer>),
     Tarpc(tarpc_stack::Dialer),
 }
 
@@ -100,7 +100,9 @@ impl Dialer {
         let inner = match stack {
             Stack::Srpc => DialerKind::Srpc(srpc_stack::Dialer::new(addr, certs, handshake)?),
             Stack::Raw => DialerKind::Raw(raw::Dialer::new(addr, certs, handshake)?),
-            Stack::Tonic => DialerKind::Tonic(tonic_stack::Dialer::new(addr, certs, handshake)?),
+            Stack::Tonic => {
+                DialerKind::Tonic(Box::new(tonic_stack::Dialer::new(addr, certs, handshake)?))
+            }
             Stack::Tarpc => DialerKind::Tarpc(tarpc_stack::Dialer::new(addr, certs, handshake)?),
         };
         Ok(Dialer { inner })
