@@ -321,7 +321,7 @@ impl Client {
     pub async fn call<A, R>(&self, method: &str, args: &A) -> Result<R, ClientError>
     where
         A: Serialize + ?Sized,
-        R: DeserializeOwned,
+        R: DeserializeOwned + 'static,
     {
         self.call_with_timeout(method, args, self.core().timeout)
             .await
@@ -337,7 +337,7 @@ impl Client {
     ) -> Result<R, ClientError>
     where
         A: Serialize + ?Sized,
-        R: DeserializeOwned,
+        R: DeserializeOwned + 'static,
     {
         let body = codec::encode(args, self.core().config.max_frame).map_err(|source| {
             ClientError::Encode {
@@ -362,7 +362,7 @@ impl Client {
                 other => break other?,
             }
         };
-        codec::decode::<R>(&reply, reply.len()).map_err(|source| ClientError::Decode {
+        codec::decode_owned::<R>(&reply, reply.len()).map_err(|source| ClientError::Decode {
             method: method.to_owned(),
             expected: std::any::type_name::<R>(),
             source,
@@ -478,7 +478,7 @@ impl rpc_core::service::Caller for Client {
     ) -> impl std::future::Future<Output = Result<R, ClientError>> + Send
     where
         A: Serialize + Sync,
-        R: DeserializeOwned + Send,
+        R: DeserializeOwned + Send + 'static,
     {
         self.call(method, args)
     }

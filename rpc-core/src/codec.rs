@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
 use serde::de::Visitor;
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,62 @@ pub fn encode<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<Bytes, C
     let mut buf = BytesMut::with_capacity(encoded_len(value, limit)?);
     encode_into(value, limit, &mut buf)?;
     Ok(buf.freeze())
+}
+
+/// Like [`decode`], for a value kept past `bytes`: when `T` is [`Bytes`] or
+/// `(Bytes,)` (a method taking or returning one byte string), the value is a
+/// slice of `bytes`, not a copy. Same result and same errors as `decode`:
+/// anything but a well-formed byte string within `limit` goes through it.
+pub fn decode_owned<T: DeserializeOwned + 'static>(
+    bytes: &Bytes,
+    limit: usize,
+) -> Result<T, CodecError> {
+    use std::any::{Any, TypeId};
+    let single = TypeId::of::<T>() == TypeId::of::<Bytes>();
+    let tuple = TypeId::of::<T>() == TypeId::of::<(Bytes,)>();
+    if single || tuple {
+        if let Some(payload) = byte_string(bytes, limit) {
+            let value: Box<dyn Any> = if single {
+                Box::new(payload)
+            } else {
+                Box::new((payload,))
+            };
+            if let Ok(value) = value.downcast::<T>() {
+                return Ok(*value);
+            }
+        }
+    }
+    decode(bytes, limit)
+}
+
+/// The payload when `bytes` is exactly one bincode byte string (varint
+/// length, then that many bytes) in its canonical form, within `limit`.
+fn byte_string(bytes: &Bytes, limit: usize) -> Option<Bytes> {
+    if bytes.len() > limit {
+        return None;
+    }
+    let (&marker, rest) = bytes.split_first()?;
+    let (len, head) = match marker {
+        0..=250 => (u64::from(marker), 1),
+        251 => (
+            u64::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?)),
+            3,
+        ),
+        252 => (
+            u64::from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)),
+            5,
+        ),
+        253 => (u64::from_le_bytes(rest.get(..8)?.try_into().ok()?), 9),
+        _ => return None,
+    };
+    // Canonical: the shortest form for the length (what bincode writes).
+    let canonical = match head {
+        1 => true,
+        3 => len >= 251,
+        5 => len > u64::from(u16::MAX),
+        _ => len > u64::from(u32::MAX),
+    };
+    (canonical && (bytes.len() - head) as u64 == len).then(|| bytes.slice(head..))
 }
 
 /// Decodes one value that must fill `bytes` exactly; borrows from `bytes`
@@ -180,6 +237,49 @@ pub fn decode_prefix<'a, T: Deserialize<'a>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_byte_string_decodes_as_a_slice_with_decodes_result() {
+        for size in [0usize, 1, 250, 251, 65_535, 65_536, 70_000] {
+            let payload = Bytes::from(vec![3u8; size]);
+            let wire = encode(&(payload.clone(),), usize::MAX).unwrap();
+            let (sliced,): (Bytes,) = decode_owned(&wire, wire.len()).unwrap();
+            let single: Bytes = decode_owned(&wire, wire.len()).unwrap();
+            let (copied,): (Bytes,) = decode(&wire, wire.len()).unwrap();
+            assert_eq!(sliced, copied, "{size} bytes");
+            assert_eq!(single, copied, "{size} bytes");
+            if size > 0 {
+                // A slice of the frame, not a copy.
+                let frame = wire.as_ptr_range();
+                assert!(frame.contains(&sliced.as_ptr()), "{size} bytes were copied");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_byte_strings_fail_as_decode_fails() {
+        let good = encode(&Bytes::from_static(b"hello"), usize::MAX).unwrap();
+        let mut trailing = BytesMut::from(&good[..]);
+        trailing.put_u8(0);
+        // Length 5 written in the 3-byte form: not what bincode writes.
+        let long_form = Bytes::from_static(&[251, 5, 0, b'h', b'e', b'l', b'l', b'o']);
+        let cases = [
+            good.slice(..good.len() - 1),
+            trailing.freeze(),
+            Bytes::from_static(&[252, 1]),
+            Bytes::from_static(&[255, 1, 2]),
+            long_form,
+            Bytes::new(),
+        ];
+        for case in cases {
+            let fast = decode_owned::<Bytes>(&case, case.len()).map_err(|e| e.to_string());
+            let slow = decode::<Bytes>(&case, case.len()).map_err(|e| e.to_string());
+            assert_eq!(fast, slow, "{case:?}");
+        }
+        // Over the limit: refused like decode refuses it.
+        let err = decode_owned::<Bytes>(&good, good.len() - 1).unwrap_err();
+        assert!(err.is_size_limit(), "{err}");
+    }
 
     #[test]
     fn round_trip_borrows_str() {

@@ -88,13 +88,13 @@ pub trait Caller: Send + Sync {
     ) -> impl Future<Output = Result<R, Self::Error>> + Send
     where
         A: Serialize + Sync,
-        R: DeserializeOwned + Send;
+        R: DeserializeOwned + Send + 'static;
 }
 
 /// Decodes a method's argument tuple, naming the method on failure (used by
-/// generated code).
-pub fn decode_args<T: DeserializeOwned>(method: &str, body: &[u8]) -> Result<T, Status> {
-    crate::codec::decode(body, body.len()).map_err(|e| {
+/// generated code). A lone `Bytes` argument is a slice of the frame.
+pub fn decode_args<T: DeserializeOwned + 'static>(method: &str, body: &Bytes) -> Result<T, Status> {
+    crate::codec::decode_owned(body, body.len()).map_err(|e| {
         Status::invalid_argument(format!(
             "arguments of {method:?} did not decode as {}: {e}",
             std::any::type_name::<T>()
