@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::driver::{ControlQueue, Driver, Outbound};
+use crate::driver::{Driver, Outbound};
 use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
@@ -120,7 +120,7 @@ pub(crate) struct CallTable {
 
 pub(crate) struct Shared {
     pub(crate) outbound: Arc<Outbound>,
-    pub(crate) control: Arc<ControlQueue>,
+    pub(crate) control: Arc<Outbound>,
     calls: Mutex<CallTable>,
     pub(crate) next_id: AtomicU64,
     /// Fires when the connection must end (local close, or the driver ended).
@@ -413,7 +413,7 @@ where
     );
     let shared = Arc::new(Shared {
         outbound: Arc::new(Outbound::new(config.outbound_queue)),
-        control: Arc::default(),
+        control: Arc::new(Outbound::new(CONTROL_QUEUE)),
         calls: Mutex::new(CallTable::default()),
         next_id: AtomicU64::new(1),
         shutdown: CancellationToken::new(),

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::connection::{CallContext, CloseCause, Dispatch, Shared, CONTROL_QUEUE};
+use crate::connection::{CallContext, CloseCause, Dispatch, Shared};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame, FrameCodec};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
@@ -256,7 +256,7 @@ impl Driver {
     /// Queues a control frame; if 64 are already waiting the peer is not
     /// reading, and the heartbeat will notice.
     fn send_control(&self, frame: Frame) {
-        if !self.shared.control.push(frame) {
+        if self.shared.control.try_send(frame).is_err() {
             debug!("control queue full; frame dropped");
         }
     }
@@ -520,50 +520,6 @@ fn finish_call(
 /// varint id and length (bincode `DefaultOptions`).
 const RESPONSE_OVERHEAD: usize = 32;
 
-/// Ping, Pong and GoAway, which the writer sends before any data frame.
-/// A deque that allocates nothing while empty: a channel's first block
-/// would cost every idle connection about 2.4 KiB.
-#[derive(Default)]
-pub(crate) struct ControlQueue {
-    frames: Mutex<VecDeque<Frame>>,
-    ready: Notify,
-}
-
-impl ControlQueue {
-    fn frames(&self) -> MutexGuard<'_, VecDeque<Frame>> {
-        // push_back/pop_front only: a poisoned deque is still consistent.
-        self.frames.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues `frame`; false when [`CONTROL_QUEUE`] frames already wait.
-    pub(crate) fn push(&self, frame: Frame) -> bool {
-        {
-            let mut frames = self.frames();
-            if frames.len() >= CONTROL_QUEUE {
-                return false;
-            }
-            frames.push_back(frame);
-        }
-        self.ready.notify_one();
-        true
-    }
-
-    fn pop(&self) -> Option<Frame> {
-        self.frames().pop_front()
-    }
-
-    /// The next frame, waiting for one. `notify_one` keeps a permit when
-    /// nobody waits, so a push between `pop` and `notified` is not lost.
-    async fn next(&self) -> Frame {
-        loop {
-            if let Some(frame) = self.pop() {
-                return frame;
-            }
-            self.ready.notified().await;
-        }
-    }
-}
-
 /// Why [`Outbound::try_send`] did not queue a frame.
 pub(crate) enum TrySend {
     /// The queue is at capacity; `send` would wait.
@@ -572,7 +528,9 @@ pub(crate) enum TrySend {
     Closed,
 }
 
-/// Data frames (requests, responses, cancels) on their way to the writer:
+/// Frames on their way to the writer, one queue for data (requests,
+/// responses, cancels) and one for control (Ping, Pong, GoAway, which the
+/// writer takes first):
 /// a bounded queue, like a channel, but a deque that allocates nothing
 /// while empty (a tokio channel's first block is about 2.4 KiB for every
 /// connection, idle or not).
@@ -582,6 +540,8 @@ pub(crate) struct Outbound {
     space: Semaphore,
     ready: Notify,
     capacity: usize,
+    /// More than `capacity` frames wait; updated under the lock.
+    over: AtomicBool,
 }
 
 #[derive(Default)]
@@ -601,6 +561,7 @@ impl Outbound {
             space: Semaphore::new(capacity),
             ready: Notify::new(),
             capacity,
+            over: AtomicBool::new(false),
         }
     }
 
@@ -609,13 +570,19 @@ impl Outbound {
         self.frames.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, frame: Frame) -> Result<(), Frame> {
+    /// Queues `frame`; `permitted` says whether a place was taken for it.
+    fn push(&self, frame: Frame, permitted: bool) -> Result<(), Frame> {
         {
             let mut q = self.frames();
             if q.closed {
                 return Err(frame);
             }
             q.frames.push_back(frame);
+            if !permitted {
+                q.unpermitted += 1;
+            }
+            self.over
+                .store(q.frames.len() > self.capacity, Ordering::Relaxed);
         }
         self.ready.notify_one();
         Ok(())
@@ -626,28 +593,20 @@ impl Outbound {
     /// wait for it. That task stops reading while the queue is over
     /// capacity ([`Outbound::over_capacity`]), which bounds the excess.
     pub(crate) fn send_now(&self, frame: Frame) {
-        match self.space.try_acquire() {
+        let permitted = match self.space.try_acquire() {
             Ok(permit) => {
                 permit.forget();
-                let _ = self.push(frame);
+                true
             }
-            Err(_) => {
-                {
-                    let mut q = self.frames();
-                    if q.closed {
-                        return;
-                    }
-                    q.frames.push_back(frame);
-                    q.unpermitted += 1;
-                }
-                self.ready.notify_one();
-            }
-        }
+            Err(_) => false,
+        };
+        let _ = self.push(frame, permitted);
     }
 
-    /// More frames wait than the capacity.
+    /// More frames wait than the capacity (read on every turn of the
+    /// driver's loop, so kept in an atomic rather than behind the lock).
     pub(crate) fn over_capacity(&self) -> bool {
-        self.frames().frames.len() > self.capacity
+        self.over.load(Ordering::Relaxed)
     }
 
     /// Queues `frame`, waiting for room; gives it back if the writer has
@@ -656,7 +615,7 @@ impl Outbound {
         match self.space.acquire().await {
             Ok(permit) => {
                 permit.forget();
-                self.push(frame)
+                self.push(frame, true)
             }
             Err(_) => Err(frame),
         }
@@ -667,7 +626,7 @@ impl Outbound {
         match self.space.try_acquire() {
             Ok(permit) => {
                 permit.forget();
-                self.push(frame).map_err(|_| TrySend::Closed)
+                self.push(frame, true).map_err(|_| TrySend::Closed)
             }
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(TrySend::Full),
             Err(tokio::sync::TryAcquireError::Closed) => Err(TrySend::Closed),
@@ -682,6 +641,8 @@ impl Outbound {
             if frame.is_some() && !permitted {
                 q.unpermitted -= 1;
             }
+            self.over
+                .store(q.frames.len() > self.capacity, Ordering::Relaxed);
             (frame, permitted)
         };
         if permitted {
@@ -754,7 +715,7 @@ impl Stall {
 async fn write_loop<W>(
     mut sink: FramedWrite<W, FrameCodec>,
     data: Arc<Outbound>,
-    control: Arc<ControlQueue>,
+    control: Arc<Outbound>,
     stop: CancellationToken,
     stall: Stall,
 ) -> Result<(), Error>
@@ -813,6 +774,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::CONTROL_QUEUE;
 
     const S: Duration = Duration::from_secs(1);
 
@@ -888,13 +850,16 @@ mod tests {
 
     #[tokio::test]
     async fn the_control_queue_holds_at_most_its_capacity() {
-        let q = ControlQueue::default();
+        let q = Outbound::new(CONTROL_QUEUE);
         for n in 0..CONTROL_QUEUE as u64 {
-            assert!(q.push(ping(n)));
+            assert!(q.try_send(ping(n)).is_ok());
         }
-        assert!(!q.push(ping(999)), "a full control queue drops the frame");
+        assert!(
+            q.try_send(ping(999)).is_err(),
+            "a full control queue drops the frame"
+        );
         assert_eq!(q.next().await, ping(0));
-        assert!(q.push(ping(1000)));
+        assert!(q.try_send(ping(1000)).is_ok());
     }
 
     #[test]

@@ -201,7 +201,12 @@ async fn version_mismatch_is_refused_on_both_sides() {
 
 /// A server connection whose peer is a raw pipe end that completed `Hello`.
 async fn server_with_raw_peer() -> (rpc_core::Connection, tokio::io::DuplexStream) {
-    let cfg = ConnectionConfig::default();
+    server_with_raw_peer_config(ConnectionConfig::default()).await
+}
+
+async fn server_with_raw_peer_config(
+    cfg: ConnectionConfig,
+) -> (rpc_core::Connection, tokio::io::DuplexStream) {
     let (mut a, mut b) = tokio::io::duplex(1 << 16);
     let (ha, hb) = tokio::join!(
         exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
@@ -352,16 +357,7 @@ async fn a_peer_that_sends_calls_but_never_reads_replies_is_held_back_then_cut_o
     use tokio::io::AsyncWriteExt;
     let mut cfg = ConnectionConfig::default();
     cfg.write_stall_timeout = Duration::from_secs(5);
-    let (mut a, mut b) = tokio::io::duplex(1 << 16);
-    let (ha, hb) = tokio::join!(
-        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    ha.unwrap();
-    let service = std::sync::Arc::new(common::TestService::default());
-    let (conn, driver) =
-        rpc_core::connection::start(b, &cfg, common::addr(), hb.unwrap(), Some(service));
-    tokio::spawn(driver);
+    let (conn, a) = server_with_raw_peer_config(cfg.clone()).await;
     // 10,000 echo calls of 16 KiB (160 MiB of replies) into a peer that
     // never reads. The server must stop taking calls once its replies back
     // up, not buffer them all.

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 mod raw;
 mod srpc_stack;
@@ -130,6 +130,60 @@ pub(crate) async fn serve(
         Stack::Raw => raw::serve(listener, certs).await,
         Stack::Tonic => tonic_stack::serve(listener, certs).await,
         Stack::Tarpc => tarpc_stack::serve(listener, certs).await,
+    }
+}
+
+/// Accepts connections on `listener`, completes TLS with the raw/tarpc
+/// server config, and runs `serve` on each in a task of its own.
+async fn accept_tls<F, Fut>(listener: TcpListener, certs: &Certs, serve: F) -> anyhow::Result<()>
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(plain_server_tls(certs)?);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        let serve = serve.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                serve(tls).await;
+            }
+        });
+    }
+}
+
+/// A TCP connection with Nagle off and TLS on top, for raw and tarpc.
+async fn connect_tls(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME)?;
+    Ok(connector.connect(name, tcp).await?)
+}
+
+/// A client that `close` drops (tarpc and tonic end a connection that way).
+struct Slot<T>(std::sync::RwLock<Option<T>>);
+
+impl<T: Clone> Slot<T> {
+    fn new(client: T) -> Self {
+        Slot(std::sync::RwLock::new(Some(client)))
+    }
+
+    /// A clone of the client, or an error once closed.
+    fn get(&self) -> anyhow::Result<T> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("connection closed"))
+    }
+
+    fn close(&self) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use rustls::pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::{plain_client_tls, plain_server_tls, BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+use super::{accept_tls, connect_tls, plain_client_tls, BoxFut, Caller, Certs, Handshake};
 
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -25,38 +24,30 @@ fn codec() -> LengthDelimitedCodec {
 }
 
 pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
-    let acceptor = TlsAcceptor::from(plain_server_tls(certs)?);
-    loop {
-        let (tcp, _) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let Ok(tls) = acceptor.accept(tcp).await else {
+    accept_tls(listener, certs, |tls| async move {
+        let mut framed = Framed::new(tls, codec());
+        while let Some(Ok(frame)) = framed.next().await {
+            if framed.feed(frame.freeze()).await.is_err() {
                 return;
-            };
-            let mut framed = Framed::new(tls, codec());
-            while let Some(Ok(frame)) = framed.next().await {
-                if framed.feed(frame.freeze()).await.is_err() {
-                    return;
-                }
-                // Echo whatever else has already arrived, then flush once.
-                loop {
-                    match framed.next().now_or_never() {
-                        Some(Some(Ok(frame))) => {
-                            if framed.feed(frame.freeze()).await.is_err() {
-                                return;
-                            }
+            }
+            // Echo whatever else has already arrived, then flush once.
+            loop {
+                match framed.next().now_or_never() {
+                    Some(Some(Ok(frame))) => {
+                        if framed.feed(frame.freeze()).await.is_err() {
+                            return;
                         }
-                        Some(_) => return,
-                        None => break,
                     }
-                }
-                if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
-                    return;
+                    Some(_) => return,
+                    None => break,
                 }
             }
-        });
-    }
+            if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 pub(super) struct Dialer {
@@ -77,12 +68,7 @@ impl Dialer {
     }
 
     pub(super) async fn connect(&self) -> anyhow::Result<RawCaller> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        tcp.set_nodelay(true)?;
-        let tls = self
-            .connector
-            .connect(ServerName::try_from(SERVER_NAME)?, tcp)
-            .await?;
+        let tls = connect_tls(self.addr, &self.connector).await?;
         let (read, write) = tokio::io::split(tls);
         let pending: Pending = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Bytes>(1024);

@@ -5,14 +5,13 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use rustls::pki_types::ServerName;
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::Bincode;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsConnector;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use super::{plain_client_tls, plain_server_tls, BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+use super::{accept_tls, connect_tls, plain_client_tls, BoxFut, Caller, Certs, Handshake, Slot};
 
 /// The benchmark's service.
 #[tarpc::service]
@@ -41,23 +40,15 @@ async fn spawn(fut: impl std::future::Future<Output = ()> + Send + 'static) {
 }
 
 pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
-    let acceptor = TlsAcceptor::from(plain_server_tls(certs)?);
-    loop {
-        let (tcp, _) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let framed = tokio_util::codec::Framed::new(tls, codec());
-            let transport = tarpc::serde_transport::new(framed, Bincode::default());
-            BaseChannel::with_defaults(transport)
-                .execute(EchoImpl.serve())
-                .for_each(spawn)
-                .await;
-        });
-    }
+    accept_tls(listener, certs, |tls| async move {
+        let framed = tokio_util::codec::Framed::new(tls, codec());
+        let transport = tarpc::serde_transport::new(framed, Bincode::default());
+        BaseChannel::with_defaults(transport)
+            .execute(EchoImpl.serve())
+            .for_each(spawn)
+            .await;
+    })
+    .await
 }
 
 pub(super) struct Dialer {
@@ -78,32 +69,29 @@ impl Dialer {
     }
 
     pub(super) async fn connect(&self) -> anyhow::Result<TarpcCaller> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        tcp.set_nodelay(true)?;
-        let tls = self
-            .connector
-            .connect(ServerName::try_from(SERVER_NAME)?, tcp)
-            .await?;
+        let tls = connect_tls(self.addr, &self.connector).await?;
         let framed = tokio_util::codec::Framed::new(tls, codec());
         let transport = tarpc::serde_transport::new(framed, Bincode::default());
         let client = EchoClient::new(tarpc::client::Config::default(), transport).spawn();
-        Ok(TarpcCaller(Some(client).into()))
+        Ok(TarpcCaller(Slot::new(client)))
     }
 }
 
 /// The client; dropping it (on `close`) ends the connection.
-pub(super) struct TarpcCaller(std::sync::RwLock<Option<EchoClient>>);
+pub(super) struct TarpcCaller(Slot<EchoClient>);
 
 impl Caller for TarpcCaller {
     fn echo(&self, payload: Bytes) -> BoxFut<'_, usize> {
-        let client = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let client = self.0.get();
         Box::pin(async move {
-            let client = client.ok_or_else(|| anyhow::anyhow!("tarpc client closed"))?;
-            Ok(client.echo(tarpc::context::current(), payload).await?.len())
+            Ok(client?
+                .echo(tarpc::context::current(), payload)
+                .await?
+                .len())
         })
     }
 
     fn close(&self) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.0.close();
     }
 }

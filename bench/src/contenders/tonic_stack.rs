@@ -9,7 +9,7 @@ use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
 };
 
-use super::{BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+use super::{BoxFut, Caller, Certs, Handshake, Slot, SERVER_NAME};
 
 mod pb {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
@@ -84,25 +84,24 @@ impl Dialer {
             Some(endpoint) => endpoint.connect().await?,
             None => self.endpoint()?.connect().await?,
         };
-        Ok(TonicCaller(std::sync::RwLock::new(Some(channel))))
+        Ok(TonicCaller(Slot::new(channel)))
     }
 }
 
 /// The channel (one HTTP/2 connection); dropping it on `close` ends it.
-pub(super) struct TonicCaller(std::sync::RwLock<Option<Channel>>);
+pub(super) struct TonicCaller(Slot<Channel>);
 
 impl Caller for TonicCaller {
     fn echo(&self, payload: Bytes) -> BoxFut<'_, usize> {
-        let channel = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let channel = self.0.get();
         Box::pin(async move {
-            let channel = channel.ok_or_else(|| anyhow::anyhow!("tonic channel closed"))?;
-            let mut client = EchoClient::new(channel).max_decoding_message_size(16 << 20);
+            let mut client = EchoClient::new(channel?).max_decoding_message_size(16 << 20);
             let reply = client.echo(Payload { data: payload }).await?;
             Ok(reply.into_inner().data.len())
         })
     }
 
     fn close(&self) {
-        self.0.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.0.close();
     }
 }
