@@ -79,9 +79,133 @@ pub fn encode_into<T: Serialize + ?Sized>(
 
 /// Encodes `value` into a new buffer (a call's arguments or a reply).
 pub fn encode<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<Bytes, CodecError> {
-    let mut buf = BytesMut::with_capacity(encoded_len(value, limit)?);
+    encode_pooled(value, limit, &pool::POOL)
+}
+
+fn encode_pooled<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+    pool: &'static pool::Pool,
+) -> Result<Bytes, CodecError> {
+    let len = encoded_len(value, limit)?;
+    if len >= pool::MIN_BUFFER {
+        let mut buf = pool.take(len);
+        options(limit)
+            .serialize_into(&mut buf, value)
+            .map_err(|inner| CodecError { inner })?;
+        return Ok(pool.bytes(buf));
+    }
+    let mut buf = BytesMut::with_capacity(len);
     encode_into(value, limit, &mut buf)?;
     Ok(buf.freeze())
+}
+
+/// Buffers for large encoded values, used again instead of freed.
+///
+/// A large argument or reply lives only until the writer has copied it into
+/// the write buffer. Freed, it goes back to glibc, which returns such memory
+/// to the kernel and takes page faults to get it again: at 1 MiB calls that
+/// cost a fifth of the machine (`perf stat -e page-faults`: 466 faults per
+/// call, against 70 for raw TLS). Kept here, it is written over instead.
+///
+/// The pool is bounded: at most [`KEPT`] buffers and [`KEPT_BYTES`] in all,
+/// none larger than [`MAX_BUFFER`]; a buffer beyond that is freed as usual.
+/// A process that once made large calls keeps up to that much memory.
+mod pool {
+    use std::sync::{Mutex, MutexGuard};
+
+    use bytes::Bytes;
+
+    /// Values encoding to fewer bytes than this are not pooled.
+    pub(super) const MIN_BUFFER: usize = 64 * 1024;
+    /// The largest buffer kept.
+    pub(super) const MAX_BUFFER: usize = 8 * 1024 * 1024;
+    /// At most this many buffers are kept.
+    pub(super) const KEPT: usize = 8;
+    /// At most this many bytes are kept in all.
+    pub(super) const KEPT_BYTES: usize = 16 * 1024 * 1024;
+
+    /// The process's pool.
+    pub(super) static POOL: Pool = Pool::new();
+
+    pub(super) struct Pool {
+        free: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Pool {
+        pub(super) const fn new() -> Self {
+            Pool {
+                free: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn free(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+            // push and swap_remove only: a poisoned list is still consistent.
+            self.free.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// An empty buffer with room for `len` bytes: the smallest kept one
+        /// that is large enough, else a new one.
+        pub(super) fn take(&self, len: usize) -> Vec<u8> {
+            let kept = {
+                let mut free = self.free();
+                let fit = free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.capacity() >= len)
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i);
+                fit.map(|i| free.swap_remove(i))
+            };
+            match kept {
+                Some(mut buf) => {
+                    buf.clear();
+                    buf
+                }
+                None => Vec::with_capacity(len),
+            }
+        }
+
+        /// Keeps `buf`, or frees it when it is too large or the pool full.
+        fn give_back(&self, buf: Vec<u8>) {
+            if buf.capacity() > MAX_BUFFER {
+                return;
+            }
+            let mut free = self.free();
+            let held: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < KEPT && held + buf.capacity() <= KEPT_BYTES {
+                free.push(buf);
+            }
+        }
+
+        /// `buf` as [`Bytes`]; it comes back here when the last slice of
+        /// it is dropped.
+        pub(super) fn bytes(&'static self, buf: Vec<u8>) -> Bytes {
+            Bytes::from_owner(Pooled { buf, pool: self })
+        }
+
+        #[cfg(test)]
+        pub(super) fn kept(&self) -> Vec<usize> {
+            self.free().iter().map(Vec::capacity).collect()
+        }
+    }
+
+    struct Pooled {
+        buf: Vec<u8>,
+        pool: &'static Pool,
+    }
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            self.pool.give_back(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 /// Like [`decode`], for a value kept past `bytes`: when `T` is [`Bytes`] or
@@ -279,6 +403,71 @@ mod tests {
         // Over the limit: refused like decode refuses it.
         let err = decode_owned::<Bytes>(&good, good.len() - 1).unwrap_err();
         assert!(err.is_size_limit(), "{err}");
+    }
+
+    fn test_pool() -> &'static pool::Pool {
+        Box::leak(Box::new(pool::Pool::new()))
+    }
+
+    #[test]
+    fn a_large_value_is_encoded_into_a_kept_buffer_and_given_back() {
+        let pool = test_pool();
+        let value = (7u8, vec![1u8; 300_000]);
+        let first = encode_pooled(&value, usize::MAX, pool).unwrap();
+        let plain = {
+            let mut buf = BytesMut::new();
+            encode_into(&value, usize::MAX, &mut buf).unwrap();
+            buf
+        };
+        assert_eq!(&first[..], &plain[..]);
+        let (tag, body): (u8, Vec<u8>) = decode(&first, usize::MAX).unwrap();
+        assert_eq!((tag, body), value);
+        // Kept while any slice of it lives; back in the pool after.
+        let at = first.as_ptr();
+        let slice = first.slice(10..20);
+        drop(first);
+        assert!(pool.kept().is_empty());
+        drop(slice);
+        assert_eq!(pool.kept().len(), 1);
+        // The next large value is written over the same memory.
+        let second = encode_pooled(&(8u8, vec![2u8; 200_000]), usize::MAX, pool).unwrap();
+        assert_eq!(second.as_ptr(), at);
+        assert!(pool.kept().is_empty());
+        // Small values never touch the pool.
+        drop(encode_pooled(&vec![0u8; 1000], usize::MAX, pool).unwrap());
+        drop(second);
+        assert_eq!(pool.kept().len(), 1);
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_bounded_buffers() {
+        let pool = test_pool();
+        // Too large to keep.
+        drop(pool.bytes(Vec::with_capacity(pool::MAX_BUFFER + 1)));
+        assert!(pool.kept().is_empty());
+        // Count bound.
+        let many: Vec<Bytes> = (0..pool::KEPT + 3)
+            .map(|_| pool.bytes(pool.take(pool::MIN_BUFFER)))
+            .collect();
+        drop(many);
+        assert_eq!(pool.kept().len(), pool::KEPT);
+        // Byte bound.
+        let pool = test_pool();
+        let big: Vec<Bytes> = (0..3)
+            .map(|_| pool.bytes(pool.take(pool::MAX_BUFFER)))
+            .collect();
+        drop(big);
+        let kept = pool.kept();
+        assert!(kept.iter().sum::<usize>() <= pool::KEPT_BYTES, "{kept:?}");
+        assert_eq!(kept.len(), pool::KEPT_BYTES / pool::MAX_BUFFER);
+        // The smallest buffer that fits is taken.
+        let pool = test_pool();
+        let sizes = [4 * pool::MIN_BUFFER, pool::MIN_BUFFER, 2 * pool::MIN_BUFFER];
+        let held: Vec<Bytes> = sizes.iter().map(|&n| pool.bytes(pool.take(n))).collect();
+        drop(held);
+        let got = pool.take(pool::MIN_BUFFER + 1);
+        assert!(got.is_empty());
+        assert_eq!(got.capacity(), 2 * pool::MIN_BUFFER);
     }
 
     #[test]
