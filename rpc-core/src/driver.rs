@@ -145,10 +145,7 @@ impl Driver {
         let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
         let stop_writer = CancellationToken::new();
-        // The writer runs inside this task, polled by the loop below after
-        // the reader: replies to a burst of requests are written together,
-        // and no other task is woken to write them.
-        let mut writer = Box::pin(write_loop(
+        let writer = write_loop(
             writer,
             self.shared.outbound.clone(),
             self.shared.control.clone(),
@@ -157,7 +154,19 @@ impl Driver {
                 clocks: clocks.clone(),
                 timeout: self.write_stall_timeout,
             },
-        ));
+        );
+        // Where the writer runs. Serving: inside this task, polled by the
+        // loop below after the reader, so replies to a burst of requests are
+        // written together and no other task is woken to write them. Only
+        // calling (a client): on a task of its own, as the callers are on
+        // other tasks anyway; the reader then decrypts replies while the
+        // writer encrypts requests, on two cores (1 MiB calls: 451 -> 521
+        // MiB/s, medians of 4).
+        let mut writer: WriterFuture = if self.dispatch.is_some() {
+            Box::pin(writer)
+        } else {
+            Box::pin(WriterTask(tokio::spawn(writer)))
+        };
         let mut writer_done = false;
         let end = loop {
             let next = tokio::select! {
@@ -673,6 +682,36 @@ struct CloseOnDrop(Arc<Outbound>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.close();
+    }
+}
+
+type WriterFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send>>;
+
+/// The writer on a task of its own; aborted when this is dropped, so it
+/// never outlives its connection (e.g. stuck on a peer that stopped reading
+/// after `close_timeout`).
+struct WriterTask(tokio::task::JoinHandle<Result<(), Error>>);
+
+impl std::future::Future for WriterTask {
+    type Output = Result<(), Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(Error::Closed {
+                    reason: format!("writer task ended: {e}"),
+                })
+            })
+        })
+    }
+}
+
+impl Drop for WriterTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
