@@ -642,6 +642,10 @@ impl Outbound {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.frames().frames.is_empty()
+    }
+
     fn pop(&self) -> Option<Frame> {
         let (frame, permitted) = {
             let mut q = self.frames();
@@ -762,6 +766,11 @@ where
     W: AsyncWrite + Unpin,
 {
     let _close = CloseOnDrop(data.clone());
+    // A client's `Hello` may wait in the TLS session (see `transport.rs`)
+    // to leave with the first call; with no call queued yet, it goes now.
+    if data.is_empty() && control.is_empty() {
+        stall.guard(sink.flush()).await?;
+    }
     let mut last_batch = 0;
     loop {
         let first = tokio::select! {

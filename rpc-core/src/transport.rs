@@ -26,10 +26,11 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::ServerName;
+use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor, TlsConnector};
 use tokio_util::codec::Encoder;
 use tracing::debug;
 
@@ -40,7 +41,7 @@ use crate::error::Error;
 use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
 use crate::identity::PeerIdentity;
 use crate::metered::{ByteClocks, Metered};
-use crate::tls::check_alpn;
+use crate::tls::{check_alpn, ALPN};
 
 /// A started connection: the handle, and the driver future to spawn.
 pub type Started = (
@@ -69,14 +70,40 @@ pub async fn accept(
     let peer = tcp.peer_addr()?;
     let clocks = ByteClocks::new(Instant::now());
     let tcp = Metered::new(tcp, clocks.clone());
-    let tls = tokio::time::timeout(config.handshake_timeout, acceptor.accept(tcp))
+    let hello = encode_frame(Frame::Hello(hello_for(config)), config.max_frame)?;
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let offers_srpc = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut names| names.any(|name| name == ALPN));
+        // A client offering srpc gets our Hello handed to rustls before the
+        // handshake, so it leaves with the server's handshake flight (TLS
+        // 1.3 "0.5-RTT" data) when the config allows that and asks for no
+        // client certificate, or else as soon as the handshake completes.
+        // Either way the client need not wait a round trip for it.
+        let mut queued = false;
+        let tls = start
+            .into_stream_with(acceptor.config().clone(), |conn| {
+                queued =
+                    offers_srpc && std::io::Write::write_all(&mut conn.writer(), &hello).is_ok();
+            })
+            .await?;
+        Ok::<_, std::io::Error>((tls, queued))
+    };
+    let (tls, hello_sent) = tokio::time::timeout(config.handshake_timeout, handshake)
         .await
         .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
         .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%peer, "TLS handshake done");
     let identity = peer_identity(tls.get_ref().1.peer_certificates());
-    finish(tls, clocks, identity, peer, config, Some(dispatch)).await
+    let ours = if hello_sent {
+        OurHello::Flush
+    } else {
+        OurHello::Write
+    };
+    finish(tls, clocks, identity, peer, config, Some(dispatch), ours).await
 }
 
 /// Server side, over a limit: completes TLS, then answers the client's
@@ -93,11 +120,12 @@ pub async fn refuse(
         .await
         .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
         .map_err(Error::Handshake)?;
-    // Read the client's Hello first: closing with unread bytes would reset
-    // the connection, and the reset could overtake our answer.
+    // Answer first: a client may hold its Hello back until ours arrives.
+    // Then read the client's Hello (or its close): closing with unread bytes
+    // would reset the connection, and the reset could overtake our answer.
+    write_frame(&mut tls, Frame::GoAway { reason }, config.max_frame).await?;
     let hello_wait = config.hello_timeout.min(config.heartbeat_timeout);
     let _ = tokio::time::timeout(hello_wait, read_frame(&mut tls, config.max_frame)).await;
-    write_frame(&mut tls, Frame::GoAway { reason }, config.max_frame).await?;
     tls.shutdown().await?;
     Ok(())
 }
@@ -126,7 +154,16 @@ pub async fn connect(
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
     let identity = peer_identity(tls.get_ref().1.peer_certificates());
-    finish(tls, clocks, identity, addr, config, None).await
+    // Our Hello waits in the TLS session; the driver's writer sends it with
+    // the first call (one write, and one wake-up on the server, instead of
+    // two), or at once when no call is waiting by the time it starts.
+    let mut tls = tls;
+    let hello = encode_frame(Frame::Hello(hello_for(config)), config.max_frame)?;
+    let ours = match std::io::Write::write_all(&mut tls.get_mut().1.writer(), &hello) {
+        Ok(()) => OurHello::Queued,
+        Err(_) => OurHello::Write,
+    };
+    finish(tls, clocks, identity, addr, config, None, ours).await
 }
 
 /// The names in the peer's end-entity certificate, if it sent one.
@@ -146,6 +183,7 @@ async fn finish<S>(
     peer: SocketAddr,
     config: &ConnectionConfig,
     dispatch: Option<Arc<dyn Dispatch>>,
+    ours: OurHello,
 ) -> Result<Started, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -154,7 +192,7 @@ where
     let hello_wait = config.hello_timeout.min(config.heartbeat_timeout);
     let peer_hello = tokio::time::timeout(
         hello_wait,
-        exchange_hello(&mut stream, hello_for(config), config.max_frame),
+        hello_both_ways(&mut stream, hello_for(config), config.max_frame, ours),
     )
     .await
     .map_err(|_| Error::Protocol(format!("no Hello from the peer within {hello_wait:?}")))??;
@@ -169,7 +207,36 @@ pub async fn exchange_hello<S>(io: &mut S, ours: Hello, max_frame: usize) -> Res
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    write_frame(io, Frame::Hello(ours), max_frame).await?;
+    hello_both_ways(io, ours, max_frame, OurHello::Write).await
+}
+
+/// Where our `Hello` stands when the exchange starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OurHello {
+    /// Not written yet: write it.
+    Write,
+    /// Written into the TLS session: make sure it leaves.
+    Flush,
+    /// Written into the TLS session, left there for the driver's writer to
+    /// send with the first frames.
+    Queued,
+}
+
+/// [`exchange_hello`], with our `Hello` possibly already in the TLS session.
+async fn hello_both_ways<S>(
+    io: &mut S,
+    ours: Hello,
+    max_frame: usize,
+    state: OurHello,
+) -> Result<Hello, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match state {
+        OurHello::Write => write_frame(io, Frame::Hello(ours), max_frame).await?,
+        OurHello::Flush => io.flush().await?,
+        OurHello::Queued => {}
+    }
     let buf = read_frame(io, max_frame).await?;
     let refusal = match decode_frame(buf.clone(), max_frame) {
         Ok(Frame::Hello(h)) if h.version == ours.version => match check_peer_hello(&h) {
@@ -226,11 +293,17 @@ async fn write_frame<S: AsyncWrite + Unpin>(
     frame: Frame,
     max: usize,
 ) -> Result<(), Error> {
-    let mut buf = BytesMut::new();
-    FrameCodec::new(max, max).encode(frame, &mut buf)?;
+    let buf = encode_frame(frame, max)?;
     io.write_all(&buf).await?;
     io.flush().await?;
     Ok(())
+}
+
+/// One frame with its length prefix.
+fn encode_frame(frame: Frame, max: usize) -> Result<BytesMut, Error> {
+    let mut buf = BytesMut::new();
+    FrameCodec::new(max, max).encode(frame, &mut buf)?;
+    Ok(buf)
 }
 
 async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, max: usize) -> Result<Bytes, Error> {

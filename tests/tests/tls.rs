@@ -323,3 +323,97 @@ async fn a_reconnecting_client_is_identified_on_its_resumed_connection() {
         client.closed().await;
     }
 }
+
+/// Runs a TLS handshake by hand up to the point where the client has read
+/// the server's first flight, without ever sending the client's Finished,
+/// and returns the application data the client could read by then (within
+/// `wait`).
+async fn data_before_the_clients_finished(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    wait: std::time::Duration,
+) -> Vec<u8> {
+    use std::io::Read;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(tls, name).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut client_hello = Vec::new();
+    conn.write_tls(&mut client_hello).unwrap();
+    tcp.write_all(&client_hello).await.unwrap();
+    let mut plain = Vec::new();
+    let read = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        // Bounded: the timeout below ends it.
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+            let mut chunk = [0u8; 256];
+            match conn.reader().read(&mut chunk) {
+                Ok(got) if got > 0 => {
+                    plain.extend_from_slice(&chunk[..got]);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, read).await;
+    plain
+}
+
+#[tokio::test]
+async fn the_servers_hello_comes_with_its_handshake_flight() {
+    // The client learns the server's limits with the handshake, and so can
+    // make its first call without waiting another round trip.
+    let server = TestServer::demo().await;
+    let plain = data_before_the_clients_finished(
+        server.addr,
+        client_tls(&server.certs),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let frames = rpc_tests::decode_frames(&plain);
+    assert!(
+        matches!(frames.first(), Some(rpc_core::Frame::Hello(_))),
+        "{frames:?} from {plain:?}"
+    );
+}
+
+#[tokio::test]
+async fn under_mutual_tls_nothing_reaches_a_client_before_it_is_authenticated() {
+    let server = mtls_server().await;
+    let plain = data_before_the_clients_finished(
+        server.addr,
+        client_tls_with_cert(&server.certs, &server.certs),
+        std::time::Duration::from_millis(300),
+    )
+    .await;
+    assert!(
+        plain.is_empty(),
+        "sent before the client's Finished: {plain:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_makes_no_call_completes_its_hello() {
+    // The client's Hello waits to leave with its first call; with no call,
+    // it must still go out before the server's Hello timeout.
+    let mut options = ServerOptions::default();
+    options.connection.hello_timeout = std::time::Duration::from_millis(200);
+    let server = TestServer::start(rpc_server::demo::router(), options).await;
+    let client = server.client().await;
+    let state = client.state();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert!(
+        !state.has_changed().unwrap(),
+        "the connection was lost: {:?}",
+        *state.borrow()
+    );
+    let reply: String = client.call("Demo.echo", "still here").await.unwrap();
+    assert_eq!(reply, "still here");
+}
