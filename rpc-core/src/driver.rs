@@ -5,7 +5,10 @@
 //!   routes `Response`s to waiting callers, runs `Request`s through a
 //!   [`Dispatch`] on tracked tasks (at most `max_in_flight` at once; the
 //!   excess gets `Overloaded`), answers `Ping` with `Pong` at once through the
-//!   control queue, honours `Cancel`, and owns the [`Heartbeat`] timer.
+//!   control queue, honours `Cancel`, and owns the one timer: armed at the
+//!   [`Heartbeat`]'s next deadline or the earliest deadline of this side's
+//!   own pending calls, which it fails with `DeadlineExceeded` (and a
+//!   `Cancel` to the peer) when they pass.
 //! - The writer takes one frame, then every frame already queued (up to
 //!   [`MAX_BATCH`]), and flushes once. A serving connection polls it inside
 //!   its own task; a connection that only calls runs it on a task of its
@@ -119,6 +122,7 @@ impl Driver {
         dispatch: Option<Arc<dyn Dispatch>>,
         heartbeat: Heartbeat,
     ) -> Self {
+        let first = arm(&shared, heartbeat.next_deadline());
         Driver {
             shared,
             dispatch,
@@ -128,7 +132,7 @@ impl Driver {
             max_recv: config.max_frame,
             close_timeout: config.close_timeout,
             draining: false,
-            timer: Box::pin(tokio::time::sleep_until(heartbeat.next_deadline())),
+            timer: Box::pin(tokio::time::sleep_until(first)),
             heartbeat,
             last_request_id: None,
             frames_decoded: 0,
@@ -187,6 +191,7 @@ impl Driver {
                             "frame not completed within {waited:?} (partial-frame deadline)"
                         ));
                     }
+                    self.shared.expire_calls(Instant::now());
                     self.heartbeat.received(clocks.last_read());
                     self.heartbeat.sent(clocks.last_written());
                     match self.heartbeat.poll(Instant::now()) {
@@ -197,6 +202,10 @@ impl Driver {
                         Action::SendPing(nonce) => self.send_control(Frame::Ping { nonce }),
                         Action::Nothing => {}
                     }
+                    self.reset_timer();
+                    continue;
+                }
+                _ = self.shared.deadline_moved.notified() => {
                     self.reset_timer();
                     continue;
                 }
@@ -263,8 +272,10 @@ impl Driver {
         Box::pin(self.finish(cause, stop_writer, writer, writer_done)).await
     }
 
+    /// Arms the timer for the heartbeat's next deadline or the earliest
+    /// call deadline, whichever comes first.
     fn reset_timer(&mut self) {
-        let at = self.heartbeat.next_deadline();
+        let at = arm(&self.shared, self.heartbeat.next_deadline());
         self.timer.as_mut().reset(at);
     }
 
@@ -285,10 +296,10 @@ impl Driver {
                 body,
             } => self.on_request(id, method, deadline_ms, body).await,
             Frame::Response { id, result } => {
-                let waiter = self.shared.calls().pending.remove(&id);
+                let waiter = self.shared.calls().remove(id);
                 match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(result.map_err(Error::Status));
+                    Some(call) => {
+                        let _ = call.tx.send(result.map_err(Error::Status));
                     }
                     None if id >= self.shared.next_id.load(Ordering::Relaxed) => {
                         return Err(Error::Protocol(format!(
@@ -489,6 +500,16 @@ impl Driver {
     }
 }
 
+/// When the driver's timer must fire: at `heartbeat` or at the earliest call
+/// deadline, whichever comes first; recorded so a caller with an earlier
+/// deadline knows to move it.
+fn arm(shared: &Shared, heartbeat: Instant) -> Instant {
+    let mut calls = shared.calls();
+    let at = calls.earliest().map_or(heartbeat, |d| d.min(heartbeat));
+    calls.armed = Some(at);
+    at
+}
+
 fn panicked() -> Result<Bytes, Status> {
     warn!("handler panicked");
     Err(Status::internal("the handler panicked"))
@@ -659,13 +680,20 @@ impl Outbound {
 
     /// Queues `frame` if there is room now.
     pub(crate) fn try_send(&self, frame: Frame) -> Result<(), TrySend> {
+        self.try_push(frame).map_err(|(why, _)| why)
+    }
+
+    /// Like [`Outbound::try_send`], giving the frame back when it could not
+    /// be queued.
+    pub(crate) fn try_push(&self, frame: Frame) -> Result<(), (TrySend, Frame)> {
         match self.space.try_acquire() {
             Ok(permit) => {
                 permit.forget();
-                self.push(frame, true, true).map_err(|_| TrySend::Closed)
+                self.push(frame, true, true)
+                    .map_err(|frame| (TrySend::Closed, frame))
             }
-            Err(tokio::sync::TryAcquireError::NoPermits) => Err(TrySend::Full),
-            Err(tokio::sync::TryAcquireError::Closed) => Err(TrySend::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err((TrySend::Full, frame)),
+            Err(tokio::sync::TryAcquireError::Closed) => Err((TrySend::Closed, frame)),
         }
     }
 

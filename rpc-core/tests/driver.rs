@@ -391,3 +391,112 @@ async fn a_peer_that_sends_calls_but_never_reads_replies_is_held_back_then_cut_o
         "the server read {sent} calls with its replies unread (queue {queue})"
     );
 }
+
+/// A client connection whose peer is a raw pipe end that completed `Hello`
+/// (announcing `peer_max_in_flight`) and never answers.
+async fn client_with_silent_peer(
+    peer_max_in_flight: usize,
+) -> (rpc_core::Connection, tokio::io::DuplexStream) {
+    let cfg = ConnectionConfig::default();
+    let mut peer_cfg = ConnectionConfig::default();
+    peer_cfg.max_in_flight = peer_max_in_flight;
+    let (mut a, mut b) = tokio::io::duplex(1 << 16);
+    let (ha, hb) = tokio::join!(
+        exchange_hello(&mut a, hello_for(&peer_cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    ha.unwrap();
+    let (conn, driver) = rpc_core::connection::start(b, &cfg, common::addr(), hb.unwrap(), None);
+    tokio::spawn(driver);
+    (conn, a)
+}
+
+/// The frames the raw peer has received so far.
+async fn frames_received(peer: &mut tokio::io::DuplexStream) -> Vec<rpc_core::Frame> {
+    use futures_util::StreamExt;
+    let mut frames =
+        tokio_util::codec::FramedRead::new(peer, rpc_core::FrameCodec::new(1 << 20, 1 << 20));
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(f))) = tokio::time::timeout(Duration::from_millis(10), frames.next()).await
+    {
+        got.push(f);
+    }
+    got
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_deadline_fires_on_time_behind_a_long_one_and_cancels_its_call() {
+    let (client, mut peer) = client_with_silent_peer(100).await;
+    let long = tokio::spawn({
+        let c = client.clone();
+        async move {
+            c.call("hang", Bytes::new(), Duration::from_secs(3600))
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let short = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.call("hang", Bytes::new(), Duration::from_millis(100)),
+    )
+    .await
+    .expect("the short deadline did not fire within 10 s");
+    assert!(
+        matches!(short, Err(Error::DeadlineExceeded(_))),
+        "{short:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_millis(200),
+        "{waited:?}"
+    );
+    assert!(
+        !long.is_finished(),
+        "the long call failed with the short one"
+    );
+    let frames = frames_received(&mut peer).await;
+    let ids: Vec<String> = frames
+        .iter()
+        .map(|f| match f {
+            rpc_core::Frame::Request { id, .. } => format!("request {id}"),
+            rpc_core::Frame::Cancel { id } => format!("cancel {id}"),
+            other => other.kind().to_string(),
+        })
+        .filter(|s| s != "Ping")
+        .collect();
+    assert_eq!(ids, ["request 1", "request 2", "cancel 2"]);
+    long.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_queued_for_a_slot_fails_at_its_deadline_and_is_never_sent() {
+    // The peer serves one call at a time; the second waits locally.
+    let (client, mut peer) = client_with_silent_peer(1).await;
+    let first = tokio::spawn({
+        let c = client.clone();
+        async move {
+            c.call("hang", Bytes::new(), Duration::from_secs(3600))
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
+    let queued = client
+        .call("hang", Bytes::new(), Duration::from_millis(100))
+        .await;
+    assert!(
+        matches!(queued, Err(Error::DeadlineExceeded(_))),
+        "{queued:?}"
+    );
+    let frames = frames_received(&mut peer).await;
+    let requests: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            rpc_core::Frame::Request { id, .. } | rpc_core::Frame::Cancel { id } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(requests, [1], "only the first call reached the peer");
+    assert!(!first.is_finished());
+    first.abort();
+}
