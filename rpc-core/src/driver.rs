@@ -178,10 +178,19 @@ impl Driver {
             Box::pin(WriterTask(tokio::spawn(writer)))
         };
         let mut writer_done = false;
+        // The waits below live as long as the loop: made afresh on every
+        // turn, each would register with its token or `Notify` and take
+        // itself off again, two locks apiece, several times per call.
+        let shared = self.shared.clone();
+        let shutdown = shared.shutdown.cancelled();
+        let drain = shared.drain.cancelled();
+        let deadline_moved = shared.deadline_moved.notified();
+        let ping_wanted = shared.ping_wanted.notified();
+        tokio::pin!(shutdown, drain, deadline_moved, ping_wanted);
         let end = loop {
             let next = tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => {
+                _ = &mut shutdown => {
                     break End::Quiet(CloseCause::Other("closed by this side".into()));
                 }
                 _ = &mut self.timer => {
@@ -205,17 +214,19 @@ impl Driver {
                     self.reset_timer();
                     continue;
                 }
-                _ = self.shared.deadline_moved.notified() => {
+                _ = &mut deadline_moved => {
+                    deadline_moved.set(shared.deadline_moved.notified());
                     self.reset_timer();
                     continue;
                 }
-                _ = self.shared.ping_wanted.notified() => {
+                _ = &mut ping_wanted => {
+                    ping_wanted.set(shared.ping_wanted.notified());
                     let nonce = self.heartbeat.ping_now(Instant::now());
                     self.send_control(Frame::Ping { nonce });
                     self.reset_timer();
                     continue;
                 }
-                _ = self.shared.drain.cancelled(), if !self.draining => {
+                _ = &mut drain, if !self.draining => {
                     self.draining = true;
                     self.handlers.close();
                     self.send_control(Frame::GoAway { reason: "server shutting down".into() });
@@ -835,12 +846,14 @@ where
         stall.guard(sink.flush()).await?;
     }
     let mut last_batch = 0;
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let first = tokio::select! {
             biased;
             f = control.next() => Some(f),
             f = data.next() => Some(f),
-            _ = stop.cancelled() => None,
+            _ = &mut stopped => None,
         };
         let Some(first) = first else { break };
         stall.guard(sink.feed(first)).await?;
