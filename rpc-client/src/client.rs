@@ -377,6 +377,10 @@ impl Client {
         timeout: Duration,
     ) -> Result<Connection, ClientError> {
         let core = self.core();
+        if let Some(conn) = core.current().as_ref().filter(|c| c.is_usable()) {
+            return Ok(conn.clone());
+        }
+        // Subscribed before looking again, so a change in between is seen.
         let mut states = core.state.subscribe();
         loop {
             if let Some(conn) = core.current().as_ref().filter(|c| c.is_usable()) {

@@ -292,10 +292,15 @@ impl std::fmt::Debug for Connection {
 struct PendingGuard<'a> {
     shared: &'a Shared,
     id: u64,
+    /// False once the reply came: whoever answered took the call out.
+    armed: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let removed = self.shared.calls().remove(self.id);
         if removed.is_some_and(|call| call.sent) {
             // Best effort: a full queue means the peer is slow, and the call
@@ -447,9 +452,10 @@ impl Connection {
         if move_timer {
             self.shared.deadline_moved.notify_one();
         }
-        let guard = PendingGuard {
+        let mut guard = PendingGuard {
             shared: &self.shared,
             id,
+            armed: true,
         };
         // `fail_all` answers every pending call before the table drops, and
         // the driver answers calls past their deadline, so a dropped sender
@@ -459,6 +465,7 @@ impl Connection {
             None => {
                 debug!("request sent");
                 let result = reply.await;
+                guard.armed = false;
                 drop(slot);
                 result
             }

@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -593,6 +593,11 @@ pub(crate) struct Outbound {
     /// The writer is polled by the connection task itself, so a frame that
     /// task queues needs no wake-up (see [`Outbound::send_now`]).
     local_writer: AtomicBool,
+    /// Frames queued; lets the writer see an empty queue without the lock.
+    len: AtomicUsize,
+    /// Places the writer has freed but not yet given back (it gives them
+    /// back once per batch: each `add_permits` takes the semaphore's lock).
+    held: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -614,6 +619,8 @@ impl Outbound {
             capacity,
             over: AtomicBool::new(false),
             local_writer: AtomicBool::new(false),
+            len: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -641,6 +648,7 @@ impl Outbound {
             }
             self.over
                 .store(q.frames.len() > self.capacity, Ordering::Relaxed);
+            self.len.store(q.frames.len(), Ordering::Release);
         }
         if wake {
             self.ready.wake();
@@ -712,22 +720,39 @@ impl Outbound {
         self.frames().frames.is_empty()
     }
 
+    /// The next frame, giving its place back at once.
     fn pop(&self) -> Option<Frame> {
-        let (frame, permitted) = {
-            let mut q = self.frames();
-            let frame = q.frames.pop_front();
-            let permitted = frame.is_some() && q.unpermitted == 0;
-            if frame.is_some() && !permitted {
-                q.unpermitted -= 1;
-            }
-            self.over
-                .store(q.frames.len() > self.capacity, Ordering::Relaxed);
-            (frame, permitted)
-        };
-        if permitted {
-            self.space.add_permits(1);
-        }
+        let frame = self.pop_held();
+        self.release_held();
         frame
+    }
+
+    /// The next frame; its place is given back by [`Outbound::release_held`].
+    fn pop_held(&self) -> Option<Frame> {
+        // Only the writer pops, so an empty queue stays empty until a push,
+        // and a push wakes the writer (or is made by its own task).
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut q = self.frames();
+        let frame = q.frames.pop_front()?;
+        if q.unpermitted == 0 {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.unpermitted -= 1;
+        }
+        self.over
+            .store(q.frames.len() > self.capacity, Ordering::Relaxed);
+        self.len.store(q.frames.len(), Ordering::Release);
+        Some(frame)
+    }
+
+    /// Gives back the places of the frames popped since the last call.
+    fn release_held(&self) {
+        let held = self.held.swap(0, Ordering::Relaxed);
+        if held > 0 {
+            self.space.add_permits(held);
+        }
     }
 
     /// The next frame. Each poll looks at the queue, woken or not.
@@ -862,9 +887,9 @@ where
         // flight) must not wait for a turn of the scheduler.
         let mut yielded = last_batch < 2;
         while fed < MAX_BATCH {
-            let next = match control.pop() {
+            let next = match control.pop_held() {
                 Some(f) => f,
-                None => match data.pop() {
+                None => match data.pop_held() {
                     Some(f) => f,
                     // Frames of one burst (replies to the requests of one
                     // read, calls made together) arrive a few at a time:
@@ -881,6 +906,8 @@ where
             stall.guard(sink.feed(next)).await?;
             fed += 1;
         }
+        data.release_held();
+        control.release_held();
         stall.guard(sink.flush()).await?;
         last_batch = fed;
     }
@@ -970,6 +997,22 @@ mod tests {
         q.close();
         assert!(matches!(q.try_send(ping(4)), Err(TrySend::Closed)));
         assert_eq!(q.send(ping(5)).await, Err(ping(5)));
+    }
+
+    #[test]
+    fn the_writer_gives_places_back_once_per_batch() {
+        let q = Outbound::new(2);
+        assert!(q.try_send(ping(1)).is_ok());
+        assert!(q.try_send(ping(2)).is_ok());
+        assert_eq!(q.pop_held(), Some(ping(1)));
+        assert_eq!(q.pop_held(), Some(ping(2)));
+        assert_eq!(q.pop_held(), None);
+        // Popped but not given back: the queue is still full to senders.
+        assert!(matches!(q.try_send(ping(3)), Err(TrySend::Full)));
+        q.release_held();
+        assert!(q.try_send(ping(3)).is_ok());
+        assert!(q.try_send(ping(4)).is_ok());
+        assert!(matches!(q.try_send(ping(5)), Err(TrySend::Full)));
     }
 
     struct CountWakes(std::sync::atomic::AtomicUsize);
