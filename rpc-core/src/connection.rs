@@ -25,13 +25,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
@@ -108,6 +109,46 @@ impl CloseCause {
 }
 
 type Reply = oneshot::Sender<Result<Bytes, Error>>;
+
+/// Requests to the driver from other tasks: a set of flags and the driver's
+/// waker. Polling it is two atomic operations, where a `CancellationToken`
+/// or `Notify` wait takes a lock on every poll, and the driver polls it on
+/// every turn of its loop.
+#[derive(Default)]
+pub(crate) struct DriverEvents {
+    raised: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl DriverEvents {
+    /// Close now.
+    pub(crate) const SHUTDOWN: u8 = 1;
+    /// Drain: `GoAway`, then close once handlers are done.
+    pub(crate) const DRAIN: u8 = 2;
+    /// Send a `Ping` now.
+    pub(crate) const PING: u8 = 4;
+    /// A call's deadline comes before the timer: re-arm it.
+    pub(crate) const DEADLINE: u8 = 8;
+
+    pub(crate) fn raise(&self, event: u8) {
+        self.raised.fetch_or(event, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The events raised since the last time, once there are any.
+    pub(crate) fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<u8> {
+        let raised = self.raised.swap(0, Ordering::AcqRel);
+        if raised != 0 {
+            return std::task::Poll::Ready(raised);
+        }
+        self.waker.register(cx.waker());
+        // Raised between the first look and the registration: nobody woke us.
+        match self.raised.swap(0, Ordering::AcqRel) {
+            0 => std::task::Poll::Pending,
+            raised => std::task::Poll::Ready(raised),
+        }
+    }
+}
 
 /// A call waiting for its `Response`.
 pub(crate) struct PendingCall {
@@ -201,8 +242,11 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// Fires when the connection must end (local close, or the driver ended).
     pub(crate) shutdown: CancellationToken,
-    /// Fires to ask for a graceful drain.
-    pub(crate) drain: CancellationToken,
+    /// Set with `shutdown`: the cheap way to ask whether the connection is
+    /// ending (`CancellationToken::is_cancelled` takes a lock), on every call.
+    pub(crate) closing: AtomicBool,
+    /// What the driver is asked to do: close, drain, ping, re-arm its timer.
+    pub(crate) events: DriverEvents,
     /// Fires once the driver has finished closing.
     pub(crate) done: CancellationToken,
     /// Fires when the peer sends `GoAway`.
@@ -214,10 +258,6 @@ pub(crate) struct Shared {
     pub(crate) max_send: usize,
     /// One permit per call the peer serves at once (its `Hello`).
     call_slots: Semaphore,
-    /// Asks the driver for a ping now (`Connection::ping`).
-    pub(crate) ping_wanted: Notify,
-    /// A call's deadline comes before the driver's timer: re-arm it.
-    pub(crate) deadline_moved: Notify,
     pub(crate) ping_waiters: Mutex<Vec<oneshot::Sender<Duration>>>,
     /// Latest round-trip time in nanoseconds; 0 until the first pong.
     pub(crate) rtt_nanos: AtomicU64,
@@ -246,6 +286,14 @@ impl Shared {
             let _ = call.tx.send(Err(cause.error()));
         }
         self.ping_waiters().clear();
+    }
+
+    /// Starts ending the connection: from here on it takes no new call, and
+    /// the driver closes it.
+    pub(crate) fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        self.events.raise(DriverEvents::SHUTDOWN);
     }
 
     /// Fails every call whose deadline has passed, telling the peer to stop
@@ -342,13 +390,13 @@ impl Connection {
 
     /// True once the connection has ended or is ending.
     pub fn is_closed(&self) -> bool {
-        self.shared.shutdown.is_cancelled() || self.shared.calls().closed.is_some()
+        self.shared.closing.load(Ordering::Acquire) || self.shared.calls().closed.is_some()
     }
 
     /// True when new calls can still be made here (not closed, no `GoAway`).
     pub fn is_usable(&self) -> bool {
         let t = self.shared.calls();
-        t.closed.is_none() && t.goaway.is_none() && !self.shared.shutdown.is_cancelled()
+        t.closed.is_none() && t.goaway.is_none() && !self.shared.closing.load(Ordering::Acquire)
     }
 
     /// Why the connection ended, once it has.
@@ -372,13 +420,13 @@ impl Connection {
 
     /// Ends the connection now: pending calls fail, handlers are cancelled.
     pub fn close(&self) {
-        self.shared.shutdown.cancel();
+        self.shared.begin_shutdown();
     }
 
     /// Starts a graceful drain: sends `GoAway`, refuses new calls from the
     /// peer with `ShuttingDown`, and closes once running handlers finish.
     pub fn drain(&self) {
-        self.shared.drain.cancel();
+        self.shared.events.raise(DriverEvents::DRAIN);
     }
 
     /// Sends a `Ping` now (or joins the one in flight) and returns the
@@ -392,7 +440,7 @@ impl Connection {
             }
             self.shared.ping_waiters().push(tx);
         }
-        self.shared.ping_wanted.notify_one();
+        self.shared.events.raise(DriverEvents::PING);
         rx.await.map_err(|_| self.shared.closed_error())
     }
 
@@ -450,7 +498,7 @@ impl Connection {
             (move_timer, unsent)
         };
         if move_timer {
-            self.shared.deadline_moved.notify_one();
+            self.shared.events.raise(DriverEvents::DEADLINE);
         }
         let mut guard = PendingGuard {
             shared: &self.shared,
@@ -549,7 +597,8 @@ where
         calls: Mutex::new(CallTable::default()),
         next_id: AtomicU64::new(1),
         shutdown: CancellationToken::new(),
-        drain: CancellationToken::new(),
+        closing: AtomicBool::new(false),
+        events: DriverEvents::default(),
         done: CancellationToken::new(),
         goaway: CancellationToken::new(),
         close_reason: OnceLock::new(),
@@ -558,8 +607,6 @@ where
         peer_hello,
         max_send,
         call_slots: Semaphore::new((peer_hello.max_in_flight as usize).min(Semaphore::MAX_PERMITS)),
-        ping_wanted: Notify::new(),
-        deadline_moved: Notify::new(),
         ping_waiters: Mutex::new(Vec::new()),
         rtt_nanos: AtomicU64::new(0),
         heartbeat_interval: heartbeat.interval(),

@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::connection::{CallContext, CloseCause, Dispatch, Shared};
+use crate::connection::{CallContext, CloseCause, Dispatch, DriverEvents, Shared};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame, FrameCodec};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
@@ -152,12 +152,10 @@ impl Driver {
         let max_send = self.shared.max_send;
         let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
-        let stop_writer = CancellationToken::new();
         let writer = write_loop(
             writer,
             self.shared.outbound.clone(),
             self.shared.control.clone(),
-            stop_writer.clone(),
             Stall {
                 clocks: clocks.clone(),
                 timeout: self.write_stall_timeout,
@@ -182,16 +180,27 @@ impl Driver {
         // turn, each would register with its token or `Notify` and take
         // itself off again, two locks apiece, several times per call.
         let shared = self.shared.clone();
-        let shutdown = shared.shutdown.cancelled();
-        let drain = shared.drain.cancelled();
-        let deadline_moved = shared.deadline_moved.notified();
-        let ping_wanted = shared.ping_wanted.notified();
-        tokio::pin!(shutdown, drain, deadline_moved, ping_wanted);
         let end = loop {
             let next = tokio::select! {
                 biased;
-                _ = &mut shutdown => {
-                    break End::Quiet(CloseCause::Other("closed by this side".into()));
+                raised = std::future::poll_fn(|cx| shared.events.poll(cx)) => {
+                    if raised & DriverEvents::SHUTDOWN != 0 {
+                        break End::Quiet(CloseCause::Other("closed by this side".into()));
+                    }
+                    if raised & DriverEvents::DRAIN != 0 && !self.draining {
+                        self.draining = true;
+                        self.handlers.close();
+                        self.send_control(Frame::GoAway { reason: "server shutting down".into() });
+                        info!("draining: sent GoAway");
+                    }
+                    if raised & DriverEvents::PING != 0 {
+                        let nonce = self.heartbeat.ping_now(Instant::now());
+                        self.send_control(Frame::Ping { nonce });
+                    }
+                    if raised & (DriverEvents::PING | DriverEvents::DEADLINE) != 0 {
+                        self.reset_timer();
+                    }
+                    continue;
                 }
                 _ = &mut self.timer => {
                     let mid = !reader.read_buffer().is_empty() || reader.decoder().mid_frame();
@@ -212,25 +221,6 @@ impl Driver {
                         Action::Nothing => {}
                     }
                     self.reset_timer();
-                    continue;
-                }
-                _ = &mut deadline_moved => {
-                    deadline_moved.set(shared.deadline_moved.notified());
-                    self.reset_timer();
-                    continue;
-                }
-                _ = &mut ping_wanted => {
-                    ping_wanted.set(shared.ping_wanted.notified());
-                    let nonce = self.heartbeat.ping_now(Instant::now());
-                    self.send_control(Frame::Ping { nonce });
-                    self.reset_timer();
-                    continue;
-                }
-                _ = &mut drain, if !self.draining => {
-                    self.draining = true;
-                    self.handlers.close();
-                    self.send_control(Frame::GoAway { reason: "server shutting down".into() });
-                    info!("draining: sent GoAway");
                     continue;
                 }
                 _ = self.handlers.wait(), if self.draining => {
@@ -280,7 +270,7 @@ impl Driver {
         // Boxed, like the rare paths in `on_request`: the driver's future
         // lives as long as the connection, so its size is memory per
         // connection, and the closing state need not be part of it.
-        Box::pin(self.finish(cause, stop_writer, writer, writer_done)).await
+        Box::pin(self.finish(cause, writer, writer_done)).await
     }
 
     /// Arms the timer for the heartbeat's next deadline or the earliest
@@ -477,22 +467,16 @@ impl Driver {
         Ok(())
     }
 
-    async fn finish<W>(
-        self,
-        cause: CloseCause,
-        stop_writer: CancellationToken,
-        mut writer: W,
-        writer_done: bool,
-    ) -> String
+    async fn finish<W>(self, cause: CloseCause, mut writer: W, writer_done: bool) -> String
     where
         W: std::future::Future<Output = Result<(), Error>> + Unpin,
     {
         let reason = cause.describe();
         let _ = self.shared.close_reason.set(reason.clone());
-        self.shared.shutdown.cancel();
+        self.shared.begin_shutdown();
         self.shared.fail_all(&cause);
         self.handlers.close();
-        stop_writer.cancel();
+        self.shared.outbound.stop();
         let wait = async {
             if !writer_done {
                 let _ = (&mut writer).await;
@@ -598,6 +582,9 @@ pub(crate) struct Outbound {
     /// Places the writer has freed but not yet given back (it gives them
     /// back once per batch: each `add_permits` takes the semaphore's lock).
     held: AtomicUsize,
+    /// The connection is closing: the writer writes what is queued and
+    /// stops.
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
@@ -621,6 +608,7 @@ impl Outbound {
             local_writer: AtomicBool::new(false),
             len: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -755,21 +743,29 @@ impl Outbound {
         }
     }
 
-    /// The next frame. Each poll looks at the queue, woken or not.
-    async fn next(&self) -> Frame {
+    /// The next frame, or `None` once [`Outbound::stop`] was called and
+    /// the queue is empty. Each poll looks at the queue, woken or not.
+    async fn next(&self) -> Option<Frame> {
         std::future::poll_fn(|cx| {
             if let Some(frame) = self.pop() {
-                return Poll::Ready(frame);
+                return Poll::Ready(Some(frame));
             }
             self.ready.register(cx.waker());
             // A frame queued between the first look and the registration
             // woke nobody: look again.
             match self.pop() {
-                Some(frame) => Poll::Ready(frame),
+                Some(frame) => Poll::Ready(Some(frame)),
+                None if self.stopped.load(Ordering::Acquire) => Poll::Ready(None),
                 None => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// Tells the writer to finish: write what is queued, then stop.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.ready.wake();
     }
 
     /// The writer stopped: senders fail from now on instead of waiting.
@@ -858,7 +854,6 @@ async fn write_loop<W>(
     mut sink: FramedWrite<W, FrameCodec>,
     data: Arc<Outbound>,
     control: Arc<Outbound>,
-    stop: CancellationToken,
     stall: Stall,
 ) -> Result<(), Error>
 where
@@ -871,14 +866,12 @@ where
         stall.guard(sink.flush()).await?;
     }
     let mut last_batch = 0;
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
     loop {
+        // `data` ends the loop once stopped and empty; `control` never does.
         let first = tokio::select! {
             biased;
-            f = control.next() => Some(f),
-            f = data.next() => Some(f),
-            _ = &mut stopped => None,
+            f = control.next() => f,
+            f = data.next() => f,
         };
         let Some(first) = first else { break };
         stall.guard(sink.feed(first)).await?;
@@ -972,7 +965,7 @@ mod tests {
             let q = q.clone();
             async move { q.send(ping(3)).await.is_ok() }
         });
-        assert_eq!(q.next().await, ping(1));
+        assert_eq!(q.next().await, Some(ping(1)));
         assert!(waiting.await.unwrap());
         assert_eq!(q.pop(), Some(ping(2)));
         assert_eq!(q.pop(), Some(ping(3)));
@@ -1015,6 +1008,35 @@ mod tests {
         assert!(matches!(q.try_send(ping(5)), Err(TrySend::Full)));
     }
 
+    #[tokio::test]
+    async fn a_stopped_queue_gives_what_it_holds_then_ends() {
+        let q = Outbound::new(4);
+        assert!(q.try_send(ping(1)).is_ok());
+        q.stop();
+        assert_eq!(q.next().await, Some(ping(1)));
+        assert_eq!(q.next().await, None);
+    }
+
+    #[test]
+    fn driver_events_are_seen_once_and_wake_the_driver() {
+        let events = crate::connection::DriverEvents::default();
+        let wakes = Arc::new(CountWakes(0.into()));
+        let waker = futures_util::task::waker(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(events.poll(&mut cx).is_pending());
+        events.raise(DriverEvents::PING);
+        events.raise(DriverEvents::DEADLINE);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "one wake for both");
+        assert_eq!(
+            events.poll(&mut cx),
+            Poll::Ready(DriverEvents::PING | DriverEvents::DEADLINE)
+        );
+        assert!(events.poll(&mut cx).is_pending(), "seen once");
+        // Raised with nobody waiting: seen on the next poll.
+        events.raise(DriverEvents::SHUTDOWN);
+        assert_eq!(events.poll(&mut cx), Poll::Ready(DriverEvents::SHUTDOWN));
+    }
+
     struct CountWakes(std::sync::atomic::AtomicUsize);
 
     impl futures_util::task::ArcWake for CountWakes {
@@ -1039,13 +1061,13 @@ mod tests {
         assert!(next.as_mut().poll(&mut cx).is_pending());
         q.send_now(ping(1));
         assert_eq!(woken(), 0);
-        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(ping(1)));
+        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(Some(ping(1))));
         // Frames from other tasks (callers, spawned handlers) wake it.
         let mut next = Box::pin(q.next());
         assert!(next.as_mut().poll(&mut cx).is_pending());
         assert!(q.try_send(ping(2)).is_ok());
         assert_eq!(woken(), 1);
-        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(ping(2)));
+        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(Some(ping(2))));
 
         // The writer on a task of its own: every frame wakes it.
         q.set_local_writer(false);
@@ -1053,7 +1075,7 @@ mod tests {
         assert!(next.as_mut().poll(&mut cx).is_pending());
         q.send_now(ping(3));
         assert_eq!(woken(), 2);
-        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(ping(3)));
+        assert_eq!(next.as_mut().poll(&mut cx), Poll::Ready(Some(ping(3))));
     }
 
     #[tokio::test]
@@ -1066,7 +1088,7 @@ mod tests {
             q.try_send(ping(999)).is_err(),
             "a full control queue drops the frame"
         );
-        assert_eq!(q.next().await, ping(0));
+        assert_eq!(q.next().await, Some(ping(0)));
         assert!(q.try_send(ping(1000)).is_ok());
     }
 
