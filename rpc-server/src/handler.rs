@@ -12,10 +12,12 @@
 //!
 //! Not here: the accept loop and limits (`server.rs`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use rpc_core::{transport, ConnectionConfig};
+use rpc_core::{transport, Connection, ConnectionConfig};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -35,6 +37,49 @@ pub(crate) struct ConnectionTask {
     pub(crate) drain: CancellationToken,
     /// Fires when the drain deadline has passed.
     pub(crate) kill: CancellationToken,
+    /// The connections of this `serve` call, drained and closed from there.
+    pub(crate) live: Arc<Live>,
+}
+
+/// The established connections of one `serve` call, so that a drain or the
+/// drain deadline reaches each of them directly. (Each connection waiting
+/// on the drain and kill tokens itself cost two locks every time its task
+/// was polled.)
+#[derive(Default)]
+pub(crate) struct Live {
+    conns: Mutex<HashMap<u64, Connection>>,
+    next_id: AtomicU64,
+}
+
+impl Live {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Connection>> {
+        // Inserts and removes only: a poisoned map is still consistent.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, conn: Connection) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.conns().insert(id, conn);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns().remove(&id);
+    }
+
+    /// `GoAway` on every connection; each closes once its calls are done.
+    pub(crate) fn drain_all(&self) {
+        for conn in self.conns().values() {
+            conn.drain();
+        }
+    }
+
+    /// Closes every connection now.
+    pub(crate) fn close_all(&self) {
+        for conn in self.conns().values() {
+            conn.close();
+        }
+    }
 }
 
 impl ConnectionTask {
@@ -70,22 +115,18 @@ impl ConnectionTask {
         };
         info!(%peer, "connection established");
         let registered = self.dispatch.register(conn.clone());
-        tokio::pin!(driver);
-        let (mut draining, mut killed) = (false, false);
-        // Each signal is acted on once; then only the driver is awaited.
-        let reason = loop {
-            tokio::select! {
-                reason = &mut driver => break reason,
-                _ = self.drain.cancelled(), if !draining => {
-                    draining = true;
-                    conn.drain();
-                }
-                _ = self.kill.cancelled(), if !killed => {
-                    killed = true;
-                    conn.close();
-                }
-            }
-        };
+        let live = self.live.add(conn.clone());
+        // The server drains (or closes) what `live` holds after it cancels
+        // the token; a connection added after that sees the token here.
+        if self.drain.is_cancelled() {
+            conn.drain();
+        }
+        if self.kill.is_cancelled() {
+            conn.close();
+        }
+        drop(conn);
+        let reason = driver.await;
+        self.live.remove(live);
         self.dispatch.unregister(registered);
         info!(%peer, %reason, "connection closed");
     }

@@ -291,6 +291,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
+        let live = Arc::new(handler::Live::default());
         let config = Arc::new(self.options.connection.clone());
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
@@ -338,6 +339,7 @@ impl Server {
                 handshakes: handshakes.clone(),
                 drain: drain.clone(),
                 kill: kill.clone(),
+                live: live.clone(),
             };
             tracker.spawn(async move {
                 conn.run(tcp, peer).await;
@@ -351,6 +353,7 @@ impl Server {
             "shutting down: draining connections"
         );
         drain.cancel();
+        live.drain_all();
         if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
             .await
             .is_err()
@@ -360,6 +363,7 @@ impl Server {
                 "drain timeout passed; closing the remaining connections"
             );
             kill.cancel();
+            live.close_all();
             tracker.wait().await;
         }
         info!("server stopped");
