@@ -449,9 +449,16 @@ impl Connection {
     pub async fn call(&self, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Error> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("call", method, id, peer = %self.shared.peer);
-        self.call_inner(id, method, body, timeout)
-            .instrument(span)
-            .await
+        // A span no subscriber wants is not entered: entering and leaving it
+        // on every poll still costs (more when a dependency turns on
+        // tracing's `log` feature, as tarpc does in the benchmark).
+        if span.is_disabled() {
+            self.call_inner(id, method, body, timeout).await
+        } else {
+            self.call_inner(id, method, body, timeout)
+                .instrument(span)
+                .await
+        }
     }
 
     async fn call_inner(
@@ -613,6 +620,12 @@ where
     });
     let driver = Driver::new(shared.clone(), config, dispatch, heartbeat);
     let span = tracing::info_span!("conn", %peer);
-    let fut = driver.run(stream, clocks).instrument(span);
+    let fut = driver.run(stream, clocks);
+    // Entered on every poll only when a subscriber wants it (see `call`).
+    let fut = if span.is_disabled() {
+        futures_util::future::Either::Left(fut)
+    } else {
+        futures_util::future::Either::Right(fut.instrument(span))
+    };
     (Connection { shared }, fut)
 }

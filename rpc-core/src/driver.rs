@@ -427,7 +427,11 @@ impl Driver {
         let mut handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
         // Most handlers finish when first polled: answer those right here,
         // with no task, no timer and no cancellation bookkeeping.
-        let ready = span.in_scope(|| (&mut handler).now_or_never());
+        let ready = if span.is_disabled() {
+            (&mut handler).now_or_never()
+        } else {
+            span.in_scope(|| (&mut handler).now_or_never())
+        };
         if let Some(outcome) = ready {
             token.cancel();
             let result = Some(outcome.unwrap_or_else(|_| panicked()));
