@@ -411,6 +411,17 @@ async fn client_with_silent_peer(
     (conn, a)
 }
 
+/// A call with an hour's deadline to a peer that never answers, running.
+fn an_hour_long_call(
+    client: &rpc_core::Connection,
+) -> tokio::task::JoinHandle<Result<Bytes, Error>> {
+    let c = client.clone();
+    tokio::spawn(async move {
+        c.call("hang", Bytes::new(), Duration::from_secs(3600))
+            .await
+    })
+}
+
 /// The frames the raw peer has received so far.
 async fn frames_received(peer: &mut tokio::io::DuplexStream) -> Vec<rpc_core::Frame> {
     use futures_util::StreamExt;
@@ -427,13 +438,7 @@ async fn frames_received(peer: &mut tokio::io::DuplexStream) -> Vec<rpc_core::Fr
 #[tokio::test(start_paused = true)]
 async fn a_short_deadline_fires_on_time_behind_a_long_one_and_cancels_its_call() {
     let (client, mut peer) = client_with_silent_peer(100).await;
-    let long = tokio::spawn({
-        let c = client.clone();
-        async move {
-            c.call("hang", Bytes::new(), Duration::from_secs(3600))
-                .await
-        }
-    });
+    let long = an_hour_long_call(&client);
     tokio::task::yield_now().await;
     let started = tokio::time::Instant::now();
     let short = tokio::time::timeout(
@@ -473,13 +478,7 @@ async fn a_short_deadline_fires_on_time_behind_a_long_one_and_cancels_its_call()
 async fn a_call_queued_for_a_slot_fails_at_its_deadline_and_is_never_sent() {
     // The peer serves one call at a time; the second waits locally.
     let (client, mut peer) = client_with_silent_peer(1).await;
-    let first = tokio::spawn({
-        let c = client.clone();
-        async move {
-            c.call("hang", Bytes::new(), Duration::from_secs(3600))
-                .await
-        }
-    });
+    let first = an_hour_long_call(&client);
     tokio::task::yield_now().await;
     let queued = client
         .call("hang", Bytes::new(), Duration::from_millis(100))
