@@ -168,14 +168,10 @@ impl Driver {
         // against 290-294k here.)
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
-        // The waits below live as long as the loop: made afresh on every
-        // turn, each would register with its token or `Notify` and take
-        // itself off again, two locks apiece, several times per call.
-        let shared = self.shared.clone();
         let end = loop {
             let next = tokio::select! {
                 biased;
-                raised = std::future::poll_fn(|cx| shared.events.poll(cx)) => {
+                raised = std::future::poll_fn(|cx| self.shared.events.poll(cx)) => {
                     if raised & DriverEvents::SHUTDOWN != 0 {
                         break End::Quiet(CloseCause::Other("closed by this side".into()));
                     }
@@ -638,10 +634,10 @@ impl Outbound {
     ///
     /// The writer is not woken: it looks at the queue each time it is
     /// polled, and the task polls it on its next turn anyway. Waking it
-    /// would wake the running task itself,
-    /// which tokio treats as a yield: it re-queues the task and wakes the
-    /// other worker thread to steal it (two futex calls per call at one in
-    /// flight, measured with `perf stat -e syscalls:sys_enter_futex`).
+    /// would wake the running task itself, which tokio treats as a yield: it
+    /// re-queues the task and wakes the other worker thread to steal it (two
+    /// futex calls per call at one in flight, measured with `perf stat -e
+    /// syscalls:sys_enter_futex`).
     pub(crate) fn send_now(&self, frame: Frame) {
         let permitted = match self.space.try_acquire() {
             Ok(permit) => {
@@ -691,7 +687,7 @@ impl Outbound {
     }
 
     fn is_empty(&self) -> bool {
-        self.frames().frames.is_empty()
+        self.len.load(Ordering::Acquire) == 0
     }
 
     /// The next frame, giving its place back at once.
@@ -705,7 +701,7 @@ impl Outbound {
     fn pop_held(&self) -> Option<Frame> {
         // Only the writer pops, so an empty queue stays empty until a push,
         // and a push wakes the writer (or is made by its own task).
-        if self.len.load(Ordering::Acquire) == 0 {
+        if self.is_empty() {
             return None;
         }
         let mut q = self.frames();

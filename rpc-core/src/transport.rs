@@ -144,7 +144,7 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     let clocks = ByteClocks::new(Instant::now());
     let tcp = Metered::new(tcp, clocks.clone());
-    let tls = tokio::time::timeout(
+    let mut tls = tokio::time::timeout(
         config.handshake_timeout,
         connector.connect(server_name, tcp),
     )
@@ -157,7 +157,6 @@ pub async fn connect(
     // Our Hello waits in the TLS session; the driver's writer sends it with
     // the first call (one write, and one wake-up on the server, instead of
     // two), or at once when no call is waiting by the time it starts.
-    let mut tls = tls;
     let hello = encode_frame(Frame::Hello(hello_for(config)), config.max_frame)?;
     let ours = match std::io::Write::write_all(&mut tls.get_mut().1.writer(), &hello) {
         Ok(()) => OurHello::Queued,

@@ -14,16 +14,15 @@
 //!
 //! Not here: method routing itself (`router.rs`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rpc_core::connection::BoxFuture;
 use rpc_core::service::LIST_METHOD;
 use rpc_core::stats::{CallCounters, PeerStats, StatsSnapshot, STATS_METHOD};
-use rpc_core::{codec, CallContext, Connection, Dispatch, Status};
+use rpc_core::{codec, CallContext, Dispatch, Status};
 
+use crate::handler::ConnectionSet;
 use crate::Router;
 
 /// Decides per call whether the peer may make it (see
@@ -34,8 +33,8 @@ pub(crate) struct ServerDispatch {
     router: Router,
     authorize: Option<Authorize>,
     counters: CallCounters,
-    connections: Mutex<HashMap<u64, Connection>>,
-    next_id: AtomicU64,
+    /// Every live connection, for stats (`handler.rs` adds and removes).
+    pub(crate) connections: ConnectionSet,
 }
 
 impl ServerDispatch {
@@ -44,8 +43,7 @@ impl ServerDispatch {
             router,
             authorize,
             counters: CallCounters::default(),
-            connections: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
+            connections: ConnectionSet::default(),
         }
     }
 
@@ -53,33 +51,16 @@ impl ServerDispatch {
         &self.router
     }
 
-    fn connections(&self) -> MutexGuard<'_, HashMap<u64, Connection>> {
-        // Inserts and removes only; a poisoned map is still consistent.
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Lists a live connection; returns the key to remove it with.
-    pub(crate) fn register(&self, conn: Connection) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.connections().insert(id, conn);
-        id
-    }
-
-    pub(crate) fn unregister(&self, id: u64) {
-        self.connections().remove(&id);
-    }
-
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
-        let mut peers: Vec<PeerStats> = self
-            .connections()
-            .values()
-            .map(|c| PeerStats {
+        let mut peers = Vec::new();
+        self.connections.for_each(|c| {
+            peers.push(PeerStats {
                 addr: c.peer_addr().to_string(),
                 rtt_us: c
                     .rtt()
                     .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             })
-            .collect();
+        });
         peers.sort_by(|a, b| a.addr.cmp(&b.addr));
         StatsSnapshot {
             connections: peers.len() as u64,

@@ -37,48 +37,40 @@ pub(crate) struct ConnectionTask {
     pub(crate) drain: CancellationToken,
     /// Fires when the drain deadline has passed.
     pub(crate) kill: CancellationToken,
-    /// The connections of this `serve` call, drained and closed from there.
-    pub(crate) live: Arc<Live>,
+    /// The connections of this `serve` call, which the server drains and
+    /// closes directly. (Each connection waiting on the drain and kill
+    /// tokens itself cost two locks every time its task was polled.)
+    pub(crate) live: Arc<ConnectionSet>,
 }
 
-/// The established connections of one `serve` call, so that a drain or the
-/// drain deadline reaches each of them directly. (Each connection waiting
-/// on the drain and kill tokens itself cost two locks every time its task
-/// was polled.)
+/// Established connections: the server's (listed by stats) and each
+/// `serve` call's (drained and closed by it).
 #[derive(Default)]
-pub(crate) struct Live {
+pub(crate) struct ConnectionSet {
     conns: Mutex<HashMap<u64, Connection>>,
     next_id: AtomicU64,
 }
 
-impl Live {
+impl ConnectionSet {
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, Connection>> {
         // Inserts and removes only: a poisoned map is still consistent.
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add(&self, conn: Connection) -> u64 {
+    /// Adds `conn`; returns the key to remove it with.
+    pub(crate) fn add(&self, conn: Connection) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.conns().insert(id, conn);
         id
     }
 
-    fn remove(&self, id: u64) {
+    pub(crate) fn remove(&self, id: u64) {
         self.conns().remove(&id);
     }
 
-    /// `GoAway` on every connection; each closes once its calls are done.
-    pub(crate) fn drain_all(&self) {
-        for conn in self.conns().values() {
-            conn.drain();
-        }
-    }
-
-    /// Closes every connection now.
-    pub(crate) fn close_all(&self) {
-        for conn in self.conns().values() {
-            conn.close();
-        }
+    /// Runs `f` on every connection in the set.
+    pub(crate) fn for_each(&self, f: impl FnMut(&Connection)) {
+        self.conns().values().for_each(f);
     }
 }
 
@@ -114,7 +106,7 @@ impl ConnectionTask {
             }
         };
         info!(%peer, "connection established");
-        let registered = self.dispatch.register(conn.clone());
+        let registered = self.dispatch.connections.add(conn.clone());
         let live = self.live.add(conn.clone());
         // The server drains (or closes) what `live` holds after it cancels
         // the token; a connection added after that sees the token here.
@@ -127,7 +119,7 @@ impl ConnectionTask {
         drop(conn);
         let reason = driver.await;
         self.live.remove(live);
-        self.dispatch.unregister(registered);
+        self.dispatch.connections.remove(registered);
         info!(%peer, %reason, "connection closed");
     }
 }

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rpc_core::ConnectionConfig;
+use rpc_core::{Connection, ConnectionConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -291,7 +291,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
-        let live = Arc::new(handler::Live::default());
+        let live = Arc::new(handler::ConnectionSet::default());
         let config = Arc::new(self.options.connection.clone());
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
@@ -353,7 +353,7 @@ impl Server {
             "shutting down: draining connections"
         );
         drain.cancel();
-        live.drain_all();
+        live.for_each(Connection::drain);
         if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
             .await
             .is_err()
@@ -363,7 +363,7 @@ impl Server {
                 "drain timeout passed; closing the remaining connections"
             );
             kill.cancel();
-            live.close_all();
+            live.for_each(Connection::close);
             tracker.wait().await;
         }
         info!("server stopped");
