@@ -103,7 +103,8 @@ fn encode_pooled<T: Serialize + ?Sized>(
 /// Buffers for large encoded values, used again instead of freed.
 ///
 /// A large argument or reply lives only until the writer has copied it into
-/// the write buffer. Freed, it goes back to glibc, which returns such memory
+/// the write buffer; a large frame read (see `reader.rs`) until its body is
+/// dropped. Freed, it goes back to glibc, which returns such memory
 /// to the kernel and takes page faults to get it again: at 1 MiB calls that
 /// cost a fifth of the machine (`perf stat -e page-faults`: 466 faults per
 /// call, against 70 for raw TLS). Kept here, it is written over instead.
@@ -111,29 +112,29 @@ fn encode_pooled<T: Serialize + ?Sized>(
 /// The pool is bounded: at most [`KEPT`] buffers and [`KEPT_BYTES`] in all,
 /// none larger than [`MAX_BUFFER`]; a buffer beyond that is freed as usual.
 /// A process that once made large calls keeps up to that much memory.
-mod pool {
+pub(crate) mod pool {
     use std::sync::{Mutex, MutexGuard};
 
     use bytes::Bytes;
 
     /// Values encoding to fewer bytes than this are not pooled.
-    pub(super) const MIN_BUFFER: usize = 64 * 1024;
+    pub(crate) const MIN_BUFFER: usize = 64 * 1024;
     /// The largest buffer kept.
-    pub(super) const MAX_BUFFER: usize = 8 * 1024 * 1024;
+    pub(crate) const MAX_BUFFER: usize = 8 * 1024 * 1024;
     /// At most this many buffers are kept.
-    pub(super) const KEPT: usize = 8;
+    pub(crate) const KEPT: usize = 8;
     /// At most this many bytes are kept in all.
-    pub(super) const KEPT_BYTES: usize = 16 * 1024 * 1024;
+    pub(crate) const KEPT_BYTES: usize = 16 * 1024 * 1024;
 
     /// The process's pool.
-    pub(super) static POOL: Pool = Pool::new();
+    pub(crate) static POOL: Pool = Pool::new();
 
-    pub(super) struct Pool {
+    pub(crate) struct Pool {
         free: Mutex<Vec<Vec<u8>>>,
     }
 
     impl Pool {
-        pub(super) const fn new() -> Self {
+        pub(crate) const fn new() -> Self {
             Pool {
                 free: Mutex::new(Vec::new()),
             }
@@ -146,7 +147,7 @@ mod pool {
 
         /// An empty buffer with room for `len` bytes: the smallest kept one
         /// that is large enough, else a new one.
-        pub(super) fn take(&self, len: usize) -> Vec<u8> {
+        pub(crate) fn take(&self, len: usize) -> Vec<u8> {
             let kept = {
                 let mut free = self.free();
                 let fit = free
@@ -162,7 +163,10 @@ mod pool {
                     buf.clear();
                     buf
                 }
-                None => Vec::with_capacity(len),
+                // Rounded up, so that buffers for values of about one size
+                // (an encoded reply, and the frame that carries it) fit
+                // each other's uses.
+                None => Vec::with_capacity(len.checked_next_multiple_of(MIN_BUFFER).unwrap_or(len)),
             }
         }
 
@@ -180,12 +184,12 @@ mod pool {
 
         /// `buf` as [`Bytes`]; it comes back here when the last slice of
         /// it is dropped.
-        pub(super) fn bytes(&'static self, buf: Vec<u8>) -> Bytes {
+        pub(crate) fn bytes(&'static self, buf: Vec<u8>) -> Bytes {
             Bytes::from_owner(Pooled { buf, pool: self })
         }
 
         #[cfg(test)]
-        pub(super) fn kept(&self) -> Vec<usize> {
+        pub(crate) fn kept(&self) -> Vec<usize> {
             self.free().iter().map(Vec::capacity).collect()
         }
     }

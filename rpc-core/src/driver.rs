@@ -32,12 +32,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt};
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -48,6 +48,7 @@ use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame, FrameCodec};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
 use crate::metered::ByteClocks;
+use crate::reader::FrameReader;
 
 /// Most frames the writer encodes before it flushes.
 pub const MAX_BATCH: usize = 128;
@@ -149,7 +150,7 @@ impl Driver {
     {
         let (read, write) = tokio::io::split(stream);
         let max_send = self.shared.max_send;
-        let mut reader = FramedRead::new(read, FrameCodec::new(self.max_recv, max_send));
+        let mut reader = FrameReader::new(read, self.max_recv, max_send);
         let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
         let writer = write_loop(
             writer,
@@ -191,7 +192,7 @@ impl Driver {
                     continue;
                 }
                 _ = &mut self.timer => {
-                    let mid = !reader.read_buffer().is_empty() || reader.decoder().mid_frame();
+                    let mid = reader.mid_frame();
                     if let Err(waited) = self.partial.check(Instant::now(), mid, self.frames_decoded) {
                         break End::Tell(format!(
                             "frame not completed within {waited:?} (partial-frame deadline)"

@@ -12,7 +12,9 @@
 //! set; before handing it a buffer, [`FrameCodec`] checks the length prefix
 //! itself so that an oversize frame is refused with an error naming both the
 //! announced length and the limit. The body of a `Request`/`Response` is a
-//! [`Bytes`] slice of the read buffer: no copy.
+//! [`Bytes`] slice of the buffer the frame was read into: no copy. (The
+//! driver reads through `reader.rs`, which puts large frames in pooled
+//! buffers of their own.)
 //!
 //! Writing produces the same bytes directly into the write buffer (length,
 //! then bincode), which spares the copy `LengthDelimitedCodec::encode` would

@@ -43,6 +43,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod identity;
 pub mod metered;
+mod reader;
 pub mod service;
 pub mod stats;
 pub mod tls;
