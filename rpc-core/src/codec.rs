@@ -77,6 +77,17 @@ pub fn encode_into<T: Serialize + ?Sized>(
     result.map_err(|inner| CodecError { inner })
 }
 
+/// Writes the encoding of `value` to `writer`.
+pub(crate) fn encode_to<T: Serialize + ?Sized, W: std::io::Write>(
+    value: &T,
+    limit: usize,
+    writer: W,
+) -> Result<(), CodecError> {
+    options(limit)
+        .serialize_into(writer, value)
+        .map_err(|inner| CodecError { inner })
+}
+
 /// Encodes `value` into a new buffer (a call's arguments or a reply).
 pub fn encode<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<Bytes, CodecError> {
     encode_pooled(value, limit, &pool::POOL)

@@ -32,12 +32,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use futures_util::{FutureExt, SinkExt};
+use futures_util::FutureExt;
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
-use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -45,13 +44,17 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::ConnectionConfig;
 use crate::connection::{CallContext, CloseCause, Dispatch, DriverEvents, Shared};
 use crate::error::{Error, Status, StatusCode};
-use crate::frame::{frame_len, Frame, FrameCodec};
+use crate::frame::{frame_len, Frame};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
 use crate::metered::ByteClocks;
 use crate::reader::FrameReader;
+use crate::writer::FrameWriter;
 
 /// Most frames the writer encodes before it flushes.
 pub const MAX_BATCH: usize = 128;
+
+/// Encoded bytes past which the writer writes out in the middle of a batch.
+const FLUSH_AT: usize = 64 * 1024;
 
 type InFlight = Arc<Mutex<HashMap<u64, CancellationToken>>>;
 
@@ -151,7 +154,7 @@ impl Driver {
         let (read, write) = tokio::io::split(stream);
         let max_send = self.shared.max_send;
         let mut reader = FrameReader::new(read, self.max_recv, max_send);
-        let writer = FramedWrite::new(write, FrameCodec::new(self.max_recv, max_send));
+        let writer = FrameWriter::new(write, self.max_recv, max_send);
         let writer = write_loop(
             writer,
             self.shared.outbound.clone(),
@@ -804,7 +807,7 @@ impl Stall {
 }
 
 async fn write_loop<W>(
-    mut sink: FramedWrite<W, FrameCodec>,
+    mut sink: FrameWriter<W>,
     data: Arc<Outbound>,
     control: Arc<Outbound>,
     stall: Stall,
@@ -827,7 +830,7 @@ where
             f = data.next() => f,
         };
         let Some(first) = first else { break };
-        stall.guard(sink.feed(first)).await?;
+        sink.feed(first)?;
         let mut fed = 1;
         // Only when the last batch had company: a lone call (one in
         // flight) must not wait for a turn of the scheduler.
@@ -849,8 +852,13 @@ where
                     None => break,
                 },
             };
-            stall.guard(sink.feed(next)).await?;
+            sink.feed(next)?;
             fed += 1;
+            // What FramedWrite did at 8 KiB: write out a long batch of
+            // small frames as it grows instead of buffering all of it.
+            if sink.pending() >= FLUSH_AT {
+                stall.guard(sink.flush()).await?;
+            }
         }
         data.release_held();
         control.release_held();
@@ -860,10 +868,10 @@ where
     // Closing: what is already queued (replies, then a last GoAway), then
     // TLS close_notify. The driver bounds this with `close_timeout`.
     while let Some(f) = data.pop() {
-        sink.feed(f).await?;
+        sink.feed(f)?;
     }
     while let Some(f) = control.pop() {
-        sink.feed(f).await?;
+        sink.feed(f)?;
     }
     sink.close().await
 }

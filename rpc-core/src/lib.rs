@@ -48,6 +48,7 @@ pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+mod writer;
 
 pub use config::{ConnectionConfig, DEFAULT_MAX_FRAME};
 pub use connection::{BoxFuture, CallContext, Connection, Dispatch};
