@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
@@ -42,7 +43,7 @@ use crate::driver::{Driver, Outbound};
 use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
-use crate::identity::PeerIdentity;
+use crate::identity::{LazyIdentity, PeerIdentity};
 use crate::metered::{ByteClocks, Metered};
 
 /// Capacity of the control queue (pings, pongs, GoAway).
@@ -253,7 +254,7 @@ pub(crate) struct Shared {
     pub(crate) goaway: CancellationToken,
     pub(crate) close_reason: OnceLock<String>,
     pub(crate) peer: SocketAddr,
-    pub(crate) identity: Option<Arc<PeerIdentity>>,
+    pub(crate) identity: LazyIdentity,
     pub(crate) peer_hello: Hello,
     pub(crate) max_send: usize,
     /// One permit per call the peer serves at once (its `Hello`).
@@ -366,7 +367,7 @@ impl Connection {
 
     /// The names in the peer's certificate, when it presented one.
     pub fn peer_identity(&self) -> Option<&PeerIdentity> {
-        self.shared.identity.as_deref()
+        self.shared.identity.get().map(|id| &**id)
     }
 
     /// The `Hello` the peer sent.
@@ -578,11 +579,12 @@ where
 /// Like [`start`], for a stream whose bytes already stamp `clocks`: the
 /// transport wraps the TCP socket *under* TLS, so every byte counts as
 /// liveness, not only whole TLS records (up to 16 KiB each). `identity` is
-/// the peer certificate's names, shown to handlers.
+/// the peer's end-entity certificate, whose names handlers see (read from
+/// it when first needed).
 pub fn start_metered<S>(
     stream: S,
     clocks: Arc<ByteClocks>,
-    identity: Option<Arc<PeerIdentity>>,
+    peer_cert: Option<CertificateDer<'static>>,
     config: &ConnectionConfig,
     peer: SocketAddr,
     peer_hello: Hello,
@@ -610,7 +612,7 @@ where
         goaway: CancellationToken::new(),
         close_reason: OnceLock::new(),
         peer,
-        identity,
+        identity: LazyIdentity::new(peer_cert),
         peer_hello,
         max_send,
         call_slots: Semaphore::new((peer_hello.max_in_flight as usize).min(Semaphore::MAX_PERMITS)),

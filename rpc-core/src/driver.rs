@@ -406,7 +406,7 @@ impl Driver {
         let token = CancellationToken::new();
         let ctx = CallContext {
             peer: self.shared.peer,
-            identity: self.shared.identity.clone(),
+            identity: self.shared.identity.get().cloned(),
             id,
             method,
             deadline,

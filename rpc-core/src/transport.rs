@@ -39,7 +39,6 @@ use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection, Dispatch};
 use crate::error::Error;
 use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
-use crate::identity::PeerIdentity;
 use crate::metered::{ByteClocks, Metered};
 use crate::tls::{check_alpn, ALPN};
 
@@ -97,7 +96,7 @@ pub async fn accept(
         .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%peer, "TLS handshake done");
-    let identity = peer_identity(tls.get_ref().1.peer_certificates());
+    let identity = peer_cert(tls.get_ref().1.peer_certificates());
     let ours = if hello_sent {
         OurHello::Flush
     } else {
@@ -153,7 +152,7 @@ pub async fn connect(
     .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
-    let identity = peer_identity(tls.get_ref().1.peer_certificates());
+    let identity = peer_cert(tls.get_ref().1.peer_certificates());
     // Our Hello waits in the TLS session; the driver's writer sends it with
     // the first call (one write, and one wake-up on the server, instead of
     // two), or at once when no call is waiting by the time it starts.
@@ -165,20 +164,18 @@ pub async fn connect(
     finish(tls, clocks, identity, addr, config, None, ours).await
 }
 
-/// The names in the peer's end-entity certificate, if it sent one.
-fn peer_identity(
+/// The peer's end-entity certificate, if it sent one (its names are read
+/// only when asked for).
+fn peer_cert(
     certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-) -> Option<Arc<PeerIdentity>> {
-    certs?
-        .first()
-        .and_then(|c| PeerIdentity::from_der(c))
-        .map(Arc::new)
+) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    certs?.first().cloned()
 }
 
 async fn finish<S>(
     mut stream: S,
     clocks: Arc<ByteClocks>,
-    identity: Option<Arc<PeerIdentity>>,
+    identity: Option<rustls::pki_types::CertificateDer<'static>>,
     peer: SocketAddr,
     config: &ConnectionConfig,
     dispatch: Option<Arc<dyn Dispatch>>,

@@ -417,3 +417,24 @@ async fn a_client_that_makes_no_call_completes_its_hello() {
     let reply: String = client.call("Demo.echo", "still here").await.unwrap();
     assert_eq!(reply, "still here");
 }
+
+#[tokio::test]
+async fn a_client_connection_names_the_server_from_its_certificate() {
+    let server = TestServer::start(rpc_server::demo::router(), ServerOptions::default()).await;
+    let addr: std::net::SocketAddr = server.address().parse().unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_tls(&server.certs));
+    let config = rpc_core::ConnectionConfig::default();
+    let (conn, driver) = rpc_core::transport::connect(addr, name, &connector, &config)
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    // Read from the certificate when asked, not during the handshake.
+    let id = conn.peer_identity().expect("the server's names");
+    assert!(
+        id.sans.iter().any(|san| san == "DNS:localhost"),
+        "{:?}",
+        id.sans
+    );
+    conn.close();
+}
