@@ -23,13 +23,19 @@
 //!   server refused unrun (`ShuttingDown`, or its `GoAway` crossed the
 //!   request), which goes out again on the fresh connection, within its
 //!   deadline. So a server restart loses no call.
+//! - The supervisor task also runs the current connection's driver, so a
+//!   connection costs one task, and closing it wakes only that task. When
+//!   the server sends `GoAway`, the old driver moves to a task of its own to
+//!   finish its calls while the supervisor reconnects.
 //! - The supervisor is owned by the clients: when the last clone is dropped,
-//!   or [`Client::close`] is called, it closes the connection and ends.
+//!   or [`Client::close`] is called, the connection is closed and the
+//!   supervisor ends.
 //!
 //! Not here: several endpoints and load balancing.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use rpc_core::error::report;
@@ -40,7 +46,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -142,15 +148,12 @@ impl ClientBuilder {
             state,
             closed: CancellationToken::new(),
         });
-        let conn = core.connect_once().await?;
-        *core.current() = Some(conn);
+        let (conn, driver) = core.connect_once().await?;
+        *core.current() = Some(conn.clone());
         core.state.send_replace(ConnState::Ready);
-        tokio::spawn(supervise(core.clone()));
+        tokio::spawn(supervise(core.clone(), (conn, driver)));
         Ok(Client {
-            inner: Arc::new(Handle {
-                _stop: core.closed.clone().drop_guard(),
-                core,
-            }),
+            inner: Arc::new(Handle { core }),
         })
     }
 }
@@ -191,8 +194,20 @@ impl Core {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Closes the client: no more connections, and the current one ends
+    /// now (its driver, in the supervisor's task, then ends too).
+    fn close(&self) {
+        // Cancelled first: a connection the supervisor installs after the
+        // look below sees the cancellation (see `supervise`).
+        self.closed.cancel();
+        if let Some(conn) = self.current().as_ref() {
+            conn.close();
+        }
+    }
+
     /// One attempt: resolve, then each address in turn until one connects.
-    async fn connect_once(&self) -> Result<Connection, ClientError> {
+    /// Returns the connection and its driver, which the caller runs.
+    async fn connect_once(&self) -> Result<transport::Started, ClientError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.addr.as_str())
             .await
             .map_err(|e| ClientError::Resolve {
@@ -205,12 +220,9 @@ impl Core {
             match transport::connect(*sa, self.server_name.clone(), &self.connector, &self.config)
                 .await
             {
-                Ok((conn, driver)) => {
+                Ok(started) => {
                     debug!(addr = %sa, "connected");
-                    // Ends when the connection does; the supervisor closes
-                    // the connection when the client goes away.
-                    tokio::spawn(driver);
-                    return Ok(conn);
+                    return Ok(started);
                 }
                 Err(e) => last = Some((sa.to_string(), e)),
             }
@@ -225,19 +237,46 @@ impl Core {
     }
 }
 
-/// Keeps a connection up until the client is closed.
-async fn supervise(core: Arc<Core>) {
+/// Keeps a connection up until the client is closed, running the current
+/// connection's driver.
+async fn supervise(core: Arc<Core>, first: transport::Started) {
     let mut backoff = Backoff::new(core.backoff.0, core.backoff.1);
+    let mut next = Some(first);
     'outer: loop {
-        let conn = core.current().clone();
-        if let Some(conn) = conn {
-            tokio::select! {
-                _ = conn.unusable() => {
-                    let why = conn.close_reason().unwrap_or_else(|| "peer sent GoAway".into());
-                    info!(addr = %core.addr, reason = %why, "connection lost; reconnecting");
-                }
-                _ = core.closed.cancelled() => break 'outer,
+        if let Some((conn, mut driver)) = next.take() {
+            // A client closed between installing this connection and here
+            // closed the one before; this one is closed here.
+            if core.closed.is_cancelled() {
+                conn.close();
+                driver.await;
+                break 'outer;
             }
+            // The driver runs in this poll, so a GoAway it reads, or its
+            // starting to close, is seen right after, with no wake-up and no
+            // lock (two atomic loads per poll).
+            let done = std::future::poll_fn(|cx| match driver.as_mut().poll(cx) {
+                Poll::Ready(_) => Poll::Ready(true),
+                Poll::Pending if conn.goaway_received() || conn.is_ending() => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            if core.closed.is_cancelled() {
+                // Closed by the client: finish closing here.
+                if !done {
+                    driver.await;
+                }
+                break 'outer;
+            }
+            if !done {
+                // Calls in flight finish on the old connection (GoAway), or
+                // its last frames go out (closing, bounded by its close
+                // timeout), while the next connection is made.
+                tokio::spawn(driver);
+            }
+            let why = conn
+                .close_reason()
+                .unwrap_or_else(|| "peer sent GoAway".into());
+            info!(addr = %core.addr, reason = %why, "connection lost; reconnecting");
         }
         loop {
             core.state.send_replace(ConnState::Connecting);
@@ -246,12 +285,13 @@ async fn supervise(core: Arc<Core>) {
                 _ = core.closed.cancelled() => break 'outer,
             };
             match attempt {
-                Ok(conn) => {
-                    *core.current() = Some(conn);
+                Ok((conn, driver)) => {
+                    *core.current() = Some(conn.clone());
                     *core.last_error() = None;
                     backoff.reset();
                     core.state.send_replace(ConnState::Ready);
                     info!(addr = %core.addr, "reconnected");
+                    next = Some((conn, driver));
                     break;
                 }
                 Err(e) => {
@@ -276,10 +316,15 @@ async fn supervise(core: Arc<Core>) {
     core.state.send_replace(ConnState::Closed);
 }
 
-/// Stops the supervisor when the last clone goes.
+/// Closes the client when the last clone goes.
 struct Handle {
     core: Arc<Core>,
-    _stop: DropGuard,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.core.close();
+    }
 }
 
 /// A client of an srpc server. Clone it freely; clones share the connection
@@ -462,7 +507,7 @@ impl Client {
     /// Closes the client for every clone: the connection closes, pending calls
     /// fail at once, and no reconnect follows.
     pub fn close(&self) {
-        self.core().closed.cancel();
+        self.core().close();
     }
 
     /// Waits until the client is closed and its connection is gone.

@@ -252,6 +252,8 @@ pub(crate) struct Shared {
     pub(crate) done: CancellationToken,
     /// Fires when the peer sends `GoAway`.
     pub(crate) goaway: CancellationToken,
+    /// Set with `goaway`, for a look without a lock.
+    pub(crate) goaway_seen: AtomicBool,
     pub(crate) close_reason: OnceLock<String>,
     pub(crate) peer: SocketAddr,
     pub(crate) identity: LazyIdentity,
@@ -408,6 +410,19 @@ impl Connection {
     /// Waits until the driver has finished closing the connection.
     pub async fn closed(&self) {
         self.shared.done.cancelled().await
+    }
+
+    /// True once the peer has sent `GoAway` (an atomic load: cheap enough to
+    /// ask each time the task running the driver is polled).
+    pub fn goaway_received(&self) -> bool {
+        self.shared.goaway_seen.load(Ordering::Acquire)
+    }
+
+    /// True once the connection has begun to end (closed here, or its
+    /// driver is finishing); an atomic load, like
+    /// [`goaway_received`](Connection::goaway_received).
+    pub fn is_ending(&self) -> bool {
+        self.shared.closing.load(Ordering::Acquire)
     }
 
     /// Completes when no new call can be made here: the connection is ending,
@@ -610,6 +625,7 @@ where
         events: DriverEvents::default(),
         done: CancellationToken::new(),
         goaway: CancellationToken::new(),
+        goaway_seen: AtomicBool::new(false),
         close_reason: OnceLock::new(),
         peer,
         identity: LazyIdentity::new(peer_cert),

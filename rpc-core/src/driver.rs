@@ -343,6 +343,7 @@ impl Driver {
             Frame::GoAway { reason } => {
                 info!(%reason, "peer sent GoAway");
                 self.shared.calls().goaway = Some(reason);
+                self.shared.goaway_seen.store(true, Ordering::Release);
                 self.shared.goaway.cancel();
                 Ok(())
             }

@@ -205,3 +205,37 @@ async fn stats_count_connections_calls_and_errors_by_kind() {
     }
     assert_eq!(connections, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_clone_of_a_client_closes_its_connection() {
+    let server = TestServer::demo().await;
+    let watcher = server.client().await;
+    let client = server.client().await;
+    let copy = client.clone();
+    let _: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
+    let mut states = client.state();
+    drop(client);
+    // One clone left: the connection stays and still serves calls.
+    let _: i64 = copy.call("Demo.add", &(3i64, 4i64)).await.unwrap();
+    assert_eq!(server_stats(&watcher).await.connections, 2);
+    drop(copy);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| *s == rpc_client::ConnState::Closed),
+    )
+    .await
+    .expect("the client did not close when its last clone went")
+    .unwrap();
+    let mut connections = u64::MAX;
+    for _ in 0..100 {
+        connections = server_stats(&watcher).await.connections;
+        if connections == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        connections, 1,
+        "the server still holds the dropped client's connection"
+    );
+}
