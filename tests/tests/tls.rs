@@ -290,6 +290,13 @@ async fn a_client_resumes_its_session_and_keeps_its_identity_under_mutual_tls() 
         cert1, cert2,
         "a resumed session carries the same client certificate"
     );
+    // The server sends one ticket per handshake, and a resumed handshake
+    // brings the ticket for the next: reconnect after reconnect resumes.
+    for round in 3..6 {
+        let (kind, cert) = handshake(server.clone(), client.clone()).await;
+        assert_eq!(kind, rustls::HandshakeKind::Resumed, "handshake {round}");
+        assert_eq!(cert, cert1, "handshake {round}");
+    }
 
     // A new server config (what a certificate or CA reload makes) takes no
     // ticket of the old one: the next handshake is a full one again.
