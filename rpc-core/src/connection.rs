@@ -397,9 +397,14 @@ impl Connection {
     }
 
     /// True when new calls can still be made here (not closed, no `GoAway`).
+    ///
+    /// Two atomic loads, no lock: asked before every call. (The call table
+    /// is closed only after `closing` is set, and a call made as a `GoAway`
+    /// arrives is refused by the table, under its lock, with
+    /// [`Error::GoAway`].)
     pub fn is_usable(&self) -> bool {
-        let t = self.shared.calls();
-        t.closed.is_none() && t.goaway.is_none() && !self.shared.closing.load(Ordering::Acquire)
+        !self.shared.closing.load(Ordering::Acquire)
+            && !self.shared.goaway_seen.load(Ordering::Acquire)
     }
 
     /// Why the connection ended, once it has.
