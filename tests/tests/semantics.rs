@@ -87,6 +87,20 @@ async fn server_stats(client: &Client) -> rpc_core::stats::StatsSnapshot {
     client.stats().await.unwrap()
 }
 
+/// The server's connection count once it reaches `want`, or the last one
+/// seen after about a second.
+async fn connections_settle_at(client: &Client, want: u64) -> u64 {
+    let mut connections = u64::MAX;
+    for _ in 0..100 {
+        connections = server_stats(client).await.connections;
+        if connections == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    connections
+}
+
 fn error_count(stats: &rpc_core::stats::StatsSnapshot, kind: &str) -> u64 {
     stats
         .errors
@@ -195,15 +209,7 @@ async fn stats_count_connections_calls_and_errors_by_kind() {
     b.close();
     b.closed().await;
     // The server notices the close and drops the connection from its list.
-    let mut connections = u64::MAX;
-    for _ in 0..100 {
-        connections = server_stats(&a).await.connections;
-        if connections == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(connections, 1);
+    assert_eq!(connections_settle_at(&a, 1).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,16 +232,9 @@ async fn dropping_the_last_clone_of_a_client_closes_its_connection() {
     .await
     .expect("the client did not close when its last clone went")
     .unwrap();
-    let mut connections = u64::MAX;
-    for _ in 0..100 {
-        connections = server_stats(&watcher).await.connections;
-        if connections == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert_eq!(
-        connections, 1,
+        connections_settle_at(&watcher, 1).await,
+        1,
         "the server still holds the dropped client's connection"
     );
 }
