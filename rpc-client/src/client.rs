@@ -245,11 +245,10 @@ async fn supervise(core: Arc<Core>, first: transport::Started) {
     'outer: loop {
         if let Some((conn, mut driver)) = next.take() {
             // A client closed between installing this connection and here
-            // closed the one before; this one is closed here.
+            // closed the one before; this one is closed here (and the loop
+            // below then finishes it).
             if core.closed.is_cancelled() {
                 conn.close();
-                driver.await;
-                break 'outer;
             }
             // The driver runs in this poll, so a GoAway it reads, or its
             // starting to close, is seen right after, with no wake-up and no

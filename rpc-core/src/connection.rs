@@ -598,7 +598,7 @@ where
 
 /// Like [`start`], for a stream whose bytes already stamp `clocks`: the
 /// transport wraps the TCP socket *under* TLS, so every byte counts as
-/// liveness, not only whole TLS records (up to 16 KiB each). `identity` is
+/// liveness, not only whole TLS records (up to 16 KiB each). `peer_cert` is
 /// the peer's end-entity certificate, whose names handlers see (read from
 /// it when first needed).
 pub fn start_metered<S>(
