@@ -82,10 +82,20 @@ struct RunArgs {
 /// Groups of scenarios, to run a part of the benchmark while tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Group {
-    /// 64 B at 1 and 64 in flight, 1 MiB at 4.
+    /// 64 B at 1 and 64 in flight, 1 MiB at 4 (all three below).
     Load,
-    /// New connection + one call, full and resumed.
+    /// 64 B at 1 in flight.
+    One,
+    /// 64 B at 64 in flight.
+    Many,
+    /// 1 MiB at 4 in flight.
+    Large,
+    /// New connection + one call, full and resumed (both below).
     Connect,
+    /// New connection + one call, full handshake.
+    Full,
+    /// New connection + one call, resumed session.
+    Resumed,
     /// Server memory per idle connection.
     Idle,
 }
@@ -217,13 +227,13 @@ async fn measure_stack(
     let wants = |g: Group| args.scenarios.is_empty() || args.scenarios.contains(&g);
     let server = ServerProcess::start(stack, dir)?;
     let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
-    if wants(Group::Load) {
-        load_scenarios(stack, args, &dialer, samples).await?;
-    }
-    if wants(Group::Connect) {
+    load_scenarios(stack, args, &dialer, samples).await?;
+    if wants(Group::Connect) || wants(Group::Full) {
         let (rate, errors) = scenario::connect_rate(&dialer, args.measure).await?;
         anyhow::ensure!(errors == 0, "{}: {errors} connections failed", stack.name());
         samples.push(stack, Metric::ConnFull, rate);
+    }
+    if wants(Group::Connect) || wants(Group::Resumed) {
         let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
         let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
         anyhow::ensure!(
@@ -251,9 +261,21 @@ async fn load_scenarios(
     dialer: &Dialer,
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
+    let wants = |g: Group| {
+        args.scenarios.is_empty()
+            || args.scenarios.contains(&g)
+            || args.scenarios.contains(&Group::Load)
+    };
+    if ![Group::One, Group::Many, Group::Large]
+        .into_iter()
+        .any(wants)
+    {
+        return Ok(());
+    }
     let caller = dialer.connect().await?;
-    for (in_flight, payload, rate, p50, p99) in [
+    for (group, in_flight, payload, rate, p50, p99) in [
         (
+            Group::One,
             1,
             64,
             Metric::Calls1,
@@ -261,14 +283,18 @@ async fn load_scenarios(
             Some(Metric::P99x1),
         ),
         (
+            Group::Many,
             64,
             64,
             Metric::Calls64,
             Some(Metric::P50x64),
             Some(Metric::P99x64),
         ),
-        (4, 1 << 20, Metric::MibPerSec, None, None),
+        (Group::Large, 4, 1 << 20, Metric::MibPerSec, None, None),
     ] {
+        if !wants(group) {
+            continue;
+        }
         let got = scenario::load(
             caller.clone(),
             in_flight,
