@@ -499,3 +499,105 @@ async fn a_call_queued_for_a_slot_fails_at_its_deadline_and_is_never_sent() {
     assert!(!first.is_finished());
     first.abort();
 }
+
+/// Echoes, counting the calls it has been handed.
+struct CountingEcho(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl rpc_core::Dispatch for CountingEcho {
+    fn dispatch(
+        &self,
+        _ctx: rpc_core::CallContext,
+        body: Bytes,
+    ) -> rpc_core::connection::BoxFuture<Result<Bytes, rpc_core::Status>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { Ok(body) })
+    }
+}
+
+/// A stream that notes, at every write, how many calls had been handed to
+/// the service by then.
+struct NoteWrites {
+    inner: tokio::io::DuplexStream,
+    handled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    noted: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl tokio::io::AsyncRead for NoteWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NoteWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let handled = self.handled.load(Ordering::SeqCst);
+        self.noted.lock().unwrap().push(handled);
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn replies_to_a_long_burst_leave_before_the_whole_burst_is_handled() {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let cfg = ConnectionConfig::default();
+    let (mut peer, mut b) = tokio::io::duplex(1 << 20);
+    let (hp, hb) = tokio::join!(
+        exchange_hello(&mut peer, hello_for(&cfg), cfg.max_frame),
+        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+    );
+    hp.unwrap();
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let noted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stream = NoteWrites {
+        inner: b,
+        handled: handled.clone(),
+        noted: noted.clone(),
+    };
+    let service = std::sync::Arc::new(CountingEcho(handled.clone()));
+    let (_server, driver) =
+        rpc_core::connection::start(stream, &cfg, common::addr(), hb.unwrap(), Some(service));
+    tokio::spawn(driver);
+    // 64 requests in one write: the server can read them all in one go.
+    let mut burst = bytes::BytesMut::new();
+    for id in 0..64 {
+        burst.extend_from_slice(&request(id, "echo"));
+    }
+    peer.write_all(&burst).await.unwrap();
+    let mut frames =
+        tokio_util::codec::FramedRead::new(peer, rpc_core::FrameCodec::new(1 << 20, 1 << 20));
+    for _ in 0..64 {
+        let frame = tokio::time::timeout(T, frames.next()).await.unwrap();
+        assert!(matches!(
+            frame,
+            Some(Ok(rpc_core::Frame::Response { result: Ok(_), .. }))
+        ));
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 64);
+    let noted = noted.lock().unwrap().clone();
+    let first = noted[0];
+    assert!(
+        first < 64,
+        "the first replies left only after all 64 requests were handled ({noted:?})"
+    );
+}
