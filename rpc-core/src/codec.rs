@@ -77,13 +77,18 @@ pub fn encode_into<T: Serialize + ?Sized>(
     result.map_err(|inner| CodecError { inner })
 }
 
-/// Writes the encoding of `value` to `writer`.
-pub(crate) fn encode_to<T: Serialize + ?Sized, W: std::io::Write>(
+/// Writes the encoding of `value`, whose size [`encoded_len`] has just
+/// checked against the limit, to `writer`.
+///
+/// One pass: with a limit set, bincode sizes a value again before writing
+/// it (`serialize_into`), so every frame and value was walked three times.
+/// The encoding does not depend on the limit.
+pub(crate) fn encode_sized<T: Serialize + ?Sized, W: std::io::Write>(
     value: &T,
-    limit: usize,
     writer: W,
 ) -> Result<(), CodecError> {
-    options(limit)
+    bincode::DefaultOptions::new()
+        .reject_trailing_bytes()
         .serialize_into(writer, value)
         .map_err(|inner| CodecError { inner })
 }
@@ -101,13 +106,11 @@ fn encode_pooled<T: Serialize + ?Sized>(
     let len = encoded_len(value, limit)?;
     if len >= pool::MIN_BUFFER {
         let mut buf = pool.take(len);
-        options(limit)
-            .serialize_into(&mut buf, value)
-            .map_err(|inner| CodecError { inner })?;
+        encode_sized(value, &mut buf)?;
         return Ok(pool.bytes(buf));
     }
     let mut buf = BytesMut::with_capacity(len);
-    encode_into(value, limit, &mut buf)?;
+    encode_sized(value, (&mut buf).writer())?;
     Ok(buf.freeze())
 }
 

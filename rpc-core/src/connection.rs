@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -45,6 +46,11 @@ use crate::frame::{frame_len, Frame, Hello};
 use crate::heartbeat::Heartbeat;
 use crate::identity::{LazyIdentity, PeerIdentity};
 use crate::metered::{ByteClocks, Metered};
+
+/// More than a `Request` frame adds to its body and method name: a variant
+/// tag, varint id, lengths and deadline (bincode `DefaultOptions`: at most
+/// 34 bytes; a test below checks the bound).
+const REQUEST_OVERHEAD: usize = 64;
 
 /// Capacity of the control queue (pings, pongs, GoAway).
 pub(crate) const CONTROL_QUEUE: usize = 64;
@@ -174,16 +180,24 @@ pub(crate) struct CallTable {
     pub(crate) closed: Option<CloseCause>,
     /// The peer said `GoAway`: no new calls on this connection.
     pub(crate) goaway: Option<String>,
-    pending: HashMap<u64, PendingCall>,
+    pending: HashMap<u64, PendingCall, BuildHasherDefault<IdHasher>>,
     deadlines: BTreeSet<(Instant, u64)>,
     /// When the driver's timer fires next; a call due earlier must tell it.
     pub(crate) armed: Option<Instant>,
 }
 
 impl CallTable {
-    /// Registers call `id`; true when its deadline comes before the driver's
-    /// timer, which must then be moved.
-    fn insert(&mut self, id: u64, tx: Reply, deadline: Instant, timeout: Duration) -> bool {
+    /// Registers call `id` (`sent`: its `Request` is queued already); true
+    /// when its deadline comes before the driver's timer, which must then be
+    /// moved.
+    fn insert(
+        &mut self,
+        id: u64,
+        tx: Reply,
+        deadline: Instant,
+        timeout: Duration,
+        sent: bool,
+    ) -> bool {
         self.deadlines.insert((deadline, id));
         self.pending.insert(
             id,
@@ -191,7 +205,7 @@ impl CallTable {
                 tx,
                 deadline,
                 timeout,
-                sent: false,
+                sent,
             },
         );
         self.armed.is_none_or(|at| deadline < at)
@@ -230,10 +244,46 @@ impl CallTable {
         expired
     }
 
-    fn take_all(&mut self) -> HashMap<u64, PendingCall> {
+    fn take_all(&mut self) -> HashMap<u64, PendingCall, BuildHasherDefault<IdHasher>> {
         self.deadlines.clear();
         std::mem::take(&mut self.pending)
     }
+}
+
+/// Hashes this side's call ids with one multiplication instead of std's
+/// SipHash (about 100 instructions a lookup, two lookups per call). The
+/// table only ever holds ids this side chose (counting up from 0), so a
+/// peer cannot pick keys that collide; a peer's `Response` id is only
+/// looked up.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used for u64 keys; any byte input still hashes correctly.
+        for &b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: an odd constant near 2^64 / golden ratio spreads
+        // consecutive ids over both the low bits (the bucket) and the high
+        // bits (hashbrown's tag byte).
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Whether a subscriber may want `debug` spans at all. Building a span costs
+/// even when nobody records it (more when a dependency turns on tracing's
+/// `log` feature), on every call on both sides; this is two loads.
+pub(crate) fn debug_spans_wanted() -> bool {
+    tracing::Level::DEBUG <= tracing::level_filters::STATIC_MAX_LEVEL
+        && tracing::Level::DEBUG <= tracing::level_filters::LevelFilter::current()
 }
 
 pub(crate) struct Shared {
@@ -469,6 +519,9 @@ impl Connection {
     /// at most `timeout`. The deadline travels with the request.
     pub async fn call(&self, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Error> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if !debug_spans_wanted() {
+            return self.call_inner(id, method, body, timeout).await;
+        }
         let span = tracing::debug_span!("call", method, id, peer = %self.shared.peer);
         // A span no subscriber wants is not entered: entering and leaving it
         // on every poll still costs (more when a dependency turns on
@@ -490,13 +543,18 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Bytes, Error> {
         let deadline_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        // Exact sizing walks the whole frame; only requests near the limit
+        // need it.
+        let near_limit = body.len() + method.len() + REQUEST_OVERHEAD > self.shared.max_send;
         let frame = Frame::Request {
             id,
             method: method.to_owned(),
             deadline_ms: Some(deadline_ms),
             body,
         };
-        frame_len(&frame, self.shared.max_send)?;
+        if near_limit {
+            frame_len(&frame, self.shared.max_send)?;
+        }
         let deadline = Instant::now() + timeout;
         let slot = self.shared.call_slots.try_acquire().ok();
         let (tx, rx) = oneshot::channel();
@@ -510,19 +568,18 @@ impl Connection {
                     reason: reason.clone(),
                 });
             }
-            let move_timer = t.insert(id, tx, deadline, timeout);
             // Fast path: a free call slot and room in the queue. The request
-            // is queued here, and the driver's timer keeps the deadline.
+            // is queued here, and the driver's timer keeps the deadline. Its
+            // `Response` cannot be matched before the call is registered
+            // below: the driver needs this lock for that.
             let unsent = match slot {
                 Some(_) => match self.shared.outbound.try_push(frame) {
-                    Ok(()) => {
-                        t.mark_sent(id);
-                        None
-                    }
+                    Ok(()) => None,
                     Err((_, frame)) => Some(frame),
                 },
                 None => Some(frame),
             };
+            let move_timer = t.insert(id, tx, deadline, timeout, unsent.is_none());
             (move_timer, unsent)
         };
         if move_timer {
@@ -651,4 +708,45 @@ where
         futures_util::future::Either::Right(fut.instrument(span))
     };
     (Connection { shared }, fut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_overhead_bounds_every_request_header() {
+        // The largest header short of 4 GiB lengths: the largest id and
+        // deadline, and lengths that need 5-byte varints.
+        let method = "m".repeat(70_000);
+        let body = Bytes::from(vec![7u8; 70_000]);
+        let frame = Frame::Request {
+            id: u64::MAX,
+            method: method.clone(),
+            deadline_ms: Some(u32::MAX),
+            body: body.clone(),
+        };
+        let len = frame_len(&frame, usize::MAX).map_err(|e| e.to_string());
+        let header = len.map(|len| len - method.len() - body.len());
+        assert!(
+            header.as_ref().is_ok_and(|&h| h <= REQUEST_OVERHEAD),
+            "{header:?}"
+        );
+    }
+
+    #[test]
+    fn call_ids_hash_to_spread_tags_and_buckets() {
+        let hash = |id: u64| {
+            let mut h = IdHasher::default();
+            h.write_u64(id);
+            h.finish()
+        };
+        // hashbrown takes the bucket from the low bits and a tag byte from
+        // the top 7: consecutive ids must vary both (the identity would
+        // give every small id the same tag).
+        let buckets: std::collections::HashSet<u64> = (0..128).map(|id| hash(id) & 127).collect();
+        let tags: std::collections::HashSet<u64> = (0..128).map(|id| hash(id) >> 57).collect();
+        assert_eq!(buckets.len(), 128);
+        assert!(tags.len() > 64, "{} tags for 128 ids", tags.len());
+    }
 }

@@ -436,7 +436,11 @@ impl Driver {
             deadline,
             cancelled: token.clone(),
         };
-        let span = tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer);
+        let span = if crate::connection::debug_spans_wanted() {
+            tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer)
+        } else {
+            tracing::Span::none()
+        };
         if let Some(c) = dispatch.counters() {
             c.started();
         }

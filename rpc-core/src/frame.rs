@@ -273,8 +273,9 @@ impl Encoder<Frame> for FrameCodec {
         // frame_len checked len <= max_send, and max_send fits in u32 because
         // Hello carries it as one; saturate rather than wrap regardless.
         dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        if let Err(e) = codec::encode_into(&frame, self.max_send, dst) {
-            dst.truncate(dst.len() - LENGTH_PREFIX);
+        let start = dst.len();
+        if let Err(e) = codec::encode_sized(&frame, dst.writer()) {
+            dst.truncate(start - LENGTH_PREFIX);
             return Err(e.into());
         }
         Ok(())

@@ -70,7 +70,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             body: &body,
             after: None,
         };
-        if let Err(e) = codec::encode_to(&frame, self.max_send, &mut split) {
+        if let Err(e) = codec::encode_sized(&frame, &mut split) {
             self.buf.truncate(mark);
             return Err(e.into());
         }
