@@ -424,6 +424,18 @@ impl Client {
         if let Some(conn) = core.current().as_ref().filter(|c| c.is_usable()) {
             return Ok(conn.clone());
         }
+        // Boxed: its waits would otherwise make every call's future larger.
+        Box::pin(self.wait_for_connection(deadline, timeout)).await
+    }
+
+    /// [`ready_connection`](Client::ready_connection) when there is none
+    /// now: waits for the supervisor's next one.
+    async fn wait_for_connection(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Connection, ClientError> {
+        let core = self.core();
         // Subscribed before looking again, so a change in between is seen.
         let mut states = core.state.subscribe();
         loop {

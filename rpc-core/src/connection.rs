@@ -603,7 +603,8 @@ impl Connection {
                 result
             }
             // Slow path: wait for a slot and room in the queue, within the
-            // deadline.
+            // deadline. Boxed: its waits would otherwise make every call's
+            // future larger, and futures are moved (boxed, spawned) whole.
             Some(frame) => {
                 let exchange = async {
                     let _slot = match slot {
@@ -621,7 +622,7 @@ impl Connection {
                     debug!("request sent");
                     reply.await
                 };
-                tokio::time::timeout_at(deadline, exchange)
+                Box::pin(tokio::time::timeout_at(deadline, exchange))
                     .await
                     .unwrap_or(Err(Error::DeadlineExceeded(timeout)))
             }
