@@ -383,17 +383,26 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
-        let body = codec::encode(args, self.core().config.max_frame).map_err(|source| {
-            ClientError::Encode {
-                method: method.to_owned(),
-                source,
-            }
-        })?;
+        let encode = || {
+            codec::encode(args, self.core().config.max_frame).map_err(|source| {
+                ClientError::Encode {
+                    method: method.to_owned(),
+                    source,
+                }
+            })
+        };
+        // Encoded again for a second attempt rather than cloned for every
+        // call: cloning the fresh buffer's `Bytes` allocates.
+        let mut first = Some(encode()?);
         let deadline = Instant::now() + timeout;
         let reply = loop {
             let conn = self.ready_connection(deadline, timeout).await?;
             let left = deadline.saturating_duration_since(Instant::now());
-            match conn.call(method, body.clone(), left).await {
+            let body = match first.take() {
+                Some(body) => body,
+                None => encode()?,
+            };
+            match conn.call(method, body, left).await {
                 // The server refused the call unrun because it is draining,
                 // or its GoAway arrived as we sent: safe to send again, on
                 // the fresh connection the supervisor is making.

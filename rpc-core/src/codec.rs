@@ -239,13 +239,19 @@ pub fn decode_owned<T: DeserializeOwned + 'static>(
     let tuple = TypeId::of::<T>() == TypeId::of::<(Bytes,)>();
     if single || tuple {
         if let Some(payload) = byte_string(bytes, limit) {
-            let value: Box<dyn Any> = if single {
-                Box::new(payload)
+            // Moved out through `Option<T>` rather than a `Box<dyn Any>`:
+            // no allocation per call.
+            let value = if single {
+                (&mut Some(payload) as &mut dyn Any)
+                    .downcast_mut::<Option<T>>()
+                    .and_then(Option::take)
             } else {
-                Box::new((payload,))
+                (&mut Some((payload,)) as &mut dyn Any)
+                    .downcast_mut::<Option<T>>()
+                    .and_then(Option::take)
             };
-            if let Ok(value) = value.downcast::<T>() {
-                return Ok(*value);
+            if let Some(value) = value {
+                return Ok(value);
             }
         }
     }
