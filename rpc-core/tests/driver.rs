@@ -207,15 +207,9 @@ async fn server_with_raw_peer() -> (rpc_core::Connection, tokio::io::DuplexStrea
 async fn server_with_raw_peer_config(
     cfg: ConnectionConfig,
 ) -> (rpc_core::Connection, tokio::io::DuplexStream) {
-    let (mut a, mut b) = tokio::io::duplex(1 << 16);
-    let (ha, hb) = tokio::join!(
-        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    ha.unwrap();
+    let (a, b, hello) = common::hello_pair(&cfg, 1 << 16).await;
     let service = std::sync::Arc::new(common::TestService::default());
-    let (conn, driver) =
-        rpc_core::connection::start(b, &cfg, common::addr(), hb.unwrap(), Some(service));
+    let (conn, driver) = rpc_core::connection::start(b, &cfg, common::addr(), hello, Some(service));
     tokio::spawn(driver);
     (conn, a)
 }
@@ -561,12 +555,7 @@ async fn replies_to_a_long_burst_leave_before_the_whole_burst_is_handled() {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let cfg = ConnectionConfig::default();
-    let (mut peer, mut b) = tokio::io::duplex(1 << 20);
-    let (hp, hb) = tokio::join!(
-        exchange_hello(&mut peer, hello_for(&cfg), cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    hp.unwrap();
+    let (mut peer, b, hello) = common::hello_pair(&cfg, 1 << 20).await;
     let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let noted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let stream = NoteWrites {
@@ -576,7 +565,7 @@ async fn replies_to_a_long_burst_leave_before_the_whole_burst_is_handled() {
     };
     let service = std::sync::Arc::new(CountingEcho(handled.clone()));
     let (_server, driver) =
-        rpc_core::connection::start(stream, &cfg, common::addr(), hb.unwrap(), Some(service));
+        rpc_core::connection::start(stream, &cfg, common::addr(), hello, Some(service));
     tokio::spawn(driver);
     // 64 requests in one write: the server can read them all in one go.
     let mut burst = bytes::BytesMut::new();

@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use rpc_core::connection::{start, BoxFuture};
 use rpc_core::transport::{exchange_hello, hello_for};
-use rpc_core::{CallContext, Connection, ConnectionConfig, Dispatch, Frame, FrameCodec, Status};
+use rpc_core::{
+    CallContext, Connection, ConnectionConfig, Dispatch, Frame, FrameCodec, Hello, Status,
+};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio_util::codec::Encoder;
 
@@ -143,6 +145,21 @@ pub async fn pair_full(
         cancelled,
         client_flushes: flushes,
     }
+}
+
+/// Two ends of a pipe that have exchanged `Hello`s: the first, for a raw
+/// peer; the second and the `Hello` it received, for a driver.
+pub async fn hello_pair(
+    cfg: &ConnectionConfig,
+    buffer: usize,
+) -> (DuplexStream, DuplexStream, Hello) {
+    let (mut peer, mut end) = tokio::io::duplex(buffer);
+    let (hp, he) = tokio::join!(
+        exchange_hello(&mut peer, hello_for(cfg), cfg.max_frame),
+        exchange_hello(&mut end, hello_for(cfg), cfg.max_frame),
+    );
+    hp.unwrap();
+    (peer, end, he.unwrap())
 }
 
 /// A client connection whose peer is a raw pipe end that completed `Hello`.
