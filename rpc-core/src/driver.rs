@@ -11,7 +11,9 @@
 //!   `Cancel` to the peer) when they pass.
 //! - The writer takes one frame, then every frame already queued (up to
 //!   [`MAX_BATCH`]), and flushes once. It runs inside the connection's task,
-//!   polled after the reader. Control frames (`Ping`, `Pong`,
+//!   polled after the reader, and also after every 8th frame the reader
+//!   decodes, so a long burst of calls gets its first replies before the
+//!   last call is read. Control frames (`Ping`, `Pong`,
 //!   `GoAway`) go before any queued data frame, so a `Pong` waits behind at
 //!   most the frame being written.
 //! - Any byte read or written on the socket moves the heartbeat's clocks
