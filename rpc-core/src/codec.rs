@@ -80,9 +80,9 @@ pub fn encode_into<T: Serialize + ?Sized>(
 /// Writes the encoding of `value`, whose size [`encoded_len`] has just
 /// checked against the limit, to `writer`.
 ///
-/// One pass: with a limit set, bincode sizes a value again before writing
-/// it (`serialize_into`), so every frame and value was walked three times.
-/// The encoding does not depend on the limit.
+/// One pass: with a limit set, bincode's `serialize_into` sizes the value
+/// again before writing it, which the caller has just done. The encoding
+/// does not depend on the limit.
 pub(crate) fn encode_sized<T: Serialize + ?Sized, W: std::io::Write>(
     value: &T,
     writer: W,

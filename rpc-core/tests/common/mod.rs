@@ -164,15 +164,10 @@ pub async fn hello_pair(
 
 /// A client connection whose peer is a raw pipe end that completed `Hello`.
 pub async fn client_with_raw_peer(cfg: ConnectionConfig) -> (rpc_core::Connection, DuplexStream) {
-    let (mut a, mut b) = tokio::io::duplex(1 << 20);
-    let (ha, hb) = tokio::join!(
-        exchange_hello(&mut a, hello_for(&cfg), cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    hb.unwrap();
-    let (conn, driver) = start(a, &cfg, addr(), ha.unwrap(), None);
+    let (peer, end, hello) = hello_pair(&cfg, 1 << 20).await;
+    let (conn, driver) = start(end, &cfg, addr(), hello, None);
     tokio::spawn(driver);
-    (conn, b)
+    (conn, peer)
 }
 
 pub fn encode(frame: Frame) -> BytesMut {
