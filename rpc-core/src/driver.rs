@@ -855,8 +855,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let _close = CloseOnDrop(data.clone());
-    // A client's `Hello` may wait in the TLS session (see `transport.rs`)
-    // to leave with the first call; with no call queued yet, it goes now.
+    // Whatever was written into the TLS session before the driver took
+    // over leaves now, if no frame is queued to take it along.
     if data.is_empty() && control.is_empty() {
         stall.guard(sink.flush()).await?;
     }

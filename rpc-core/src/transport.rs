@@ -8,8 +8,12 @@
 //! The TCP socket is wrapped in byte clocks (`metered.rs`) *under* TLS, so
 //! the heartbeat sees every byte that arrives, not only whole TLS records.
 //!
-//! Both sides send their `Hello` as soon as TLS is up, then read the peer's,
-//! within the smaller of the `Hello` timeout and the heartbeat timeout.
+//! Neither side waits for the other's `Hello` before sending its own, and
+//! both hand theirs to rustls before the handshake ends: the client's leaves
+//! in the same write as its Finished, the server's with its handshake flight
+//! (or, when it asks for a client certificate, right after the handshake).
+//! Each then reads the peer's, within the smaller of the `Hello` timeout and
+//! the heartbeat timeout.
 //! The peer's first frame is read with `read_exact` into a buffer of exactly
 //! its announced length (after checking it against the frame limit), so no
 //! byte that follows it is consumed before the driver takes over.
@@ -143,23 +147,27 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     let clocks = ByteClocks::new(Instant::now());
     let tcp = Metered::new(tcp, clocks.clone());
-    let mut tls = tokio::time::timeout(
-        config.handshake_timeout,
-        connector.connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
-    .map_err(Error::Handshake)?;
+    // Our Hello is handed to rustls before the handshake: it is sent right
+    // after our Finished, in the same write, so the server reads both with
+    // one wake-up (written after the handshake, it went on its own or
+    // waited for the first call). The server may read it before it has
+    // sent its own; our Hello does not depend on the server's.
+    let hello = encode_frame(Frame::Hello(hello_for(config)), config.max_frame)?;
+    let mut queued = false;
+    let handshake = connector.connect_with(server_name, tcp, |conn| {
+        queued = std::io::Write::write_all(&mut conn.writer(), &hello).is_ok();
+    });
+    let tls = tokio::time::timeout(config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
+        .map_err(Error::Handshake)?;
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
     let identity = peer_cert(tls.get_ref().1.peer_certificates());
-    // Our Hello waits in the TLS session; the driver's writer sends it with
-    // the first call (one write, and one wake-up on the server, instead of
-    // two), or at once when no call is waiting by the time it starts.
-    let hello = encode_frame(Frame::Hello(hello_for(config)), config.max_frame)?;
-    let ours = match std::io::Write::write_all(&mut tls.get_mut().1.writer(), &hello) {
-        Ok(()) => OurHello::Queued,
-        Err(_) => OurHello::Write,
+    let ours = if queued {
+        OurHello::Sent
+    } else {
+        OurHello::Write
     };
     finish(tls, clocks, identity, addr, config, None, ours).await
 }
@@ -213,9 +221,8 @@ enum OurHello {
     Write,
     /// Written into the TLS session: make sure it leaves.
     Flush,
-    /// Written into the TLS session, left there for the driver's writer to
-    /// send with the first frames.
-    Queued,
+    /// Sent with the TLS handshake's last flight.
+    Sent,
 }
 
 /// [`exchange_hello`], with our `Hello` possibly already in the TLS session.
@@ -231,7 +238,7 @@ where
     match state {
         OurHello::Write => write_frame(io, Frame::Hello(ours), max_frame).await?,
         OurHello::Flush => io.flush().await?,
-        OurHello::Queued => {}
+        OurHello::Sent => {}
     }
     let buf = read_frame(io, max_frame).await?;
     let refusal = match decode_frame(buf.clone(), max_frame) {

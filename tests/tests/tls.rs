@@ -407,9 +407,50 @@ async fn under_mutual_tls_nothing_reaches_a_client_before_it_is_authenticated() 
 }
 
 #[tokio::test]
+async fn the_clients_hello_comes_with_its_handshake_flight() {
+    // The client's Hello leaves with its Finished, so the server reads both
+    // at once; it does not wait for the client's driver (never polled here)
+    // or for a first call.
+    use tokio::io::AsyncReadExt;
+    let certs = generate().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&certs));
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        rpc_tests::send(&mut tls, &rpc_tests::hello_bytes()).await;
+        let mut first = vec![0u8; rpc_tests::hello_bytes().len()];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tls.read_exact(&mut first),
+        )
+        .await;
+        (read.is_ok_and(|r| r.is_ok()), first)
+    });
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_tls(&certs));
+    let config = rpc_core::ConnectionConfig::default();
+    let (conn, _driver) = rpc_core::transport::connect(addr, name, &connector, &config)
+        .await
+        .unwrap();
+    let (arrived, first) = server.await.unwrap();
+    assert!(
+        arrived,
+        "no Hello from the client while its driver was idle"
+    );
+    let frames = rpc_tests::decode_frames(&first);
+    assert!(
+        matches!(frames.as_slice(), [rpc_core::Frame::Hello(_)]),
+        "{frames:?}"
+    );
+    conn.close();
+}
+
+#[tokio::test]
 async fn a_client_that_makes_no_call_completes_its_hello() {
-    // The client's Hello waits to leave with its first call; with no call,
-    // it must still go out before the server's Hello timeout.
+    // A client that connects and then makes no call is a full connection
+    // on the server all the same, past the server's Hello timeout.
     let mut options = ServerOptions::default();
     options.connection.hello_timeout = std::time::Duration::from_millis(200);
     let server = TestServer::start(rpc_server::demo::router(), options).await;
