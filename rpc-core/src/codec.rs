@@ -289,7 +289,8 @@ fn byte_string(bytes: &Bytes, limit: usize) -> Option<Bytes> {
 }
 
 /// Decodes one value that must fill `bytes` exactly; borrows from `bytes`
-/// where `T` allows it. The size limit applies (see [`LimitedSlice`]).
+/// where `T` allows it. The size limit applies to what serde may reserve
+/// for a sequence length too, not only to the bytes read.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
     let mut rest = bytes;
     let value = options(limit)
