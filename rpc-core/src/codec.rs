@@ -356,6 +356,53 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The encoded size of an integer (see [`Fields::varint`]).
+pub(crate) fn varint_len(value: u64) -> usize {
+    match value {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Appends an integer in the shortest form, as bincode writes it; the
+/// inverse of [`Fields::varint`], for the frames `frame.rs` writes without
+/// serde (a test there checks the bytes are bincode's).
+pub(crate) fn put_varint(buf: &mut BytesMut, value: u64) {
+    match value {
+        0..=250 => buf.put_u8(value as u8),
+        251..=0xffff => {
+            buf.put_u8(251);
+            buf.put_u16_le(value as u16);
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf.put_u8(252);
+            buf.put_u32_le(value as u32);
+        }
+        _ => {
+            buf.put_u8(253);
+            buf.put_u64_le(value);
+        }
+    }
+}
+
+/// Appends a byte string (its length, then the bytes).
+pub(crate) fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {
+    put_varint(buf, bytes.len() as u64);
+    buf.put_slice(bytes);
+}
+
+/// The encoded size of a byte string.
+pub(crate) fn bytes_len(bytes: &[u8]) -> usize {
+    varint_len(bytes.len() as u64) + bytes.len()
+}
+
+/// Appends an `Option`'s tag.
+pub(crate) fn put_option(buf: &mut BytesMut, some: bool) {
+    buf.put_u8(u8::from(some));
+}
+
 /// Decodes one value that must fill `bytes` exactly; borrows from `bytes`
 /// where `T` allows it. The size limit applies to what serde may reserve
 /// for a sequence length too, not only to the bytes read.
