@@ -356,16 +356,6 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The encoded size of an integer (see [`Fields::varint`]).
-pub(crate) fn varint_len(value: u64) -> usize {
-    match value {
-        0..=250 => 1,
-        251..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
-    }
-}
-
 /// Appends an integer in the shortest form, as bincode writes it; the
 /// inverse of [`Fields::varint`], for the frames `frame.rs` writes without
 /// serde (a test there checks the bytes are bincode's).
@@ -391,11 +381,6 @@ pub(crate) fn put_varint(buf: &mut BytesMut, value: u64) {
 pub(crate) fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {
     put_varint(buf, bytes.len() as u64);
     buf.put_slice(bytes);
-}
-
-/// The encoded size of a byte string.
-pub(crate) fn bytes_len(bytes: &[u8]) -> usize {
-    varint_len(bytes.len() as u64) + bytes.len()
 }
 
 /// Appends an `Option`'s tag.

@@ -223,32 +223,11 @@ fn decode_common(buf: &Bytes) -> Option<Frame> {
     fields.end().then_some(frame)
 }
 
-/// The encoded size of a `Request`, or of a `Response` carrying a reply,
-/// which [`put_common`] writes without serde; `None` for other frames.
-fn common_len(frame: &Frame) -> Option<usize> {
-    match frame {
-        Frame::Request {
-            id,
-            method,
-            deadline_ms,
-            body,
-        } => Some(
-            1 + codec::varint_len(*id)
-                + codec::bytes_len(method.as_bytes())
-                + deadline_ms.map_or(1, |d| 1 + codec::varint_len(u64::from(d)))
-                + codec::bytes_len(body),
-        ),
-        Frame::Response { id, result: Ok(b) } => {
-            Some(1 + codec::varint_len(*id) + 1 + codec::bytes_len(b))
-        }
-        _ => None,
-    }
-}
-
-/// Writes a frame [`common_len`] sizes: the bytes serde would write (the
-/// variant index, then the fields in order), about 280 instructions fewer
-/// per frame.
-fn put_common(frame: &Frame, dst: &mut BytesMut) {
+/// Writes a `Request`, or a `Response` carrying a reply, without serde: the
+/// bytes serde would write (the variant index, then the fields in order),
+/// about 130 instructions fewer per frame. False, writing nothing, for
+/// other frames.
+fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
     match frame {
         Frame::Request {
             id,
@@ -271,8 +250,9 @@ fn put_common(frame: &Frame, dst: &mut BytesMut) {
             codec::put_varint(dst, 0);
             codec::put_bytes(dst, b);
         }
-        _ => {}
+        _ => return false,
     }
+    true
 }
 
 /// The encoded size of `frame` without its length prefix, or
@@ -369,18 +349,23 @@ impl Encoder<Frame> for FrameCodec {
     type Error = Error;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), Error> {
-        if let Some(len) = common_len(&frame) {
+        let mark = dst.len();
+        dst.put_u32(0);
+        if put_common(&frame, dst) {
+            let len = dst.len() - mark - LENGTH_PREFIX;
             if len > self.max_send {
+                dst.truncate(mark);
                 return Err(Error::FrameTooLarge {
                     len: len as u64,
                     max: self.max_send as u64,
                 });
             }
-            dst.reserve(LENGTH_PREFIX + len);
-            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-            put_common(&frame, dst);
+            // len <= max_send, which fits in u32 (Hello carries it as one).
+            let prefix = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+            dst[mark..mark + LENGTH_PREFIX].copy_from_slice(&prefix);
             return Ok(());
         }
+        dst.truncate(mark);
         let len = frame_len(&frame, self.max_send)?;
         dst.reserve(LENGTH_PREFIX + len);
         // frame_len checked len <= max_send, and max_send fits in u32 because
@@ -482,13 +467,10 @@ mod tests {
             let bytes = codec::encode(&frame, 1 << 20).unwrap();
             // Written without serde, the same bytes and the same length.
             let mut ours = BytesMut::new();
-            put_common(&frame, &mut ours);
-            match common_len(&frame) {
-                Some(len) => {
-                    assert_eq!(&ours[..], &bytes[..], "{frame:?}");
-                    assert_eq!(len, bytes.len());
-                }
-                None => assert!(ours.is_empty()),
+            if put_common(&frame, &mut ours) {
+                assert_eq!(&ours[..], &bytes[..], "{frame:?}");
+            } else {
+                assert!(ours.is_empty());
             }
             let common = matches!(
                 frame,
