@@ -184,6 +184,12 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
     })
 }
 
+/// Variant indexes on the wire of the frames `decode_common` and
+/// `put_common` handle: `Frame`'s order, and `Result`'s for the reply.
+const REQUEST: u32 = 1;
+const RESPONSE: u32 = 2;
+const OK: u32 = 0;
+
 /// The frames of every call, a `Request` and a `Response` carrying a reply,
 /// read field by field (see `codec::Fields`); `None` for any other frame,
 /// and for anything unusual, which `decode_frame` then hands to serde. The
@@ -191,7 +197,7 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
 fn decode_common(buf: &Bytes) -> Option<Frame> {
     let mut fields = codec::Fields::new(buf);
     let frame = match fields.variant()? {
-        1 => {
+        REQUEST => {
             let id = fields.varint()?;
             let method = fields.str()?;
             let deadline_ms = match fields.option()? {
@@ -206,10 +212,10 @@ fn decode_common(buf: &Bytes) -> Option<Frame> {
                 body: buf.slice_ref(body),
             }
         }
-        2 => {
+        RESPONSE => {
             let id = fields.varint()?;
-            // `Ok` (variant 0) only; a `Status` goes through serde.
-            if fields.variant()? != 0 {
+            // `Ok` only; a `Status` goes through serde.
+            if fields.variant()? != OK {
                 return None;
             }
             let reply = fields.bytes()?;
@@ -235,7 +241,7 @@ fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
             deadline_ms,
             body,
         } => {
-            codec::put_varint(dst, 1);
+            codec::put_varint(dst, REQUEST.into());
             codec::put_varint(dst, *id);
             codec::put_bytes(dst, method.as_bytes());
             codec::put_option(dst, deadline_ms.is_some());
@@ -245,9 +251,9 @@ fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
             codec::put_bytes(dst, body);
         }
         Frame::Response { id, result: Ok(b) } => {
-            codec::put_varint(dst, 2);
+            codec::put_varint(dst, RESPONSE.into());
             codec::put_varint(dst, *id);
-            codec::put_varint(dst, 0);
+            codec::put_varint(dst, OK.into());
             codec::put_bytes(dst, b);
         }
         _ => return false,
