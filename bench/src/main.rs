@@ -17,6 +17,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -90,12 +91,15 @@ enum Group {
     Many,
     /// 1 MiB at 4 in flight.
     Large,
-    /// New connection + one call, full and resumed (both below).
+    /// New connection + one call: the three below.
     Connect,
-    /// New connection + one call, full handshake.
+    /// New connection + one call, full handshake, one dialer.
     Full,
-    /// New connection + one call, resumed session.
+    /// New connection + one call, resumed session, one dialer.
     Resumed,
+    /// New connection + one call, full and resumed, `scenario::DIALERS`
+    /// dialing at once.
+    Parallel,
     /// Server memory per idle connection.
     Idle,
 }
@@ -226,22 +230,39 @@ async fn measure_stack(
 ) -> anyhow::Result<()> {
     let wants = |g: Group| args.scenarios.is_empty() || args.scenarios.contains(&g);
     let server = ServerProcess::start(stack, dir)?;
-    let dialer = Dialer::new(stack, server.addr, certs, Handshake::Full)?;
+    let dialer = Arc::new(Dialer::new(stack, server.addr, certs, Handshake::Full)?);
     load_scenarios(stack, args, &dialer, samples).await?;
-    if wants(Group::Connect) || wants(Group::Full) {
-        let (rate, errors) = scenario::connect_rate(&dialer, args.measure).await?;
-        anyhow::ensure!(errors == 0, "{}: {errors} connections failed", stack.name());
-        samples.push(stack, Metric::ConnFull, rate);
-    }
-    if wants(Group::Connect) || wants(Group::Resumed) {
-        let resumed = Dialer::new(stack, server.addr, certs, Handshake::Resumed)?;
-        let (rate, errors) = scenario::connect_rate(&resumed, args.measure).await?;
+    for (group, handshake, dialers, metric) in [
+        (Group::Full, Handshake::Full, 1, Metric::ConnFull),
+        (Group::Resumed, Handshake::Resumed, 1, Metric::ConnResumed),
+        (
+            Group::Parallel,
+            Handshake::Full,
+            scenario::DIALERS,
+            Metric::ConnFullParallel,
+        ),
+        (
+            Group::Parallel,
+            Handshake::Resumed,
+            scenario::DIALERS,
+            Metric::ConnResumedParallel,
+        ),
+    ] {
+        if !(wants(Group::Connect) || wants(group)) {
+            continue;
+        }
+        // A dialer of its own: a resuming one starts without sessions.
+        let dialer = match handshake {
+            Handshake::Full => dialer.clone(),
+            Handshake::Resumed => Arc::new(Dialer::new(stack, server.addr, certs, handshake)?),
+        };
+        let (rate, errors) = scenario::connect_rate(dialer, args.measure, dialers).await?;
         anyhow::ensure!(
             errors == 0,
-            "{}: {errors} resumed connections failed",
+            "{}: {errors} connections failed ({handshake:?}, {dialers} dialing)",
             stack.name()
         );
-        samples.push(stack, Metric::ConnResumed, rate);
+        samples.push(stack, metric, rate);
     }
     drop(server);
 

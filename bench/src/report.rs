@@ -29,12 +29,16 @@ pub(crate) enum Metric {
     ConnFull,
     /// New connection (resumed session where the stack offers it) + one call.
     ConnResumed,
+    /// `ConnFull` with several connections being made at once.
+    ConnFullParallel,
+    /// `ConnResumed` with several connections being made at once.
+    ConnResumedParallel,
     /// Server RSS per idle connection, KiB.
     IdleKib,
 }
 
 impl Metric {
-    const ALL: [Metric; 10] = [
+    const ALL: [Metric; 12] = [
         Metric::Calls1,
         Metric::P50x1,
         Metric::P99x1,
@@ -44,6 +48,8 @@ impl Metric {
         Metric::MibPerSec,
         Metric::ConnFull,
         Metric::ConnResumed,
+        Metric::ConnFullParallel,
+        Metric::ConnResumedParallel,
         Metric::IdleKib,
     ];
 
@@ -58,6 +64,8 @@ impl Metric {
             Metric::MibPerSec => "1 MiB × 4 in flight, MiB/s",
             Metric::ConnFull => "new connection + call, full handshake, conn/s",
             Metric::ConnResumed => "new connection + call, resumed session, conn/s",
+            Metric::ConnFullParallel => "4 dialing at once, full handshake, conn/s",
+            Metric::ConnResumedParallel => "4 dialing at once, resumed session, conn/s",
             Metric::IdleKib => "server RSS per idle connection, KiB",
         }
     }
@@ -319,5 +327,12 @@ mod tests {
         assert_eq!(group(1234567.4, 0), "1,234,567");
         assert_eq!(group(999.0, 0), "999");
         assert_eq!(group(1000.25, 1), "1,000.2");
+    }
+
+    #[test]
+    fn parallel_labels_name_the_number_of_dialers() {
+        let n = format!("{} dialing at once", crate::scenario::DIALERS);
+        assert!(Metric::ConnFullParallel.label().starts_with(&n));
+        assert!(Metric::ConnResumedParallel.label().starts_with(&n));
     }
 }
