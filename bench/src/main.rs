@@ -256,13 +256,25 @@ async fn measure_stack(
             Handshake::Full => dialer.clone(),
             Handshake::Resumed => Arc::new(Dialer::new(stack, server.addr, certs, handshake)?),
         };
-        let (rate, errors) = scenario::connect_rate(dialer, args.measure, dialers).await?;
-        anyhow::ensure!(
-            errors == 0,
-            "{}: {errors} connections failed ({handshake:?}, {dialers} dialing)",
-            stack.name()
-        );
-        samples.push(stack, metric, rate);
+        let got = scenario::connect_rate(dialer, args.measure, dialers).await?;
+        let what = format!("{} ({handshake:?}, {dialers} dialing)", stack.name());
+        anyhow::ensure!(got.errors == 0, "{what}: {} connections failed", got.errors);
+        // The handshakes were the kind the row says: one certificate check
+        // per connection for a full handshake, none when resuming.
+        match (handshake, got.full_handshakes) {
+            (Handshake::Full, Some(full)) => anyhow::ensure!(
+                full >= got.done,
+                "{what}: {full} certificates checked for {} connections",
+                got.done
+            ),
+            (Handshake::Resumed, Some(full)) => anyhow::ensure!(
+                full == 0,
+                "{what}: {full} of {} connections did not resume",
+                got.done
+            ),
+            (_, None) => {}
+        }
+        samples.push(stack, metric, got.per_sec);
     }
     drop(server);
 

@@ -92,9 +92,22 @@ pub(crate) async fn load(
 /// enough to keep both processes busy on a small machine.
 pub(crate) const DIALERS: usize = 4;
 
+/// What [`connect_rate`] measured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connects {
+    /// Connections (with their call) per second, all loops together.
+    pub(crate) per_sec: f64,
+    /// Connections whose call came back.
+    pub(crate) done: u64,
+    /// Connections or calls that failed.
+    pub(crate) errors: u64,
+    /// Server certificates verified while measuring, i.e. full handshakes
+    /// (`None` where the dialer cannot tell).
+    pub(crate) full_handshakes: Option<u64>,
+}
+
 /// New connection, one 64-byte call, close, again and again for `measure`,
-/// by `dialers` loops at once. Returns connections per second (all loops
-/// together) and the failures.
+/// by `dialers` loops at once.
 ///
 /// One dialer measures how long a connection takes end to end; on an idle
 /// machine that is mostly waiting for the other process to wake up. Several
@@ -105,7 +118,7 @@ pub(crate) async fn connect_rate(
     dialer: Arc<Dialer>,
     measure: Duration,
     dialers: usize,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<Connects> {
     let body = Bytes::from(vec![0x5a; 64]);
     // Warm-up: one connection per dialer at once, so that when resuming
     // there is a session for each.
@@ -118,6 +131,7 @@ pub(crate) async fn connect_rate(
     for result in futures_util::future::join_all(warm).await {
         result?;
     }
+    let checked_before = dialer.certificates_checked();
     let start = Instant::now();
     let end = start + measure;
     let (mut done, mut errors) = (0u64, 0u64);
@@ -138,7 +152,17 @@ pub(crate) async fn connect_rate(
             errors += e;
         }
     }
-    Ok((done as f64 / start.elapsed().as_secs_f64(), errors))
+    let per_sec = done as f64 / start.elapsed().as_secs_f64();
+    let full_handshakes = dialer
+        .certificates_checked()
+        .zip(checked_before)
+        .map(|(after, before)| after - before);
+    Ok(Connects {
+        per_sec,
+        done,
+        errors,
+        full_handshakes,
+    })
 }
 
 /// One dialer's loop: connect, call, close until `end`; returns the

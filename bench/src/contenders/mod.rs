@@ -9,7 +9,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 
 mod raw;
@@ -80,6 +85,9 @@ pub(crate) enum Handshake {
 /// Makes connections to one contender's server.
 pub(crate) struct Dialer {
     inner: DialerKind,
+    /// Certificates its clients have checked (not for tonic, which builds
+    /// its own TLS config).
+    checked: Option<Arc<CountingVerifier>>,
 }
 
 enum DialerKind {
@@ -97,15 +105,44 @@ impl Dialer {
         certs: &Certs,
         handshake: Handshake,
     ) -> anyhow::Result<Self> {
+        let verifier = CountingVerifier::new(certs)?;
         let inner = match stack {
-            Stack::Srpc => DialerKind::Srpc(srpc_stack::Dialer::new(addr, certs, handshake)?),
-            Stack::Raw => DialerKind::Raw(raw::Dialer::new(addr, certs, handshake)?),
+            Stack::Srpc => DialerKind::Srpc(srpc_stack::Dialer::new(
+                addr,
+                certs,
+                handshake,
+                verifier.clone(),
+            )?),
+            Stack::Raw => DialerKind::Raw(raw::Dialer::new(
+                addr,
+                plain_client_tls(handshake, verifier.clone())?,
+            )),
             Stack::Tonic => {
-                DialerKind::Tonic(Box::new(tonic_stack::Dialer::new(addr, certs, handshake)?))
+                return Ok(Dialer {
+                    inner: DialerKind::Tonic(Box::new(tonic_stack::Dialer::new(
+                        addr, certs, handshake,
+                    )?)),
+                    checked: None,
+                })
             }
-            Stack::Tarpc => DialerKind::Tarpc(tarpc_stack::Dialer::new(addr, certs, handshake)?),
+            Stack::Tarpc => DialerKind::Tarpc(tarpc_stack::Dialer::new(
+                addr,
+                plain_client_tls(handshake, verifier.clone())?,
+            )),
         };
-        Ok(Dialer { inner })
+        Ok(Dialer {
+            inner,
+            checked: Some(verifier),
+        })
+    }
+
+    /// How many server certificates this dialer's clients have verified so
+    /// far (`None` for tonic). A resumed TLS 1.3 handshake carries no
+    /// certificate, so this tells full handshakes from resumed ones.
+    pub(crate) fn certificates_checked(&self) -> Option<u64> {
+        self.checked
+            .as_ref()
+            .map(|v| v.checked.load(Ordering::Relaxed))
     }
 
     /// Opens one connection (TLS handshake included).
@@ -201,21 +238,84 @@ fn plain_server_tls(certs: &Certs) -> anyhow::Result<Arc<rustls::ServerConfig>> 
 
 /// The rustls client config of raw and tarpc.
 fn plain_client_tls(
-    certs: &Certs,
     handshake: Handshake,
+    verifier: Arc<CountingVerifier>,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rpc_core::tls::certs_from_pem(&certs.ca)? {
-        roots.add(cert)?;
-    }
     let mut config = rustls::ClientConfig::builder_with_provider(rpc_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     if handshake == Handshake::Full {
         config.resumption = rustls::client::Resumption::disabled();
     }
     Ok(Arc::new(config))
+}
+
+/// rustls' own verifier of server certificates (webpki, the benchmark's
+/// CA), counting the certificates it is given. Every contender that takes
+/// a rustls `ClientConfig` gets one, so the benchmark can check that a
+/// "full handshake" scenario did one per connection and a "resumed" one
+/// none, instead of trusting the setting.
+#[derive(Debug)]
+pub(crate) struct CountingVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    checked: AtomicU64,
+}
+
+impl CountingVerifier {
+    fn new(certs: &Certs) -> anyhow::Result<Arc<Self>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rpc_core::tls::certs_from_pem(&certs.ca)? {
+            roots.add(cert)?;
+        }
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            rpc_core::tls::provider(),
+        )
+        .build()?;
+        Ok(Arc::new(CountingVerifier {
+            inner,
+            checked: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl ServerCertVerifier for CountingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.checked.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The name every client checks the server certificate against.

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::{accept_tls, connect_tls, plain_client_tls, BoxFut, Caller, Certs, Handshake};
+use super::{accept_tls, connect_tls, BoxFut, Caller, Certs};
 
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -56,15 +56,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(
-        addr: SocketAddr,
-        certs: &Certs,
-        handshake: Handshake,
-    ) -> anyhow::Result<Self> {
-        Ok(Dialer {
+    pub(super) fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Self {
+        Dialer {
             addr,
-            connector: TlsConnector::from(plain_client_tls(certs, handshake)?),
-        })
+            connector: TlsConnector::from(tls),
+        }
     }
 
     pub(super) async fn connect(&self) -> anyhow::Result<RawCaller> {

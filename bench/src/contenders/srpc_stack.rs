@@ -7,7 +7,7 @@ use bytes::Bytes;
 use srpc::{service, Client, Server};
 use tokio::net::TcpListener;
 
-use super::{BoxFut, Caller, Certs, Handshake, SERVER_NAME};
+use super::{BoxFut, Caller, Certs, CountingVerifier, Handshake, SERVER_NAME};
 
 /// The benchmark's service.
 #[service]
@@ -47,17 +47,18 @@ impl Dialer {
         addr: SocketAddr,
         certs: &Certs,
         handshake: Handshake,
+        verifier: Arc<CountingVerifier>,
     ) -> anyhow::Result<Self> {
         let ca = rpc_core::tls::certs_from_pem(&certs.ca)?;
-        let mut tls = rpc_core::tls::client_config_from_der(ca, None)?;
+        let mut config = (*rpc_core::tls::client_config_from_der(ca, None)?).clone();
+        // The same webpki check of the same CA as srpc's own, counted.
+        config.dangerous().set_certificate_verifier(verifier);
         if handshake == Handshake::Full {
-            let mut config = (*tls).clone();
             config.resumption = rustls::client::Resumption::disabled();
-            tls = Arc::new(config);
         }
         Ok(Dialer {
             addr: addr.to_string(),
-            tls,
+            tls: Arc::new(config),
         })
     }
 

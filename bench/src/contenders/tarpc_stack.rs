@@ -2,6 +2,7 @@
 //! tarpc's own `tls_over_tcp` example.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -11,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use super::{accept_tls, connect_tls, plain_client_tls, BoxFut, Caller, Certs, Handshake, Slot};
+use super::{accept_tls, connect_tls, BoxFut, Caller, Certs, Slot};
 
 /// The benchmark's service.
 #[tarpc::service]
@@ -57,15 +58,11 @@ pub(super) struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn new(
-        addr: SocketAddr,
-        certs: &Certs,
-        handshake: Handshake,
-    ) -> anyhow::Result<Self> {
-        Ok(Dialer {
+    pub(super) fn new(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Self {
+        Dialer {
             addr,
-            connector: TlsConnector::from(plain_client_tls(certs, handshake)?),
-        })
+            connector: TlsConnector::from(tls),
+        }
     }
 
     pub(super) async fn connect(&self) -> anyhow::Result<TarpcCaller> {
