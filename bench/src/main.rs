@@ -272,17 +272,17 @@ async fn measure_stack(
                 // in one repetition of two runs), cause not found; say so,
                 // and fail only when enough did not resume to move the
                 // figure.
+                anyhow::ensure!(
+                    full * 100 <= got.done,
+                    "{what}: {full} of {} connections did not resume",
+                    got.done
+                );
                 if full > 0 {
                     eprintln!(
                         "warning: {what}: {full} of {} connections did not resume",
                         got.done
                     );
                 }
-                anyhow::ensure!(
-                    full * 100 <= got.done,
-                    "{what}: {full} of {} connections did not resume",
-                    got.done
-                );
             }
             (_, None) => {}
         }
