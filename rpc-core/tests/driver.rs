@@ -590,3 +590,76 @@ async fn replies_to_a_long_burst_leave_before_the_whole_burst_is_handled() {
         "the first replies left only after all 64 requests were handled ({noted:?})"
     );
 }
+
+/// A client connection, its driver's task, and the raw peer, all after
+/// `Hello`.
+async fn closing_client() -> (
+    rpc_core::Connection,
+    tokio::task::JoinHandle<String>,
+    tokio::io::DuplexStream,
+    ConnectionConfig,
+) {
+    let cfg = ConnectionConfig::default();
+    let (peer, end, hello) = common::hello_pair(&cfg, 1 << 16).await;
+    let (conn, driver) = rpc_core::connection::start(end, &cfg, common::addr(), hello, None);
+    (conn, tokio::spawn(driver), peer, cfg)
+}
+
+/// Over TCP, a socket closed before the peer's answering close_notify
+/// arrives makes the kernel answer it with a reset; so the side that closes
+/// first keeps reading until the peer's close, then lets go at once.
+#[tokio::test(start_paused = true)]
+async fn a_side_that_closes_first_lets_go_only_when_the_peer_has_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (conn, driver, mut peer, cfg) = closing_client().await;
+    conn.close();
+    // Our close reaches the peer (end of stream)...
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, peer.read_to_end(&mut rest))
+        .await
+        .expect("our close reached the peer")
+        .unwrap();
+    // ...and the driver, which owns the socket, waits for the peer's own,
+    // even if a late frame comes first.
+    peer.write_all(&common::encode(rpc_core::Frame::Ping { nonce: 7 }))
+        .await
+        .unwrap();
+    tokio::time::sleep(cfg.close_timeout / 2).await;
+    assert!(
+        !driver.is_finished(),
+        "the socket was let go before the peer closed"
+    );
+    peer.shutdown().await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_millis(1), driver)
+        .await
+        .expect("the peer's close ends the driver at once")
+        .unwrap();
+    assert_eq!(reason, "closed by this side");
+}
+
+/// A peer that never closes holds the closing side for `close_timeout`, no
+/// longer.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_closes_holds_the_closing_side_for_the_close_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (conn, driver, mut peer, cfg) = closing_client().await;
+    let t0 = tokio::time::Instant::now();
+    conn.close();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, peer.read_to_end(&mut rest))
+        .await
+        .expect("our close reached the peer")
+        .unwrap();
+    let reason = tokio::time::timeout(T, driver)
+        .await
+        .expect("the driver ends")
+        .unwrap();
+    let waited = t0.elapsed();
+    assert_eq!(reason, "closed by this side");
+    assert!(
+        waited >= cfg.close_timeout && waited < cfg.close_timeout + Duration::from_millis(50),
+        "held for {waited:?}, close timeout {:?}",
+        cfg.close_timeout
+    );
+    drop(peer);
+}
