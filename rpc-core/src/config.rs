@@ -44,7 +44,8 @@ pub struct ConnectionConfig {
     /// be written is cut off (it stopped reading). Default 30 s.
     pub write_stall_timeout: Duration,
     /// Time allowed to flush the last frames (a `GoAway`, TLS close_notify)
-    /// when the connection closes. Default 1 s.
+    /// when the connection closes, and, when this side closed first, to
+    /// read the peer's close_notify before the socket is let go. Default 1 s.
     pub close_timeout: Duration,
 }
 
