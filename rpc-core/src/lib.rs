@@ -37,6 +37,7 @@
 pub mod codec;
 pub mod config;
 pub mod connection;
+mod cork;
 mod driver;
 pub mod error;
 pub mod frame;
