@@ -37,7 +37,6 @@
 pub mod codec;
 pub mod config;
 pub mod connection;
-mod cork;
 mod driver;
 pub mod error;
 pub mod frame;

@@ -12,8 +12,6 @@
 //! both hand theirs to rustls before the handshake ends: the client's leaves
 //! in the same write as its Finished, the server's with its handshake flight
 //! (or, when it asks for a client certificate, right after the handshake).
-//! The client's last flight itself is held until its driver first writes,
-//! so a call made right after connecting leaves with it (`cork.rs`).
 //! Each then reads the peer's, within the smaller of the `Hello` timeout and
 //! the heartbeat timeout.
 //! The peer's first frame is read with `read_exact` into a buffer of exactly
@@ -43,7 +41,6 @@ use tracing::debug;
 use crate::codec;
 use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection, Dispatch};
-use crate::cork::Corked;
 use crate::error::Error;
 use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
 use crate::metered::{ByteClocks, Metered};
@@ -150,9 +147,6 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     let clocks = ByteClocks::new(Instant::now());
     let tcp = Metered::new(tcp, clocks.clone());
-    // Our last flight (Finished and Hello) is held until the driver first
-    // writes, so it leaves with the first call (see `cork.rs`).
-    let (tcp, cork) = Corked::new(tcp);
     // Our Hello is handed to rustls before the handshake: it is sent right
     // after our Finished, in the same write, so the server reads both with
     // one wake-up (written after the handshake, it went on its own or
@@ -163,24 +157,10 @@ pub async fn connect(
     let handshake = connector.connect_with(server_name, tcp, |conn| {
         queued = std::io::Write::write_all(&mut conn.writer(), &hello).is_ok();
     });
-    let mut tls = tokio::time::timeout(config.handshake_timeout, handshake)
+    let tls = tokio::time::timeout(config.handshake_timeout, handshake)
         .await
         .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))?
         .map_err(Error::Handshake)?;
-    cork.release();
-    // The server's Hello came with its handshake flight, unless it asked
-    // for our certificate: then it comes only after our Finished, which
-    // must go now.
-    let hello_here = tls
-        .get_mut()
-        .1
-        .process_new_packets()
-        .is_ok_and(|io| io.plaintext_bytes_to_read() > 0);
-    if !hello_here {
-        tokio::time::timeout(config.handshake_timeout, tls.flush())
-            .await
-            .map_err(|_| Error::HandshakeTimeout(config.handshake_timeout))??;
-    }
     check_alpn(tls.get_ref().1.alpn_protocol())?;
     debug!(%addr, "TLS handshake done");
     let identity = peer_cert(tls.get_ref().1.peer_certificates());
@@ -241,7 +221,7 @@ enum OurHello {
     Write,
     /// Written into the TLS session: make sure it leaves.
     Flush,
-    /// Sent (or held to be sent) with the TLS handshake's last flight.
+    /// Sent with the TLS handshake's last flight.
     Sent,
 }
 
