@@ -605,21 +605,26 @@ async fn closing_client() -> (
     (conn, tokio::spawn(driver), peer, cfg)
 }
 
-/// Over TCP, a socket closed before the peer's answering close_notify
-/// arrives makes the kernel answer it with a reset; so the side that closes
-/// first keeps reading until the peer's close, then lets go at once.
-#[tokio::test(start_paused = true)]
-async fn a_side_that_closes_first_lets_go_only_when_the_peer_has_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (conn, driver, mut peer, cfg) = closing_client().await;
+/// Closes `conn` and reads the raw peer until our close reaches it.
+async fn close_and_see_it_arrive(conn: &rpc_core::Connection, peer: &mut tokio::io::DuplexStream) {
+    use tokio::io::AsyncReadExt;
     conn.close();
-    // Our close reaches the peer (end of stream)...
     let mut rest = Vec::new();
     tokio::time::timeout(T, peer.read_to_end(&mut rest))
         .await
         .expect("our close reached the peer")
         .unwrap();
-    // ...and the driver, which owns the socket, waits for the peer's own,
+}
+
+/// Over TCP, a socket closed before the peer's answering close_notify
+/// arrives makes the kernel answer it with a reset; so the side that closes
+/// first keeps reading until the peer's close, then lets go at once.
+#[tokio::test(start_paused = true)]
+async fn a_side_that_closes_first_lets_go_only_when_the_peer_has_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (conn, driver, mut peer, cfg) = closing_client().await;
+    close_and_see_it_arrive(&conn, &mut peer).await;
+    // The driver, which owns the socket, waits for the peer's close,
     // even if a late frame comes first.
     peer.write_all(&common::encode(rpc_core::Frame::Ping { nonce: 7 }))
         .await
@@ -641,15 +646,9 @@ async fn a_side_that_closes_first_lets_go_only_when_the_peer_has_closed() {
 /// longer.
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_never_closes_holds_the_closing_side_for_the_close_timeout() {
-    use tokio::io::AsyncReadExt;
     let (conn, driver, mut peer, cfg) = closing_client().await;
     let t0 = tokio::time::Instant::now();
-    conn.close();
-    let mut rest = Vec::new();
-    tokio::time::timeout(T, peer.read_to_end(&mut rest))
-        .await
-        .expect("our close reached the peer")
-        .unwrap();
+    close_and_see_it_arrive(&conn, &mut peer).await;
     let reason = tokio::time::timeout(T, driver)
         .await
         .expect("the driver ends")
