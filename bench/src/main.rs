@@ -183,9 +183,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut samples = Samples::default();
     // Repetitions outside, contenders inside: drift on the machine touches
-    // every contender alike.
+    // every contender alike. Each repetition starts one contender later
+    // (srpc, raw, tarpc, tonic; then raw, tarpc, tonic, srpc; ...), so no
+    // contender always runs first, or always right after the same one.
     for rep in 1..=args.reps {
-        for &stack in &stacks {
+        let n = stacks.len();
+        for i in 0..n {
+            let stack = stacks[(rep - 1 + i) % n];
             eprintln!("[{rep}/{}] {}", args.reps, stack.name());
             measure_stack(stack, &args, dir.path(), &certs, &mut samples).await?;
         }
