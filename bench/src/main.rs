@@ -78,6 +78,13 @@ struct RunArgs {
     /// Where results.md, results.json and calls-per-second.svg go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Keep idle cores polling instead of halting while the run lasts (a
+    /// request of 0 µs wake-up latency through `/dev/cpu_dma_latency`,
+    /// Linux, root only; dropped when the run ends). On a VM a halted core
+    /// takes a trip through the hypervisor to wake, which then dominates
+    /// every row that waits for a wake-up (1 in flight, one dialer).
+    #[arg(long)]
+    poll_idle: bool,
 }
 
 /// Groups of scenarios, to run a part of the benchmark while tuning.
@@ -181,6 +188,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(dir.path().join("server.key"), &dev.server_key)?;
     let certs = read_certs(dir.path())?;
 
+    // Held until the run ends: closing the file withdraws the request.
+    let _poll_idle = if args.poll_idle {
+        Some(request_polling_idle()?)
+    } else {
+        None
+    };
     let mut samples = Samples::default();
     // Repetitions outside, contenders inside: drift on the machine touches
     // every contender alike. Each repetition starts one contender later
@@ -204,9 +217,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel's PM QoS for 0 µs CPU wake-up latency, which keeps idle
+/// cores in the polling idle state; the request lasts while the returned
+/// file stays open.
+fn request_polling_idle() -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    const PATH: &str = "/dev/cpu_dma_latency";
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(PATH)
+        .map_err(|e| {
+            anyhow::anyhow!("--poll-idle: cannot open {PATH} ({e}); it needs root on Linux")
+        })?;
+    file.write_all(&0i32.to_ne_bytes())
+        .map_err(|e| anyhow::anyhow!("--poll-idle: cannot write {PATH}: {e}"))?;
+    Ok(file)
+}
+
 fn args_line(args: &RunArgs) -> String {
     format!(
-        "--reps {} --measure {} --warmup {} --idle {} --idle-for {}{}",
+        "--reps {} --measure {} --warmup {} --idle {} --idle-for {}{}{}",
         args.reps,
         humantime::format_duration(args.measure),
         humantime::format_duration(args.warmup),
@@ -221,7 +251,8 @@ fn args_line(args: &RunArgs) -> String {
                 .map(|g| format!("{g:?}").to_lowercase())
                 .collect();
             format!(" --scenarios {}", names.join(","))
-        }
+        },
+        if args.poll_idle { " --poll-idle" } else { "" }
     )
 }
 
