@@ -189,16 +189,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let certs = read_certs(dir.path())?;
 
     // Held until the run ends: closing the file withdraws the request.
-    let _poll_idle = if args.poll_idle {
-        Some(request_polling_idle()?)
-    } else {
-        None
-    };
+    let _poll_idle = args.poll_idle.then(request_polling_idle).transpose()?;
     let mut samples = Samples::default();
     // Repetitions outside, contenders inside: drift on the machine touches
     // every contender alike. Each repetition starts one contender later
     // (srpc, raw, tarpc, tonic; then raw, tarpc, tonic, srpc; ...), so no
-    // contender always runs first, or always right after the same one.
+    // contender always runs first, right after a pause.
     for rep in 1..=args.reps {
         let n = stacks.len();
         for i in 0..n {
