@@ -279,8 +279,12 @@ async fn supervise(core: Arc<Core>, first: transport::Started) {
         }
         loop {
             core.state.send_replace(ConnState::Connecting);
+            // Boxed: an attempt holds a TLS handshake in progress (about
+            // 4 KiB), and this task lives as long as the client; inline, it
+            // made the task 4,808 bytes instead of 656 for a path taken
+            // only on reconnects.
             let attempt = tokio::select! {
-                r = core.connect_once() => r,
+                r = Box::pin(core.connect_once()) => r,
                 _ = core.closed.cancelled() => break 'outer,
             };
             match attempt {
@@ -555,7 +559,39 @@ impl rpc_core::service::Caller for Client {
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::*;
+
+    #[tokio::test]
+    async fn the_supervisor_task_stays_small() {
+        // Every client keeps one `supervise` task for its whole life; a
+        // reconnect attempt held inline made it 4,808 bytes.
+        let (io, _peer) = tokio::io::duplex(64);
+        let config = ConnectionConfig::default();
+        let hello = transport::hello_for(&config);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (conn, driver) = rpc_core::connection::start(io, &config, peer, hello, None);
+        let tls = rustls::ClientConfig::builder_with_provider(rpc_core::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3 is supported")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let (state, _) = watch::channel(ConnState::Ready);
+        let core = Arc::new(Core {
+            addr: "127.0.0.1:1".into(),
+            server_name: ServerName::try_from("localhost").expect("a valid name"),
+            connector: TlsConnector::from(Arc::new(tls)),
+            config,
+            timeout: Duration::from_secs(1),
+            backoff: (Duration::from_millis(100), Duration::from_secs(1)),
+            current: Mutex::new(None),
+            last_error: Mutex::new(None),
+            state,
+            closed: CancellationToken::new(),
+        });
+        let task = supervise(core, (conn, Box::pin(driver)));
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "the supervisor task is {size} bytes");
+    }
 
     #[test]
     fn host_part_of_addresses() {
