@@ -12,6 +12,9 @@
 //! (on a fresh server process). It prints a Markdown table of medians with
 //! srpc's ratio to each contender and writes `results.md`, `results.json`
 //! and `calls-per-second.svg` to `--out`.
+//!
+//! `pair` runs two contenders at the same time, round after round, and
+//! reports the median ratio of their figures (see `pair.rs`).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod contenders;
+mod pair;
 mod report;
 mod scenario;
 
@@ -40,6 +44,10 @@ struct Cli {
 enum Cmd {
     /// Runs every scenario against every contender and reports medians.
     Run(RunArgs),
+    /// Runs two contenders at the same time, round after round, and reports
+    /// the median ratio of their figures: both see the same machine, so
+    /// small gaps show through the VM's noise.
+    Pair(pair::PairArgs),
     /// Serves one contender on 127.0.0.1 (started by `run`).
     Serve {
         /// Which contender.
@@ -89,7 +97,7 @@ struct RunArgs {
 
 /// Groups of scenarios, to run a part of the benchmark while tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Group {
+pub(crate) enum Group {
     /// 64 B at 1 and 64 in flight, 1 MiB at 4 (all three below).
     Load,
     /// 64 B at 1 in flight.
@@ -120,6 +128,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { stack, certs } => runtime.block_on(serve(stack, &certs)),
         Cmd::Run(args) => runtime.block_on(run(args)),
+        Cmd::Pair(args) => pair::pair(&args),
     }
 }
 
