@@ -250,15 +250,19 @@ fn args_line(args: &RunArgs) -> String {
         if args.scenarios.is_empty() {
             String::new()
         } else {
-            let names: Vec<String> = args
-                .scenarios
-                .iter()
-                .map(|g| format!("{g:?}").to_lowercase())
-                .collect();
-            format!(" --scenarios {}", names.join(","))
+            format!(" --scenarios {}", group_names(&args.scenarios))
         },
         if args.poll_idle { " --poll-idle" } else { "" }
     )
+}
+
+/// Scenario groups as `--scenarios` takes them: `load,connect`.
+fn group_names(groups: &[Group]) -> String {
+    let names: Vec<String> = groups
+        .iter()
+        .map(|g| format!("{g:?}").to_lowercase())
+        .collect();
+    names.join(",")
 }
 
 async fn measure_stack(

@@ -49,12 +49,7 @@ type Figures = Vec<(String, f64)>;
 pub(crate) fn pair(args: &PairArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     let exe = std::env::current_exe()?;
-    let scenarios: Vec<String> = args
-        .scenarios
-        .iter()
-        .map(|g| format!("{g:?}").to_lowercase())
-        .collect();
-    let scenarios = scenarios.join(",");
+    let scenarios = crate::group_names(&args.scenarios);
     let mut ratios: Vec<(String, Vec<f64>)> = Vec::new();
     for round in 1..=args.rounds {
         let dir = tempfile::tempdir()?;
@@ -121,17 +116,18 @@ pub(crate) fn pair(args: &PairArgs) -> anyhow::Result<()> {
         args.b.name()
     );
     println!("|---|---:|---:|---:|---:|");
-    for (label, mut v) in ratios {
-        v.sort_by(f64::total_cmp);
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    for (label, v) in ratios {
+        // Every entry got its first ratio when it was made.
+        let Some(median) = crate::report::median(&v) else {
+            continue;
         };
+        let (low, high) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
+                (lo.min(r), hi.max(r))
+            });
         println!(
-            "| {label} | {median:.3} | {:.3} | {:.3} | {} |",
-            v[0],
-            v[v.len() - 1],
+            "| {label} | {median:.3} | {low:.3} | {high:.3} | {} |",
             v.len()
         );
     }
