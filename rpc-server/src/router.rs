@@ -120,11 +120,16 @@ impl Router {
         for method in &description.methods {
             let wire = format!("{}.{}", description.name, method.name);
             let service = service.clone();
+            // The name for the error below, captured once: cloning the
+            // call's own name on every call cost an allocation per call.
+            let name: Arc<str> = wire.as_str().into();
             let handler: Handler = Arc::new(move |ctx: CallContext, body: Bytes| {
-                let method = ctx.method.clone();
                 match service.call(ctx, body) {
                     Some(reply) => reply,
-                    None => Box::pin(async move { Err(Status::unknown_method(&method)) }),
+                    None => {
+                        let status = Status::unknown_method(&name);
+                        Box::pin(async move { Err(status) })
+                    }
                 }
             });
             self = self.insert_erased(wire, handler);
