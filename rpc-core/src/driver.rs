@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::connection::{CallContext, CloseCause, Dispatch, DriverEvents, Shared};
+use crate::connection::{CallCancel, CallContext, CloseCause, Dispatch, DriverEvents, Shared};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
@@ -439,17 +439,19 @@ impl Driver {
             return Ok(());
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
-        let token = CancellationToken::new();
-        let ctx = CallContext {
-            peer: self.shared.peer,
-            identity: self.shared.identity.get().cloned(),
+        // The token is made only if the handler asks for one, or if the
+        // call outlives its first poll (see `CallCancel`).
+        let cancel = Arc::new(CallCancel::default());
+        let ctx = CallContext::for_call(
+            self.shared.peer,
             id,
             method,
             deadline,
-            cancelled: token.clone(),
-        };
+            self.shared.identity.get().cloned(),
+            cancel.clone(),
+        );
         let span = if crate::connection::debug_spans_wanted() {
-            tracing::debug_span!("call", method = %ctx.method, id, peer = %ctx.peer)
+            tracing::debug_span!("call", method = %ctx.method(), id, peer = %ctx.peer())
         } else {
             tracing::Span::none()
         };
@@ -465,7 +467,12 @@ impl Driver {
             span.in_scope(|| (&mut handler).now_or_never())
         };
         if let Some(outcome) = ready {
-            token.cancel();
+            drop(handler);
+            // Only a context the handler kept (in a task it started, say)
+            // can still reach the token: tell it the call is over.
+            if Arc::strong_count(&cancel) > 1 {
+                cancel.end();
+            }
             let result = Some(outcome.unwrap_or_else(|_| panicked()));
             if let Some(frame) = finish_call(&self.shared, dispatch.as_ref(), id, result) {
                 self.shared.outbound.send_now(frame);
@@ -474,6 +481,7 @@ impl Driver {
         }
         // The rest run as tasks, which end when the handler does, the
         // deadline passes, the caller cancels, or the connection ends.
+        let token = cancel.token();
         lock(&self.in_flight).insert(id, token.clone());
         let shared = self.shared.clone();
         let in_flight = self.in_flight.clone();
@@ -492,7 +500,7 @@ impl Driver {
                     _ = token.cancelled() => None,
                     _ = shared.shutdown.cancelled() => None,
                 };
-                token.cancel();
+                cancel.end();
                 lock(&in_flight).remove(&id);
                 if let Some(frame) = finish_call(&shared, dispatch.as_ref(), id, result) {
                     let _ = shared.outbound.send(frame).await;

@@ -69,7 +69,7 @@ pub trait Service: Send + Sync + 'static {
     /// Names, methods and type names, for listing.
     fn describe(&self) -> ServiceDescription;
 
-    /// Serves one call to `ctx.method` (`Service.method`), or `None` when
+    /// Serves one call to `ctx.method()` (`Service.method`), or `None` when
     /// this service has no such method.
     fn call(&self, ctx: CallContext, body: Bytes) -> Option<BoxFuture<Result<Bytes, Status>>>;
 }

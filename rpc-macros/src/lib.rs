@@ -348,7 +348,7 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
                 ctx: #krate::CallContext,
                 body: #krate::__private::Bytes,
             ) -> ::core::option::Option<#krate::BoxFuture<::core::result::Result<#krate::__private::Bytes, #krate::Status>>> {
-                match ctx.method.as_str() {
+                match ctx.method() {
                     #(#arms)*
                     _ => ::core::option::Option::None,
                 }

@@ -51,7 +51,7 @@ impl Demo for DemoService {
 
     async fn whoami(&self) -> String {
         rpc_core::service::context()
-            .and_then(|ctx| ctx.identity)
+            .and_then(|ctx| ctx.identity().cloned())
             .map_or_else(|| "anonymous".to_owned(), |id| id.subject.clone())
     }
 }

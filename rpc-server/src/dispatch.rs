@@ -79,12 +79,12 @@ impl Dispatch for ServerDispatch {
                 return Box::pin(async move { Err(status) });
             }
         }
-        if ctx.method == LIST_METHOD {
+        if ctx.method() == LIST_METHOD {
             let reply = codec::encode(&self.router.describe(), usize::MAX)
                 .map_err(|e| Status::internal(format!("listing did not encode: {e}")));
             return Box::pin(async move { reply });
         }
-        if ctx.method == STATS_METHOD {
+        if ctx.method() == STATS_METHOD {
             let reply = codec::encode(&self.snapshot(), usize::MAX)
                 .map_err(|e| Status::internal(format!("stats did not encode: {e}")));
             return Box::pin(async move { reply });

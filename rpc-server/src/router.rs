@@ -94,7 +94,7 @@ impl Router {
             let args = codec::decode::<A>(&body, body.len()).map_err(|e| {
                 Status::invalid_argument(format!(
                     "arguments of {:?} did not decode as {}: {e}",
-                    ctx.method,
+                    ctx.method(),
                     std::any::type_name::<A>()
                 ))
             });
@@ -184,10 +184,10 @@ impl Router {
 
 impl Dispatch for Router {
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
-        match self.routes.get(&ctx.method) {
+        match self.routes.get(ctx.method()) {
             Some(handler) => handler(ctx, body),
             None => {
-                let status = Status::unknown_method(&ctx.method);
+                let status = Status::unknown_method(ctx.method());
                 Box::pin(async move { Err(status) })
             }
         }
@@ -200,14 +200,7 @@ mod tests {
     use rpc_core::StatusCode;
 
     fn ctx(method: &str) -> CallContext {
-        CallContext {
-            peer: "127.0.0.1:9".parse().unwrap(),
-            identity: None,
-            id: 1,
-            method: method.into(),
-            deadline: None,
-            cancelled: Default::default(),
-        }
+        CallContext::new("127.0.0.1:9".parse().unwrap(), 1, method)
     }
 
     fn router() -> Router {

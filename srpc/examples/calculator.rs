@@ -30,7 +30,7 @@ impl Calculator for Calc {
     }
 
     async fn caller(&self) -> String {
-        srpc::context().map_or_else(|| "unknown".into(), |ctx| ctx.peer.to_string())
+        srpc::context().map_or_else(|| "unknown".into(), |ctx| ctx.peer().to_string())
     }
 }
 

@@ -270,7 +270,7 @@ pub fn with_hold(
         let guard = StopTime(stopped.clone());
         async move {
             let _guard = guard;
-            ctx.cancelled.cancelled().await;
+            ctx.cancelled().cancelled().await;
             Ok::<(), rpc_core::Status>(())
         }
     })

@@ -238,3 +238,53 @@ async fn dropping_the_last_clone_of_a_client_closes_its_connection() {
         "the server still holds the dropped client's connection"
     );
 }
+
+/// A quick handler's call ends on its first poll, with no task of its own;
+/// a task it starts with the call's token must still hear that the call
+/// is over, and a context kept past the call must give a fired token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_token_kept_past_a_quick_handler_fires_when_the_call_ends() {
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let fired_tx = Arc::new(Mutex::new(Some(fired_tx)));
+    let kept: Arc<Mutex<Vec<CallContext>>> = Arc::default();
+    let router = {
+        let kept = kept.clone();
+        let kept2 = kept.clone();
+        Router::new()
+            .route_with_context("watch", move |ctx: CallContext, (): ()| {
+                let token = ctx.cancelled();
+                assert!(!token.is_cancelled(), "fired while the call runs");
+                let tx = fired_tx.lock().unwrap().take();
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
+                });
+                kept.lock().unwrap().push(ctx);
+                async { Ok::<(), Status>(()) }
+            })
+            // Keeps the context without ever asking for the token.
+            .route_with_context("keep", move |ctx: CallContext, (): ()| {
+                kept2.lock().unwrap().push(ctx);
+                async { Ok::<(), Status>(()) }
+            })
+    };
+    let server = TestServer::start(router, ServerOptions::default()).await;
+    let client = server.client().await;
+    client.call::<_, ()>("watch", &()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), fired_rx)
+        .await
+        .expect("the token a quick handler took never fired")
+        .unwrap();
+    client.call::<_, ()>("keep", &()).await.unwrap();
+    let kept = kept.lock().unwrap();
+    assert_eq!(kept.len(), 2);
+    for ctx in kept.iter() {
+        assert!(
+            ctx.cancelled().is_cancelled(),
+            "{ctx:?}: a token asked for after the call ended has not fired"
+        );
+    }
+    assert_eq!(kept[1].method(), "keep");
+}

@@ -58,7 +58,7 @@ impl KeyValue for Store {
     async fn caller(&self) -> String {
         rpc_core::service::context()
             .expect("inside a call")
-            .peer
+            .peer()
             .to_string()
     }
 }

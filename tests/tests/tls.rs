@@ -142,13 +142,12 @@ async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
             .router(rpc_server::demo::router())
             .authorize(move |ctx: &CallContext| {
                 let id = ctx
-                    .identity
-                    .as_ref()
+                    .identity()
                     .expect("mTLS gives every call an identity");
                 seen.lock()
                     .unwrap()
                     .push((id.subject.clone(), id.sans.clone()));
-                if ctx.method == "Demo.sleep" && id.common_name() != Some("an operator") {
+                if ctx.method() == "Demo.sleep" && id.common_name() != Some("an operator") {
                     return Err(Status::new(
                         StatusCode::PermissionDenied,
                         "sleep is for operators",

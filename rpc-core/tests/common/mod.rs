@@ -30,7 +30,7 @@ impl Dispatch for TestService {
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
         let cancelled = self.cancelled.clone();
         Box::pin(async move {
-            match ctx.method.as_str() {
+            match ctx.method() {
                 "echo" => Ok(body),
                 "hang" => {
                     // Counts when the handler's future is dropped (stopped).
