@@ -79,7 +79,7 @@ pub struct CallContext {
     method: String,
     deadline: Option<Instant>,
     identity: Option<Arc<PeerIdentity>>,
-    cancel: Arc<CallCancel>,
+    cancel: CancelSource,
 }
 
 impl CallContext {
@@ -87,14 +87,14 @@ impl CallContext {
     /// deadline, no identity, and a [`cancelled`](Self::cancelled) token
     /// that never fires by itself.
     pub fn new(peer: SocketAddr, id: u64, method: &str) -> Self {
-        Self::for_call(
+        CallContext {
             peer,
             id,
-            method.to_owned(),
-            None,
-            None,
-            Arc::default(),
-        )
+            method: method.to_owned(),
+            deadline: None,
+            identity: None,
+            cancel: CancelSource::Detached(CancellationToken::new()),
+        }
     }
 
     /// The same context with a deadline.
@@ -103,13 +103,15 @@ impl CallContext {
         self
     }
 
+    /// The context of call `seq` (the driver's count) on a connection.
     pub(crate) fn for_call(
         peer: SocketAddr,
         id: u64,
         method: String,
         deadline: Option<Instant>,
         identity: Option<Arc<PeerIdentity>>,
-        cancel: Arc<CallCancel>,
+        tokens: Arc<CallTokens>,
+        seq: u64,
     ) -> Self {
         CallContext {
             peer,
@@ -117,7 +119,7 @@ impl CallContext {
             method,
             deadline,
             identity,
-            cancel,
+            cancel: CancelSource::Call(tokens, seq),
         }
     }
 
@@ -152,7 +154,10 @@ impl CallContext {
     /// too. Long handlers, and tasks they start, can watch it. Made when
     /// first asked for: most calls never need one.
     pub fn cancelled(&self) -> CancellationToken {
-        self.cancel.token()
+        match &self.cancel {
+            CancelSource::Call(tokens, seq) => tokens.token(*seq),
+            CancelSource::Detached(token) => token.clone(),
+        }
     }
 }
 
@@ -168,51 +173,84 @@ impl fmt::Debug for CallContext {
     }
 }
 
-/// A call's cancellation token, made only when someone asks for it: a
-/// `CancellationToken` made, cloned, cancelled and dropped for every call
-/// cost the server about 650 instructions per call, a twelfth of all it
-/// spent on a 64-byte echo (callgrind), and most handlers never look at it.
-#[derive(Default)]
-pub(crate) struct CallCancel(Mutex<TokenSlot>);
-
-#[derive(Default)]
-enum TokenSlot {
-    #[default]
-    Unmade,
-    Made(CancellationToken),
-    /// The call is over; a token asked for now is born cancelled.
-    Ended,
+/// Where a context's token comes from.
+#[derive(Clone)]
+enum CancelSource {
+    /// A call on a connection: its token is made when first asked for.
+    Call(Arc<CallTokens>, u64),
+    /// A context made for a test (`CallContext::new`).
+    Detached(CancellationToken),
 }
 
-impl CallCancel {
-    fn slot(&self) -> MutexGuard<'_, TokenSlot> {
-        // Each change is a single assignment: a poisoned slot is consistent.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+/// The call tokens of one connection's served calls, made only when someone
+/// asks for one. A `CancellationToken` made, cloned, cancelled and dropped
+/// for every call cost the server about 650 instructions per call, a tenth
+/// of all it spent on a 64-byte echo (callgrind), and most handlers never
+/// look at it; a slot allocated per call instead still cost 265.
+///
+/// Calls are keyed by a sequence number of the driver's own (a peer may
+/// reuse request ids). A call is live while it is in its first poll
+/// (`polling`) or runs as a task (in `made`, put there by the driver); a
+/// token asked for after that is born cancelled.
+#[derive(Default)]
+pub(crate) struct CallTokens {
+    /// The call in its first poll, 0 for none. Set by the driver before the
+    /// poll; cleared, with `made` locked, after it.
+    polling: AtomicU64,
+    made: Mutex<HashMap<u64, CancellationToken, BuildHasherDefault<IdHasher>>>,
+}
+
+impl CallTokens {
+    fn made(&self) -> MutexGuard<'_, HashMap<u64, CancellationToken, BuildHasherDefault<IdHasher>>> {
+        // Inserts and removes only: a poisoned map is still consistent.
+        self.made.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The call's token, made now if nobody asked before.
-    pub(crate) fn token(&self) -> CancellationToken {
-        let mut slot = self.slot();
-        match &*slot {
-            TokenSlot::Made(token) => token.clone(),
-            TokenSlot::Unmade => {
-                let token = CancellationToken::new();
-                *slot = TokenSlot::Made(token.clone());
-                token
-            }
-            TokenSlot::Ended => {
-                let token = CancellationToken::new();
+    /// Call `seq` is about to be polled for the first time.
+    pub(crate) fn start(&self, seq: u64) {
+        self.polling.store(seq, Ordering::Release);
+    }
+
+    /// Call `seq` finished in its first poll: fires its token, if one was
+    /// made.
+    pub(crate) fn finished_at_once(&self, seq: u64) {
+        let mut made = self.made();
+        self.polling.store(0, Ordering::Release);
+        if !made.is_empty() {
+            if let Some(token) = made.remove(&seq) {
                 token.cancel();
-                token
             }
         }
     }
 
-    /// The call is over: fires its token, if one was made.
-    pub(crate) fn end(&self) {
-        if let TokenSlot::Made(token) = std::mem::replace(&mut *self.slot(), TokenSlot::Ended) {
+    /// Call `seq` goes on after its first poll: its token, made now if
+    /// nobody asked yet. The call stays live until [`Self::end`].
+    pub(crate) fn goes_on(&self, seq: u64) -> CancellationToken {
+        let mut made = self.made();
+        self.polling.store(0, Ordering::Release);
+        made.entry(seq).or_default().clone()
+    }
+
+    /// Call `seq`, which ran as a task, is over: fires its token.
+    pub(crate) fn end(&self, seq: u64) {
+        if let Some(token) = self.made().remove(&seq) {
             token.cancel();
         }
+    }
+
+    fn token(&self, seq: u64) -> CancellationToken {
+        let mut made = self.made();
+        if let Some(token) = made.get(&seq) {
+            return token.clone();
+        }
+        let token = CancellationToken::new();
+        if self.polling.load(Ordering::Acquire) == seq {
+            made.insert(seq, token.clone());
+        } else {
+            // The call is over.
+            token.cancel();
+        }
+        token
     }
 }
 
@@ -895,37 +933,62 @@ where
 mod tests {
     use super::*;
 
+    fn ctx_of(tokens: &Arc<CallTokens>, seq: u64) -> CallContext {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        CallContext::for_call(peer, 7, "svc.m".into(), None, None, tokens.clone(), seq)
+    }
+
     #[test]
-    fn a_call_token_is_made_once_and_fires_when_the_call_ends() {
-        let cancel = Arc::new(CallCancel::default());
-        let ctx = CallContext::for_call(
-            "127.0.0.1:9".parse().unwrap(),
-            7,
-            "svc.m".to_owned(),
-            None,
-            None,
-            cancel.clone(),
-        );
+    fn a_token_taken_in_the_first_poll_is_the_tasks_and_fires_at_its_end() {
+        let tokens = Arc::new(CallTokens::default());
+        let ctx = ctx_of(&tokens, 1);
+        tokens.start(1);
         let first = ctx.cancelled();
         let second = ctx.clone().cancelled();
         assert!(!first.is_cancelled());
-        // The driver's handle reaches the token the handler took.
-        let drivers = cancel.token();
+        // Still running after its first poll: the driver gets the same token.
+        let drivers = tokens.goes_on(1);
         drivers.cancel();
         assert!(first.is_cancelled() && second.is_cancelled());
-        cancel.end();
+        // A token asked for while the task runs is the same one.
         assert!(ctx.cancelled().is_cancelled());
+        tokens.end(1);
+        assert!(tokens.made().is_empty());
         assert_eq!((ctx.method(), ctx.id()), ("svc.m", 7));
     }
 
     #[test]
-    fn a_call_token_asked_for_after_the_call_ended_is_born_fired() {
-        let cancel = Arc::new(CallCancel::default());
-        cancel.end();
-        assert!(cancel.token().is_cancelled());
-        // A context made for a test never fires by itself.
+    fn a_token_of_a_call_that_finished_on_its_first_poll_fires() {
+        let tokens = Arc::new(CallTokens::default());
+        let taken = ctx_of(&tokens, 1);
+        let untaken = ctx_of(&tokens, 2);
+        tokens.start(1);
+        let token = taken.cancelled();
+        tokens.finished_at_once(1);
+        assert!(token.is_cancelled());
+        // Never asked for during the call: born cancelled afterwards, and
+        // nothing is left in the table.
+        tokens.start(2);
+        tokens.finished_at_once(2);
+        assert!(untaken.cancelled().is_cancelled());
+        assert!(taken.cancelled().is_cancelled());
+        assert!(tokens.made().is_empty());
+        // A task's token, asked for after the task ended, is born cancelled.
+        let task = ctx_of(&tokens, 3);
+        tokens.start(3);
+        let live = tokens.goes_on(3);
+        assert!(!task.cancelled().is_cancelled());
+        tokens.end(3);
+        assert!(live.is_cancelled() && task.cancelled().is_cancelled());
+    }
+
+    #[test]
+    fn a_test_context_token_never_fires_by_itself() {
         let ctx = CallContext::new("127.0.0.1:9".parse().unwrap(), 1, "m");
         assert!(!ctx.cancelled().is_cancelled());
+        let token = ctx.cancelled();
+        token.cancel();
+        assert!(ctx.cancelled().is_cancelled(), "one token per context");
     }
 
     #[test]

@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
-use crate::connection::{CallCancel, CallContext, CloseCause, Dispatch, DriverEvents, Shared};
+use crate::connection::{CallContext, CallTokens, CloseCause, Dispatch, DriverEvents, Shared};
 use crate::error::{Error, Status, StatusCode};
 use crate::frame::{frame_len, Frame};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
@@ -117,6 +117,10 @@ pub(crate) struct Driver {
     shared: Arc<Shared>,
     dispatch: Option<Arc<dyn Dispatch>>,
     in_flight: InFlight,
+    /// Served calls' tokens, made when asked for.
+    tokens: Arc<CallTokens>,
+    /// Served calls so far: the key of each call's token.
+    calls_served: u64,
     handlers: TaskTracker,
     max_in_flight: usize,
     max_recv: usize,
@@ -144,6 +148,8 @@ impl Driver {
             shared,
             dispatch,
             in_flight: Arc::new(Mutex::new(HashMap::new())),
+            tokens: Arc::default(),
+            calls_served: 0,
             handlers: TaskTracker::new(),
             max_in_flight: config.max_in_flight,
             max_recv: config.max_frame,
@@ -440,15 +446,17 @@ impl Driver {
         }
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
         // The token is made only if the handler asks for one, or if the
-        // call outlives its first poll (see `CallCancel`).
-        let cancel = Arc::new(CallCancel::default());
+        // call outlives its first poll (see `CallTokens`).
+        self.calls_served += 1;
+        let seq = self.calls_served;
         let ctx = CallContext::for_call(
             self.shared.peer,
             id,
             method,
             deadline,
             self.shared.identity.get().cloned(),
-            cancel.clone(),
+            self.tokens.clone(),
+            seq,
         );
         let span = if crate::connection::debug_spans_wanted() {
             tracing::debug_span!("call", method = %ctx.method(), id, peer = %ctx.peer())
@@ -458,6 +466,7 @@ impl Driver {
         if let Some(c) = dispatch.counters() {
             c.started();
         }
+        self.tokens.start(seq);
         let mut handler = AssertUnwindSafe(dispatch.dispatch(ctx, body)).catch_unwind();
         // Most handlers finish when first polled: answer those right here,
         // with no task, no timer and no cancellation bookkeeping.
@@ -467,12 +476,7 @@ impl Driver {
             span.in_scope(|| (&mut handler).now_or_never())
         };
         if let Some(outcome) = ready {
-            drop(handler);
-            // Only a context the handler kept (in a task it started, say)
-            // can still reach the token: tell it the call is over.
-            if Arc::strong_count(&cancel) > 1 {
-                cancel.end();
-            }
+            self.tokens.finished_at_once(seq);
             let result = Some(outcome.unwrap_or_else(|_| panicked()));
             if let Some(frame) = finish_call(&self.shared, dispatch.as_ref(), id, result) {
                 self.shared.outbound.send_now(frame);
@@ -481,8 +485,9 @@ impl Driver {
         }
         // The rest run as tasks, which end when the handler does, the
         // deadline passes, the caller cancels, or the connection ends.
-        let token = cancel.token();
+        let token = self.tokens.goes_on(seq);
         lock(&self.in_flight).insert(id, token.clone());
+        let tokens = self.tokens.clone();
         let shared = self.shared.clone();
         let in_flight = self.in_flight.clone();
         self.handlers.spawn(
@@ -500,7 +505,7 @@ impl Driver {
                     _ = token.cancelled() => None,
                     _ = shared.shutdown.cancelled() => None,
                 };
-                cancel.end();
+                tokens.end(seq);
                 lock(&in_flight).remove(&id);
                 if let Some(frame) = finish_call(&shared, dispatch.as_ref(), id, result) {
                     let _ = shared.outbound.send(frame).await;
