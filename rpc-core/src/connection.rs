@@ -201,7 +201,9 @@ pub(crate) struct CallTokens {
 }
 
 impl CallTokens {
-    fn made(&self) -> MutexGuard<'_, HashMap<u64, CancellationToken, BuildHasherDefault<IdHasher>>> {
+    fn made(
+        &self,
+    ) -> MutexGuard<'_, HashMap<u64, CancellationToken, BuildHasherDefault<IdHasher>>> {
         // Inserts and removes only: a poisoned map is still consistent.
         self.made.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -42,7 +42,11 @@ struct NameHasher(u64);
 
 impl Hasher for NameHasher {
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
         for &b in bytes {
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -146,15 +150,16 @@ impl Router {
             // The name for the error below, captured once: cloning the
             // call's own name on every call cost an allocation per call.
             let name: Arc<str> = wire.as_str().into();
-            let handler: Handler = Arc::new(move |ctx: CallContext, body: Bytes| {
-                match service.call(ctx, body) {
-                    Some(reply) => reply,
-                    None => {
-                        let status = Status::unknown_method(&name);
-                        Box::pin(async move { Err(status) })
-                    }
-                }
-            });
+            let handler: Handler =
+                Arc::new(
+                    move |ctx: CallContext, body: Bytes| match service.call(ctx, body) {
+                        Some(reply) => reply,
+                        None => {
+                            let status = Status::unknown_method(&name);
+                            Box::pin(async move { Err(status) })
+                        }
+                    },
+                );
             self = self.insert_erased(wire, handler);
         }
         self.services.push(description);

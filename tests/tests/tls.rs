@@ -141,9 +141,7 @@ async fn the_authorization_hook_sees_the_identity_and_can_refuse_a_method() {
         Server::builder(server_tls_mtls(&certs, &certs))
             .router(rpc_server::demo::router())
             .authorize(move |ctx: &CallContext| {
-                let id = ctx
-                    .identity()
-                    .expect("mTLS gives every call an identity");
+                let id = ctx.identity().expect("mTLS gives every call an identity");
                 seen.lock()
                     .unwrap()
                     .push((id.subject.clone(), id.sans.clone()));
