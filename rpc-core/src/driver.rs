@@ -195,8 +195,8 @@ impl Driver {
         // against 290-294k here.)
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
-        let end = loop {
-            let next = tokio::select! {
+        let end = 'run: loop {
+            let mut next = tokio::select! {
                 biased;
                 raised = std::future::poll_fn(|cx| self.shared.events.poll(cx)) => {
                     if raised & DriverEvents::SHUTDOWN != 0 {
@@ -250,39 +250,55 @@ impl Driver {
                     break End::Quiet(writer_stopped(res));
                 }
             };
-            match next {
-                None => break End::Quiet(CloseCause::Other("peer closed the connection".into())),
-                Some(Err(Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    break End::Quiet(CloseCause::Other(
-                        "peer closed the connection without TLS close_notify".into(),
-                    ));
-                }
-                Some(Err(Error::Io(e))) => {
-                    break End::Quiet(CloseCause::Other(format!("read failed: {e}")))
-                }
-                Some(Err(e)) => break End::Tell(e.to_string()),
-                Some(Ok(frame)) => {
-                    self.frames_decoded += 1;
-                    if let Err(reason) = self.on_frame(frame).await {
-                        break End::Tell(reason);
+            // Frames already in the read buffer are taken one after another
+            // without the select above: the events and the timer are
+            // looked at once per read, not once per frame.
+            loop {
+                match next {
+                    None => {
+                        break 'run End::Quiet(CloseCause::Other(
+                            "peer closed the connection".into(),
+                        ))
                     }
-                    // A long run of frames read (the reader is polled first
-                    // and stays ready while the socket has bytes) must not
-                    // hold back what is already queued: the writer gets a
-                    // turn every WRITE_EVERY frames, so the peer starts on
-                    // the first replies (or calls) while this side decodes
-                    // the rest, instead of both sides taking turns with
-                    // whole bursts.
-                    if self.frames_decoded % WRITE_EVERY == 0 {
-                        let turn = std::future::poll_fn(|cx| {
-                            Poll::Ready(std::future::Future::poll(writer.as_mut(), cx))
-                        })
-                        .await;
-                        if let Poll::Ready(res) = turn {
-                            writer_done = true;
-                            break End::Quiet(writer_stopped(res));
+                    Some(Err(Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        break 'run End::Quiet(CloseCause::Other(
+                            "peer closed the connection without TLS close_notify".into(),
+                        ));
+                    }
+                    Some(Err(Error::Io(e))) => {
+                        break 'run End::Quiet(CloseCause::Other(format!("read failed: {e}")))
+                    }
+                    Some(Err(e)) => break 'run End::Tell(e.to_string()),
+                    Some(Ok(frame)) => {
+                        self.frames_decoded += 1;
+                        if let Err(reason) = self.on_frame(frame).await {
+                            break 'run End::Tell(reason);
+                        }
+                        // A long run of frames read (the reader is polled first
+                        // and stays ready while the socket has bytes) must not
+                        // hold back what is already queued: the writer gets a
+                        // turn every WRITE_EVERY frames, so the peer starts on
+                        // the first replies (or calls) while this side decodes
+                        // the rest, instead of both sides taking turns with
+                        // whole bursts.
+                        if self.frames_decoded % WRITE_EVERY == 0 {
+                            let turn = std::future::poll_fn(|cx| {
+                                Poll::Ready(std::future::Future::poll(writer.as_mut(), cx))
+                            })
+                            .await;
+                            if let Poll::Ready(res) = turn {
+                                writer_done = true;
+                                break 'run End::Quiet(writer_stopped(res));
+                            }
                         }
                     }
+                }
+                if self.shared.outbound.over_capacity() {
+                    break;
+                }
+                match reader.buffered() {
+                    Some(buffered) => next = Some(buffered),
+                    None => break,
                 }
             }
         };

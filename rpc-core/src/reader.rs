@@ -68,6 +68,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
+    /// The next frame if the read buffer holds all of it already, without
+    /// reading; `None` if it does not (or if it is a large frame, which
+    /// [`Self::next`] reads into a pooled buffer).
+    pub(crate) fn buffered(&mut self) -> Option<Result<Frame, Error>> {
+        if self.large.is_some() {
+            return None;
+        }
+        if !self.codec.mid_frame() && self.buf.len() >= LENGTH_PREFIX {
+            let len = (&self.buf[..LENGTH_PREFIX]).get_u32() as usize;
+            if len >= MIN_BUFFER && len <= self.max_recv {
+                return None;
+            }
+        }
+        self.codec.decode(&mut self.buf).transpose()
+    }
+
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Error>>> {
         loop {
             if let Some((body, len)) = &mut self.large {
