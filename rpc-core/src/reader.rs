@@ -202,6 +202,64 @@ mod tests {
         }
     }
 
+    /// The driver takes frames with `next` and then with `buffered` until
+    /// it gives `None`: every frame must come out once, in order, whatever
+    /// the chunking, with large ones left to `next` and a frame cut by a
+    /// read boundary waiting for the rest.
+    #[tokio::test]
+    async fn buffered_then_next_gives_every_frame_once_in_order() {
+        let frames = vec![
+            response(1, 10),
+            response(2, 20),
+            response(3, MIN_BUFFER),
+            response(4, 0),
+            response(5, 300),
+            response(6, 1 << 20),
+            response(7, 5),
+        ];
+        let bytes = wire(&frames);
+        for chunk in [7, 100, 4096, 70_000, bytes.len()] {
+            let (mut tx, rx) = tokio::io::duplex(256 * 1024);
+            let data = bytes.clone();
+            let writer = tokio::spawn(async move {
+                for piece in data.chunks(chunk) {
+                    tx.write_all(piece).await.unwrap();
+                }
+            });
+            static BUFFERED_POOL: Pool = Pool::new();
+            let mut reader = FrameReader::with_pool(rx, 8 << 20, 8 << 20, &BUFFERED_POOL);
+            let mut got = Vec::new();
+            let mut from_buffer = 0;
+            while got.len() < frames.len() {
+                got.push(reader.next().await.expect("a frame").expect("no error"));
+                while let Some(frame) = reader.buffered() {
+                    let frame = frame.expect("no error");
+                    // A large frame goes to a pooled buffer through `next`.
+                    if let Frame::Response { result: Ok(b), .. } = &frame {
+                        assert!(b.len() < MIN_BUFFER, "a large frame from the buffer");
+                    }
+                    got.push(frame);
+                    from_buffer += 1;
+                }
+            }
+            assert_eq!(got, frames, "chunks of {chunk}");
+            // The large frames were read into pooled buffers, which come
+            // back once their bodies are dropped.
+            drop(got);
+            assert!(!BUFFERED_POOL.kept().is_empty(), "chunks of {chunk}");
+            if chunk == bytes.len() {
+                // Read at once: the small frames after the first came from
+                // the buffer, the large ones did not.
+                assert!(from_buffer >= 2, "{from_buffer} from the buffer");
+            }
+            writer.await.unwrap();
+            assert!(
+                reader.next().await.is_none(),
+                "clean end, chunks of {chunk}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_large_body_is_read_into_a_pooled_buffer_that_goes_back() {
         static TEST_POOL: Pool = Pool::new();
