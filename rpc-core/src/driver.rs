@@ -121,6 +121,9 @@ pub(crate) struct Driver {
     tokens: Arc<CallTokens>,
     /// Served calls so far: the key of each call's token.
     calls_served: u64,
+    /// When the bytes of the frames being handled were read: a request's
+    /// deadline counts from there, with no clock read per request.
+    arrived: Instant,
     handlers: TaskTracker,
     max_in_flight: usize,
     max_recv: usize,
@@ -150,6 +153,7 @@ impl Driver {
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             tokens: Arc::default(),
             calls_served: 0,
+            arrived: Instant::now(),
             handlers: TaskTracker::new(),
             max_in_flight: config.max_in_flight,
             max_recv: config.max_frame,
@@ -250,6 +254,7 @@ impl Driver {
                     break End::Quiet(writer_stopped(res));
                 }
             };
+            self.arrived = clocks.last_read();
             // Frames already in the read buffer are taken one after another
             // without the select above: the events and the timer are
             // looked at once per read, not once per frame.
@@ -460,7 +465,7 @@ impl Driver {
             self.shared.outbound.send_now(refuse(status));
             return Ok(());
         }
-        let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
+        let deadline = deadline_ms.map(|ms| self.arrived + Duration::from_millis(ms.into()));
         // The token is made only if the handler asks for one, or if the
         // call outlives its first poll (see `CallTokens`).
         self.calls_served += 1;
