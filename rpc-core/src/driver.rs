@@ -822,6 +822,25 @@ impl Outbound {
         Some(frame)
     }
 
+    /// Moves up to `max` frames to `out` under one lock; their places are
+    /// given back by [`Outbound::release_held`]. (Popping them one at a
+    /// time took the lock once per frame.)
+    fn pop_many_held(&self, out: &mut VecDeque<Frame>, max: usize) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        let mut q = self.frames();
+        let n = max.min(q.frames.len());
+        out.extend(q.frames.drain(..n));
+        let unpermitted = n.min(q.unpermitted);
+        q.unpermitted -= unpermitted;
+        self.held.fetch_add(n - unpermitted, Ordering::Relaxed);
+        self.over
+            .store(q.frames.len() > self.capacity, Ordering::Relaxed);
+        self.len.store(q.frames.len(), Ordering::Release);
+        n
+    }
+
     /// Gives back the places of the frames popped since the last call.
     fn release_held(&self) {
         let held = self.held.swap(0, Ordering::Relaxed);
@@ -924,6 +943,7 @@ where
         stall.guard(sink.flush()).await?;
     }
     let mut last_batch = 0;
+    let mut taken = VecDeque::new();
     loop {
         // `data` ends the loop once stopped and empty; `control` never does.
         let first = tokio::select! {
@@ -945,11 +965,18 @@ where
         // Only when the last batch had company: a lone call (one in
         // flight) must not wait for a turn of the scheduler.
         let mut yielded = !gather || last_batch < 2;
-        while fed < MAX_BATCH {
+        // Data frames are taken from the queue many at a time into
+        // `taken`, which is empty again when the batch ends.
+        while fed < MAX_BATCH || !taken.is_empty() {
             let next = match control.pop_held() {
                 Some(f) => f,
-                None => match data.pop_held() {
+                None => match taken.pop_front() {
                     Some(f) => f,
+                    None if fed < MAX_BATCH
+                        && data.pop_many_held(&mut taken, MAX_BATCH - fed) > 0 =>
+                    {
+                        continue
+                    }
                     // The producers' one turn (see `yielded` above).
                     None if !yielded => {
                         yielded = true;
