@@ -811,14 +811,7 @@ impl Outbound {
         }
         let mut q = self.frames();
         let frame = q.frames.pop_front()?;
-        if q.unpermitted == 0 {
-            self.held.fetch_add(1, Ordering::Relaxed);
-        } else {
-            q.unpermitted -= 1;
-        }
-        self.over
-            .store(q.frames.len() > self.capacity, Ordering::Relaxed);
-        self.len.store(q.frames.len(), Ordering::Release);
+        self.took(&mut q, 1);
         Some(frame)
     }
 
@@ -832,13 +825,19 @@ impl Outbound {
         let mut q = self.frames();
         let n = max.min(q.frames.len());
         out.extend(q.frames.drain(..n));
+        self.took(&mut q, n);
+        n
+    }
+
+    /// Bookkeeping for `n` frames just popped from `q`: the places of the
+    /// permitted ones are held for `release_held`.
+    fn took(&self, q: &mut Queue, n: usize) {
         let unpermitted = n.min(q.unpermitted);
         q.unpermitted -= unpermitted;
         self.held.fetch_add(n - unpermitted, Ordering::Relaxed);
         self.over
             .store(q.frames.len() > self.capacity, Ordering::Relaxed);
         self.len.store(q.frames.len(), Ordering::Release);
-        n
     }
 
     /// Gives back the places of the frames popped since the last call.

@@ -72,16 +72,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// reading; `None` if it does not (or if it is a large frame, which
     /// [`Self::next`] reads into a pooled buffer).
     pub(crate) fn buffered(&mut self) -> Option<Result<Frame, Error>> {
-        if self.large.is_some() {
+        if self.large.is_some() || self.large_frame_next().is_some() {
             return None;
         }
-        if !self.codec.mid_frame() && self.buf.len() >= LENGTH_PREFIX {
-            let len = (&self.buf[..LENGTH_PREFIX]).get_u32() as usize;
-            if len >= MIN_BUFFER && len <= self.max_recv {
-                return None;
-            }
-        }
         self.codec.decode(&mut self.buf).transpose()
+    }
+
+    /// The length of the frame whose prefix starts the buffer, if it is one
+    /// for a pooled buffer (an oversize one is left to the codec's error).
+    fn large_frame_next(&self) -> Option<usize> {
+        if self.codec.mid_frame() || self.buf.len() < LENGTH_PREFIX {
+            return None;
+        }
+        let len = (&self.buf[..LENGTH_PREFIX]).get_u32() as usize;
+        (len >= MIN_BUFFER && len <= self.max_recv).then_some(len)
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Error>>> {
@@ -105,17 +109,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 continue;
             }
-            if !self.codec.mid_frame() && self.buf.len() >= LENGTH_PREFIX {
-                let len = (&self.buf[..LENGTH_PREFIX]).get_u32() as usize;
-                if len >= MIN_BUFFER && len <= self.max_recv {
-                    self.buf.advance(LENGTH_PREFIX);
-                    let mut body = self.pool.take(len);
-                    let have = self.buf.len().min(len);
-                    body.extend_from_slice(&self.buf[..have]);
-                    self.buf.advance(have);
-                    self.large = Some((body, len));
-                    continue;
-                }
+            if let Some(len) = self.large_frame_next() {
+                self.buf.advance(LENGTH_PREFIX);
+                let mut body = self.pool.take(len);
+                let have = self.buf.len().min(len);
+                body.extend_from_slice(&self.buf[..have]);
+                self.buf.advance(have);
+                self.large = Some((body, len));
+                continue;
             }
             // Small frames, and the oversize-prefix error, as before.
             match self.codec.decode(&mut self.buf) {
