@@ -24,11 +24,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rpc_core::{Connection, ConnectionConfig};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, info, warn};
 
 /// Refusals (TLS handshake + GoAway) in progress at once when over the
@@ -280,73 +280,52 @@ impl Server {
     /// Serves connections from `listener` until `shutdown` completes, then
     /// drains: no new connections, `GoAway` on every connection, in-flight
     /// calls get up to `drain_timeout`, then everything left is closed.
+    ///
+    /// The accept loop runs as a task of its own (aborted if this future is
+    /// dropped), so it runs on whichever runtime worker saw the listener
+    /// become readable, and each accepted connection's task starts on that
+    /// same worker. Awaited in `block_on` (as in `#[tokio::main]`), the loop
+    /// would otherwise run on the main thread: every connection would then
+    /// be handed from a worker to the main thread and back before its
+    /// handshake began.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
-        let slots = Arc::new(Semaphore::new(self.options.max_connections));
-        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-        let handshakes = Arc::new(Semaphore::new(self.options.max_handshakes));
         let tracker = TaskTracker::new();
-        let drain = CancellationToken::new();
-        let kill = CancellationToken::new();
         let live = Arc::new(handler::ConnectionSet::default());
-        let config = Arc::new(self.options.connection.clone());
+        let accepting = Accepting {
+            server: self.clone(),
+            slots: Arc::new(Semaphore::new(self.options.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            handshakes: Arc::new(Semaphore::new(self.options.max_handshakes)),
+            tracker: tracker.clone(),
+            drain: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            live: live.clone(),
+            config: Arc::new(self.options.connection.clone()),
+        };
+        let (drain, kill) = (accepting.drain.clone(), accepting.kill.clone());
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
         }
+        let stop = CancellationToken::new();
+        let mut task = AbortOnDropHandle::new(tokio::spawn(accepting.run(listener, stop.clone())));
         tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) if is_transient(&e) => {
-                    warn!(error = %e, "accept failed; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                Err(e) => return Err(ServerError::Accept(e)),
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                let max = self.options.max_connections;
-                warn!(%peer, max, "connection refused: at the connection limit");
-                // Tell the client why, but spend at most a few handshakes on
-                // refusals; past that, just close.
-                if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                    let acceptor = self.current_acceptor();
-                    let config = config.clone();
-                    tracker.spawn(async move {
-                        let reason = format!("server at connection limit ({max} connections)");
-                        if let Err(e) =
-                            rpc_core::transport::refuse(tcp, &acceptor, &config, reason).await
-                        {
-                            debug!(%peer, error = %e, "refusal not delivered");
-                        }
-                        drop(refusal);
-                    });
-                }
-                continue;
-            };
-            info!(%peer, "accepted");
-            let conn = handler::ConnectionTask {
-                acceptor: self.current_acceptor(),
-                config: config.clone(),
-                dispatch: self.dispatch.clone(),
-                handshakes: handshakes.clone(),
-                drain: drain.clone(),
-                kill: kill.clone(),
-                live: live.clone(),
-            };
-            tracker.spawn(async move {
-                conn.run(tcp, peer).await;
-                drop(slot);
-            });
+        let ended = tokio::select! {
+            _ = &mut shutdown => {
+                stop.cancel();
+                (&mut task).await
+            }
+            ended = &mut task => ended,
+        };
+        match ended {
+            Ok(result) => result?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Aborted only by dropping `task`, which this future holds.
+            Err(e) => return Err(ServerError::Accept(std::io::Error::other(e))),
         }
-        drop(listener);
         tracker.close();
         info!(
             connections = tracker.len(),
@@ -368,6 +347,84 @@ impl Server {
         }
         info!("server stopped");
         Ok(())
+    }
+}
+
+/// What the accept loop of one `serve` call holds.
+struct Accepting {
+    server: Server,
+    /// One permit per connection served.
+    slots: Arc<Semaphore>,
+    /// One permit per refusal in progress (over the connection limit).
+    refusals: Arc<Semaphore>,
+    /// One permit per handshake in progress.
+    handshakes: Arc<Semaphore>,
+    tracker: TaskTracker,
+    drain: CancellationToken,
+    kill: CancellationToken,
+    live: Arc<handler::ConnectionSet>,
+    config: Arc<ConnectionConfig>,
+}
+
+impl Accepting {
+    /// Accepts until `stop` fires (`Ok`, the listener closed) or accepting
+    /// fails for good.
+    async fn run(self, listener: TcpListener, stop: CancellationToken) -> Result<(), ServerError> {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) if is_transient(&e) => {
+                    warn!(error = %e, "accept failed; retrying in 100 ms");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(ServerError::Accept(e)),
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.refuse(tcp, peer);
+                continue;
+            };
+            info!(%peer, "accepted");
+            let conn = handler::ConnectionTask {
+                acceptor: self.server.current_acceptor(),
+                config: self.config.clone(),
+                dispatch: self.server.dispatch.clone(),
+                handshakes: self.handshakes.clone(),
+                drain: self.drain.clone(),
+                kill: self.kill.clone(),
+                live: self.live.clone(),
+            };
+            self.tracker.spawn(async move {
+                conn.run(tcp, peer).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Over the connection limit: tells the client why, but spends at most
+    /// a few handshakes on refusals; past that, just closes.
+    fn refuse(&self, tcp: TcpStream, peer: SocketAddr) {
+        let max = self.server.options.max_connections;
+        warn!(%peer, max, "connection refused: at the connection limit");
+        let Ok(refusal) = self.refusals.clone().try_acquire_owned() else {
+            return;
+        };
+        let acceptor = self.server.current_acceptor();
+        let config = self.config.clone();
+        self.tracker.spawn(async move {
+            let reason = format!("server at connection limit ({max} connections)");
+            if let Err(e) = rpc_core::transport::refuse(tcp, &acceptor, &config, reason).await {
+                debug!(%peer, error = %e, "refusal not delivered");
+            }
+            drop(refusal);
+        });
     }
 }
 

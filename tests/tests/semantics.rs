@@ -288,3 +288,39 @@ async fn a_call_token_kept_past_a_quick_handler_fires_when_the_call_ends() {
     }
     assert_eq!(kept[1].method(), "keep");
 }
+
+/// `serve` runs its accept loop as a task of its own. Dropping the `serve`
+/// future must still stop accepting: the loop's task is aborted and the
+/// listener closed, as when the loop ran inside the future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_serve_future_closes_the_listener() {
+    let certs = rpc_tests::make_certs().unwrap();
+    let server = rpc_server::Server::builder(rpc_tests::server_tls(&certs))
+        .router(rpc_server::demo::router())
+        .build()
+        .unwrap();
+    let listener = rpc_server::Server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    let client = Client::connect(&addr.to_string(), client_tls(&certs))
+        .await
+        .unwrap();
+    let sum: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
+    assert_eq!(sum, 3);
+    serving.abort();
+    assert!(serving.await.unwrap_err().is_cancelled());
+    // Bounded: 100 tries, 20 ms apart.
+    let mut refused = false;
+    for _ in 0..100 {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(refused, "the port still accepts after `serve` was dropped");
+}
