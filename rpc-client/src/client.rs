@@ -43,7 +43,7 @@ use rpc_core::{codec, transport, Connection, ConnectionConfig};
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -148,13 +148,51 @@ impl ClientBuilder {
             state,
             closed: CancellationToken::new(),
         });
-        let (conn, driver) = core.connect_once().await?;
-        *core.current() = Some(conn.clone());
-        core.state.send_replace(ConnState::Ready);
-        tokio::spawn(supervise(core.clone(), (conn, driver)));
-        Ok(Client {
-            inner: Arc::new(Handle { core }),
-        })
+        // The first connection is made in the task that then supervises it,
+        // so the handshake runs on the runtime worker that sees each of its
+        // socket events. Made in this future instead, a caller in
+        // `block_on` (as in `#[tokio::main]`) had every step of it handed
+        // from a worker to its thread, and then the connection to a worker.
+        let (reply, first) = oneshot::channel();
+        let handle = Handle { core: core.clone() };
+        tokio::spawn(connect_then_supervise(core, reply));
+        match first.await {
+            Ok(Ok(())) => Ok(Client {
+                inner: Arc::new(handle),
+            }),
+            Ok(Err(e)) => Err(e),
+            // The task ends without answering only if it panicked or its
+            // runtime is shutting down.
+            Err(_) => Err(ClientError::Closed),
+        }
+    }
+}
+
+/// Makes the first connection, tells `reply` how that went, and on success
+/// supervises it. Stops as soon as `reply`'s receiver is dropped (the
+/// caller gave up on `connect`); a connection made after that is closed by
+/// the dropped [`Handle`].
+async fn connect_then_supervise(
+    core: Arc<Core>,
+    mut reply: oneshot::Sender<Result<(), ClientError>>,
+) {
+    // Boxed, as in `supervise`: this task may live as long as the client.
+    let attempt = tokio::select! {
+        attempt = Box::pin(core.connect_once()) => attempt,
+        _ = reply.closed() => return,
+    };
+    match attempt {
+        Ok((conn, driver)) => {
+            *core.current() = Some(conn.clone());
+            core.state.send_replace(ConnState::Ready);
+            // If the caller is gone, its handle closed the client (and a
+            // connection installed after that is closed by `supervise`).
+            let _ = reply.send(Ok(()));
+            supervise(core, (conn, driver)).await;
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
     }
 }
 
@@ -563,8 +601,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_supervisor_task_stays_small() {
-        // Every client keeps one `supervise` task for its whole life; a
-        // reconnect attempt held inline made it 4,808 bytes.
+        // Every client keeps one task (`connect_then_supervise`, which runs
+        // `supervise`) for its whole life; a reconnect attempt held inline
+        // made it 4,808 bytes.
         let (io, _peer) = tokio::io::duplex(64);
         let config = ConnectionConfig::default();
         let hello = transport::hello_for(&config);
@@ -588,6 +627,9 @@ mod tests {
             state,
             closed: CancellationToken::new(),
         });
+        let first = connect_then_supervise(core.clone(), oneshot::channel().0);
+        let size = std::mem::size_of_val(&first);
+        assert!(size <= 1024, "the first connection's task is {size} bytes");
         let task = supervise(core, (conn, Box::pin(driver)));
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "the supervisor task is {size} bytes");

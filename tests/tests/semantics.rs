@@ -324,3 +324,37 @@ async fn dropping_the_serve_future_closes_the_listener() {
     }
     assert!(refused, "the port still accepts after `serve` was dropped");
 }
+
+/// `Client::connect` makes its first connection in a task of its own. A
+/// caller that gives up on it (here by a timeout) must stop the handshake
+/// then, not leave it running until the handshake timeout (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_up_on_connect_ends_the_handshake_at_once() {
+    use tokio::io::AsyncReadExt;
+    // A peer that takes the connection and never answers the ClientHello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let certs = rpc_tests::make_certs().unwrap();
+    let attempt = tokio::time::timeout(
+        Duration::from_millis(200),
+        Client::connect(&addr.to_string(), client_tls(&certs)),
+    )
+    .await;
+    assert!(attempt.is_err(), "connected to a peer that never answered");
+    let (mut sock, _) = listener.accept().await.unwrap();
+    let (mut buf, mut got) = (vec![0u8; 4096], 0);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(got > 0, "no ClientHello arrived");
+    assert!(
+        closed.is_ok(),
+        "the abandoned handshake kept its socket open"
+    );
+}
