@@ -11,8 +11,8 @@
 //! - Every clone shares the current connection, so thousands of concurrent
 //!   calls go out over one TLS session and each waits for its own reply.
 //!   Calls beyond the server's announced in-flight limit wait for a slot.
-//! - `connect` makes the first connection itself, so a wrong address, CA or
-//!   name is reported at once. After that the supervisor task keeps a
+//! - `connect` waits for the first connection (made by the supervisor
+//!   task), so a wrong address, CA or name is reported at once. After that the supervisor task keeps a
 //!   connection: when one dies (peer unresponsive, reset, GoAway) it
 //!   reconnects, backing off between failed attempts (100 ms doubling up to
 //!   10 s by default, each wait drawn uniformly below the cap).
