@@ -47,7 +47,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::ClientError;
@@ -155,7 +155,11 @@ impl ClientBuilder {
         // from a worker to its thread, and then the connection to a worker.
         let (reply, first) = oneshot::channel();
         let handle = Handle { core: core.clone() };
-        tokio::spawn(connect_then_supervise(core, reply));
+        tokio::spawn(connect_then_supervise(
+            core,
+            reply,
+            tracing::Span::current(),
+        ));
         match first.await {
             Ok(Ok(())) => Ok(Client {
                 inner: Arc::new(handle),
@@ -175,10 +179,12 @@ impl ClientBuilder {
 async fn connect_then_supervise(
     core: Arc<Core>,
     mut reply: oneshot::Sender<Result<(), ClientError>>,
+    span: tracing::Span,
 ) {
     // Boxed, as in `supervise`: this task may live as long as the client.
+    // The attempt runs in the caller's span, as when `connect` made it.
     let attempt = tokio::select! {
-        attempt = Box::pin(core.connect_once()) => attempt,
+        attempt = Box::pin(core.connect_once().instrument(span)) => attempt,
         _ = reply.closed() => return,
     };
     match attempt {
@@ -627,7 +633,8 @@ mod tests {
             state,
             closed: CancellationToken::new(),
         });
-        let first = connect_then_supervise(core.clone(), oneshot::channel().0);
+        let first =
+            connect_then_supervise(core.clone(), oneshot::channel().0, tracing::Span::none());
         let size = std::mem::size_of_val(&first);
         assert!(size <= 1024, "the first connection's task is {size} bytes");
         let task = supervise(core, (conn, Box::pin(driver)));

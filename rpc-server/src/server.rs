@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Refusals (TLS handshake + GoAway) in progress at once when over the
 /// connection limit; further excess connections are closed without a word.
@@ -311,7 +311,12 @@ impl Server {
             info!(%addr, "listening");
         }
         let stop = CancellationToken::new();
-        let mut task = AbortOnDropHandle::new(tokio::spawn(accepting.run(listener, stop.clone())));
+        // In the caller's span, as when the loop ran in this future.
+        let mut task = AbortOnDropHandle::new(tokio::spawn(
+            accepting
+                .run(listener, stop.clone())
+                .instrument(tracing::Span::current()),
+        ));
         tokio::pin!(shutdown);
         let ended = tokio::select! {
             _ = &mut shutdown => {
