@@ -12,10 +12,11 @@
 //!   calls go out over one TLS session and each waits for its own reply.
 //!   Calls beyond the server's announced in-flight limit wait for a slot.
 //! - `connect` waits for the first connection (made by the supervisor
-//!   task), so a wrong address, CA or name is reported at once. After that the supervisor task keeps a
-//!   connection: when one dies (peer unresponsive, reset, GoAway) it
-//!   reconnects, backing off between failed attempts (100 ms doubling up to
-//!   10 s by default, each wait drawn uniformly below the cap).
+//!   task), so a wrong address, CA or name is reported at once. After that
+//!   the supervisor task keeps a connection: when one dies (peer
+//!   unresponsive, reset, GoAway) it reconnects, backing off between
+//!   failed attempts (100 ms doubling up to 10 s by default, each wait
+//!   drawn uniformly below the cap).
 //! - A call made while there is no usable connection waits for one, up to
 //!   its own timeout, then fails with [`ClientError::Unavailable`] naming the
 //!   last connection error. Calls are never retried on a new connection when
