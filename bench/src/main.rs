@@ -137,7 +137,17 @@ async fn serve(stack: Stack, dir: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     // The parent reads this line to learn the port.
     println!("listening {}", listener.local_addr()?);
-    contenders::serve(stack, listener, &certs).await
+    // The parent closes our stdin when it is done with us: exiting then,
+    // rather than being killed, lets a profiler wrapped around this process
+    // (valgrind, perf) write its report, and no server outlives its run.
+    let parent_gone = async {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut sink).await;
+    };
+    tokio::select! {
+        served = contenders::serve(stack, listener, &certs) => served,
+        () = parent_gone => Ok(()),
+    }
 }
 
 fn read_certs(dir: &Path) -> anyhow::Result<Certs> {
@@ -160,7 +170,7 @@ impl ServerProcess {
             .args(["serve", "--stack", stack.name(), "--certs"])
             .arg(certs)
             .stdout(Stdio::piped())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .spawn()?;
         let stdout = child
             .stdout
@@ -179,6 +189,17 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        // Closing its stdin asks the server to exit (see `serve`); one that
+        // has not within 5 s (a profiler writing a large report may take
+        // a while) is killed.
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
