@@ -12,7 +12,7 @@
 //! ratio compares work per connection or per call; it is not the rate either
 //! contender reaches alone, which `run` measures.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -41,6 +41,14 @@ pub(crate) struct PairArgs {
     /// Warm-up before each load scenario (not counted).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// The srpc-bench binary that measures side a (default: this one).
+    /// With `--a-exe` or `--b-exe`, two builds of one contender can be compared at
+    /// once: `--a srpc --b srpc --a-exe new/srpc-bench`.
+    #[arg(long)]
+    a_exe: Option<PathBuf>,
+    /// The srpc-bench binary that measures side b (default: this one).
+    #[arg(long)]
+    b_exe: Option<PathBuf>,
 }
 
 /// One round's figures of one side: (row label, value) in report order.
@@ -48,19 +56,21 @@ type Figures = Vec<(String, f64)>;
 
 pub(crate) fn pair(args: &PairArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let exe = std::env::current_exe()?;
+    let this = std::env::current_exe()?;
+    let exe_a = args.a_exe.clone().unwrap_or_else(|| this.clone());
+    let exe_b = args.b_exe.clone().unwrap_or(this);
     let scenarios = crate::group_names(&args.scenarios);
     let mut ratios: Vec<(String, Vec<f64>)> = Vec::new();
     for round in 1..=args.rounds {
         let dir = tempfile::tempdir()?;
         // Started together; which one is spawned first alternates.
-        let mut order = [(args.a, "a"), (args.b, "b")];
+        let mut order = [(args.a, "a", &exe_a), (args.b, "b", &exe_b)];
         if round % 2 == 0 {
             order.reverse();
         }
         let mut children = Vec::new();
-        for (stack, side) in order {
-            let child = Command::new(&exe)
+        for (stack, side, exe) in order {
+            let child = Command::new(exe)
                 .args(["run", "--reps", "1", "--only", stack.name()])
                 .args(["--scenarios", &scenarios])
                 .arg("--measure")
@@ -131,8 +141,12 @@ pub(crate) fn pair(args: &PairArgs) -> anyhow::Result<()> {
             v.len()
         );
     }
+    let exes: String = [("--a-exe", &args.a_exe), ("--b-exe", &args.b_exe)]
+        .iter()
+        .filter_map(|(flag, exe)| exe.as_ref().map(|e| format!(" {flag} {}", e.display())))
+        .collect();
     println!(
-        "\nCommand: `cargo run --release -p srpc-bench -- pair --a {} --b {} --scenarios {scenarios} --rounds {} --measure {} --warmup {}`",
+        "\nCommand: `cargo run --release -p srpc-bench -- pair --a {} --b {} --scenarios {scenarios} --rounds {} --measure {} --warmup {}{exes}`",
         args.a.name(),
         args.b.name(),
         args.rounds,
