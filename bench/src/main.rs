@@ -48,7 +48,9 @@ enum Cmd {
     /// the median ratio of their figures: both see the same machine, so
     /// small gaps show through the VM's noise.
     Pair(pair::PairArgs),
-    /// Serves one contender on 127.0.0.1 (started by `run`).
+    /// Serves one contender on 127.0.0.1 (started by `run`). Exits when
+    /// its stdin reaches end of file, as when the run closes it: started
+    /// by hand, keep stdin open (not `< /dev/null`).
     Serve {
         /// Which contender.
         #[arg(long, value_enum)]
