@@ -42,8 +42,8 @@ pub(crate) struct PairArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// The srpc-bench binary that measures side a (default: this one).
-    /// With `--a-exe` or `--b-exe`, two builds of one contender can be compared at
-    /// once: `--a srpc --b srpc --a-exe new/srpc-bench`.
+    /// With `--a-exe` or `--b-exe`, two builds of one contender can be
+    /// compared at once: `--a srpc --b srpc --a-exe new/srpc-bench`.
     #[arg(long)]
     a_exe: Option<PathBuf>,
     /// The srpc-bench binary that measures side b (default: this one).
