@@ -198,8 +198,10 @@ impl Drop for ServerProcess {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
             match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
+                Ok(Some(_)) => return,
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                // Its state unknown: kill it below rather than leave it.
+                Err(_) => break,
             }
         }
         let _ = self.child.kill();
