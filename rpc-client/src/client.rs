@@ -105,6 +105,13 @@ impl ClientBuilder {
         self
     }
 
+    /// How deeply a reply may nest before the call fails with a decode
+    /// error (default 128; see [`ConnectionConfig::max_depth`]).
+    pub fn max_depth(mut self, levels: usize) -> Self {
+        self.config.max_depth = levels;
+        self
+    }
+
     /// Connection limits and timers (heartbeat interval and timeout, frame
     /// size, handshake timeout).
     pub fn connection_config(mut self, config: ConnectionConfig) -> Self {
@@ -464,10 +471,13 @@ impl Client {
                 other => break other?,
             }
         };
-        codec::decode_owned::<R>(&reply, reply.len()).map_err(|source| ClientError::Decode {
-            method: method.to_owned(),
-            expected: std::any::type_name::<R>(),
-            source,
+        let max_depth = self.core().config.max_depth;
+        codec::decode_owned::<R>(&reply, reply.len(), max_depth).map_err(|source| {
+            ClientError::Decode {
+                method: method.to_owned(),
+                expected: std::any::type_name::<R>(),
+                source,
+            }
         })
     }
 

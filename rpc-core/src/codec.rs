@@ -4,8 +4,11 @@
 //! `DefaultOptions` (varint integers, little endian), a size limit, and
 //! `reject_trailing_bytes`. The limit caps both what we write and what a
 //! decode may allocate, so a forged length inside a frame cannot make us
-//! allocate more than the frame limit. Decoding borrows from the frame's
-//! bytes where the type allows it (`&[u8]`, `&str`).
+//! allocate more than the frame limit. Every decode also has a nesting
+//! limit ([`DEFAULT_MAX_DEPTH`] unless configured; see `codec/depth.rs`),
+//! so a deeply nested value is refused instead of overflowing the stack.
+//! Decoding borrows from the frame's bytes where the type allows it
+//! (`&[u8]`, `&str`).
 //!
 //! Swapping bincode for another format means changing this file only; no
 //! bincode type appears in this module's public API.
@@ -22,17 +25,38 @@ use serde::de::DeserializeOwned;
 use serde::de::Visitor;
 use serde::{Deserialize, Serialize};
 
+mod depth;
+
+/// How deeply a decoded value may nest unless configured otherwise
+/// (`ConnectionConfig::max_depth`): as serde_json's default. A level is a
+/// struct, tuple, sequence, map, enum, `Some` or newtype.
+pub const DEFAULT_MAX_DEPTH: usize = 128;
+
 /// A value that did not encode or decode.
 #[derive(Debug)]
 pub struct CodecError {
     inner: bincode::Error,
+    /// The nesting limit, when that is what refused the value.
+    too_deep: Option<usize>,
+}
+
+impl From<bincode::Error> for CodecError {
+    fn from(inner: bincode::Error) -> Self {
+        CodecError {
+            inner,
+            too_deep: None,
+        }
+    }
 }
 
 impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // bincode's messages are already lowercase and specific, e.g.
-        // "invalid value: integer `9`, expected variant index 0 <= i < 7".
-        fmt::Display::fmt(&self.inner, f)
+        match self.too_deep {
+            Some(max) => write!(f, "nesting deeper than {max} levels (max depth)"),
+            // bincode's messages are already lowercase and specific, e.g.
+            // "invalid value: integer `9`, expected variant index 0 <= i < 7".
+            None => fmt::Display::fmt(&self.inner, f),
+        }
     }
 }
 
@@ -47,6 +71,11 @@ impl CodecError {
     pub fn is_size_limit(&self) -> bool {
         matches!(*self.inner, bincode::ErrorKind::SizeLimit)
     }
+
+    /// True when the value nested deeper than the depth limit.
+    pub fn is_depth_limit(&self) -> bool {
+        self.too_deep.is_some()
+    }
 }
 
 fn options(limit: usize) -> impl Options {
@@ -60,7 +89,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<usi
     options(limit)
         .serialized_size(value)
         .map(|n| n as usize)
-        .map_err(|inner| CodecError { inner })
+        .map_err(CodecError::from)
 }
 
 /// Appends the encoding of `value` to `buf`; on error `buf` is unchanged.
@@ -74,7 +103,7 @@ pub fn encode_into<T: Serialize + ?Sized>(
     if result.is_err() {
         buf.truncate(start);
     }
-    result.map_err(|inner| CodecError { inner })
+    result.map_err(CodecError::from)
 }
 
 /// Writes the encoding of `value`, whose size [`encoded_len`] has just
@@ -90,7 +119,7 @@ pub(crate) fn encode_sized<T: Serialize + ?Sized, W: std::io::Write>(
     bincode::DefaultOptions::new()
         .reject_trailing_bytes()
         .serialize_into(writer, value)
-        .map_err(|inner| CodecError { inner })
+        .map_err(CodecError::from)
 }
 
 /// Encodes `value` into a new buffer (a call's arguments or a reply).
@@ -233,6 +262,7 @@ pub(crate) mod pool {
 pub fn decode_owned<T: DeserializeOwned + 'static>(
     bytes: &Bytes,
     limit: usize,
+    max_depth: usize,
 ) -> Result<T, CodecError> {
     use std::any::{Any, TypeId};
     let single = TypeId::of::<T>() == TypeId::of::<Bytes>();
@@ -255,7 +285,7 @@ pub fn decode_owned<T: DeserializeOwned + 'static>(
             }
         }
     }
-    decode(bytes, limit)
+    decode(bytes, limit, max_depth)
 }
 
 /// The payload when `bytes` is exactly one bincode byte string (varint
@@ -390,19 +420,29 @@ pub(crate) fn put_option(buf: &mut BytesMut, some: bool) {
 
 /// Decodes one value that must fill `bytes` exactly; borrows from `bytes`
 /// where `T` allows it. The size limit applies to what serde may reserve
-/// for a sequence length too, not only to the bytes read.
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
+/// for a sequence length too, not only to the bytes read; a value nested
+/// deeper than `max_depth` levels is refused (see [`DEFAULT_MAX_DEPTH`]).
+pub fn decode<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    limit: usize,
+    max_depth: usize,
+) -> Result<T, CodecError> {
     let mut rest = bytes;
+    let budget = depth::Budget::new(max_depth);
+    let seed = depth::Limited {
+        inner: PhantomData::<T>,
+        budget: &budget,
+    };
     let value = options(limit)
-        .deserialize_from_custom_seed(PhantomData::<T>, LimitedSlice { rest: &mut rest })
-        .map_err(|inner| CodecError { inner })?;
+        .deserialize_from_custom_seed(seed, LimitedSlice { rest: &mut rest })
+        .map_err(|inner| CodecError {
+            inner,
+            too_deep: budget.exceeded().then_some(max_depth),
+        })?;
     if !rest.is_empty() {
-        return Err(CodecError {
-            inner: Box::new(bincode::ErrorKind::Custom(format!(
-                "{} bytes left over after the message",
-                rest.len()
-            ))),
-        });
+        return Err(CodecError::from(Box::new(bincode::ErrorKind::Custom(
+            format!("{} bytes left over after the message", rest.len()),
+        ))));
     }
     Ok(value)
 }
@@ -475,12 +515,21 @@ impl<'a> bincode::BincodeRead<'a> for LimitedSlice<'a, '_> {
 pub fn decode_prefix<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     limit: usize,
+    max_depth: usize,
 ) -> Result<T, CodecError> {
+    let budget = depth::Budget::new(max_depth);
+    let seed = depth::Limited {
+        inner: PhantomData::<T>,
+        budget: &budget,
+    };
     bincode::DefaultOptions::new()
         .with_limit(limit as u64)
         .allow_trailing_bytes()
-        .deserialize(bytes)
-        .map_err(|inner| CodecError { inner })
+        .deserialize_seed(seed, bytes)
+        .map_err(|inner| CodecError {
+            inner,
+            too_deep: budget.exceeded().then_some(max_depth),
+        })
 }
 
 #[cfg(test)]
@@ -492,9 +541,9 @@ mod tests {
         for size in [0usize, 1, 250, 251, 65_535, 65_536, 70_000] {
             let payload = Bytes::from(vec![3u8; size]);
             let wire = encode(&(payload.clone(),), usize::MAX).unwrap();
-            let (sliced,): (Bytes,) = decode_owned(&wire, wire.len()).unwrap();
-            let single: Bytes = decode_owned(&wire, wire.len()).unwrap();
-            let (copied,): (Bytes,) = decode(&wire, wire.len()).unwrap();
+            let (sliced,): (Bytes,) = decode_owned(&wire, wire.len(), DEFAULT_MAX_DEPTH).unwrap();
+            let single: Bytes = decode_owned(&wire, wire.len(), DEFAULT_MAX_DEPTH).unwrap();
+            let (copied,): (Bytes,) = decode(&wire, wire.len(), DEFAULT_MAX_DEPTH).unwrap();
             assert_eq!(sliced, copied, "{size} bytes");
             assert_eq!(single, copied, "{size} bytes");
             if size > 0 {
@@ -521,12 +570,14 @@ mod tests {
             Bytes::new(),
         ];
         for case in cases {
-            let fast = decode_owned::<Bytes>(&case, case.len()).map_err(|e| e.to_string());
-            let slow = decode::<Bytes>(&case, case.len()).map_err(|e| e.to_string());
+            let fast = decode_owned::<Bytes>(&case, case.len(), DEFAULT_MAX_DEPTH)
+                .map_err(|e| e.to_string());
+            let slow =
+                decode::<Bytes>(&case, case.len(), DEFAULT_MAX_DEPTH).map_err(|e| e.to_string());
             assert_eq!(fast, slow, "{case:?}");
         }
         // Over the limit: refused like decode refuses it.
-        let err = decode_owned::<Bytes>(&good, good.len() - 1).unwrap_err();
+        let err = decode_owned::<Bytes>(&good, good.len() - 1, DEFAULT_MAX_DEPTH).unwrap_err();
         assert!(err.is_size_limit(), "{err}");
     }
 
@@ -545,7 +596,7 @@ mod tests {
             buf
         };
         assert_eq!(&first[..], &plain[..]);
-        let (tag, body): (u8, Vec<u8>) = decode(&first, usize::MAX).unwrap();
+        let (tag, body): (u8, Vec<u8>) = decode(&first, usize::MAX, DEFAULT_MAX_DEPTH).unwrap();
         assert_eq!((tag, body), value);
         // Kept while any slice of it lives; back in the pool after.
         let at = first.as_ptr();
@@ -598,7 +649,7 @@ mod tests {
     #[test]
     fn round_trip_borrows_str() {
         let bytes = encode(&("hello", 7u32), 1024).unwrap();
-        let (s, n): (&str, u32) = decode(&bytes, 1024).unwrap();
+        let (s, n): (&str, u32) = decode(&bytes, 1024, DEFAULT_MAX_DEPTH).unwrap();
         assert_eq!((s, n), ("hello", 7));
         assert_eq!(encoded_len(&("hello", 7u32), 1024).unwrap(), bytes.len());
     }
@@ -607,14 +658,14 @@ mod tests {
     fn trailing_bytes_are_rejected() {
         let mut bytes = encode(&5u32, 64).unwrap().to_vec();
         bytes.push(0);
-        assert!(decode::<u32>(&bytes, 64).is_err());
+        assert!(decode::<u32>(&bytes, 64, DEFAULT_MAX_DEPTH).is_err());
     }
 
     #[test]
     fn decode_enforces_the_limit() {
         let big = "x".repeat(2000);
         let bytes = encode(&big, 4096).unwrap();
-        let err = decode::<String>(&bytes, 1024).unwrap_err();
+        let err = decode::<String>(&bytes, 1024, DEFAULT_MAX_DEPTH).unwrap_err();
         assert!(err.is_size_limit(), "{err:?}");
     }
 
@@ -625,8 +676,8 @@ mod tests {
         // the test would abort on a 1 TiB allocation.
         let mut forged = vec![253u8];
         forged.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(decode::<String>(&forged, 1024).is_err());
-        assert!(decode::<Vec<u8>>(&forged, 1024).is_err());
+        assert!(decode::<String>(&forged, 1024, DEFAULT_MAX_DEPTH).is_err());
+        assert!(decode::<Vec<u8>>(&forged, 1024, DEFAULT_MAX_DEPTH).is_err());
     }
 
     #[test]
@@ -635,5 +686,74 @@ mod tests {
         let big = vec![1u8; 100];
         assert!(encode_into(&big, 10, &mut buf).is_err());
         assert_eq!(&buf[..], b"ab");
+    }
+
+    /// A recursive type, as a user's AST would be.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Expr {
+        Lit(i64),
+        Neg(Box<Expr>),
+        Pair(Vec<Expr>),
+        Opt(Option<Box<Expr>>),
+    }
+
+    /// `Neg` nested `depth` times around a literal, as bincode writes it
+    /// (variant 1, then the inner value), built without recursion.
+    fn nested_neg(depth: usize) -> Vec<u8> {
+        let mut wire = vec![1u8; depth];
+        wire.extend_from_slice(&[0, 14]); // Lit(7): variant 0, zigzag 7
+        wire
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_decodes_and_deeper_is_refused() {
+        // Expr levels count one each.
+        let ok: Expr = decode(&nested_neg(9), 1 << 20, 10).unwrap();
+        let mut e = &ok;
+        let mut n = 0;
+        while let Expr::Neg(inner) = e {
+            e = inner;
+            n += 1;
+        }
+        assert_eq!((n, e), (9, &Expr::Lit(7)));
+        let err = decode::<Expr>(&nested_neg(10), 1 << 20, 10).unwrap_err();
+        assert!(err.is_depth_limit(), "{err}");
+        assert_eq!(err.to_string(), "nesting deeper than 10 levels (max depth)");
+        // Sequences, options and tuples count too.
+        let wrapped = encode(
+            &(Expr::Pair(vec![Expr::Opt(Some(Box::new(Expr::Lit(1))))]),),
+            1024,
+        )
+        .unwrap();
+        // tuple, Pair, its Vec, Opt, Some, Lit: 6 levels.
+        assert!(decode::<(Expr,)>(&wrapped, 1024, 6).is_ok());
+        assert!(decode::<(Expr,)>(&wrapped, 1024, 5)
+            .unwrap_err()
+            .is_depth_limit());
+        assert!(decode_owned::<(Expr,)>(&wrapped, 1024, 5)
+            .unwrap_err()
+            .is_depth_limit());
+    }
+
+    #[test]
+    fn a_million_levels_are_refused_without_overflowing_the_stack() {
+        let wire = nested_neg(1_000_000);
+        let err = decode::<Expr>(&wire, wire.len(), DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(err.is_depth_limit(), "{err}");
+        assert!(err.to_string().contains("nesting deeper than 128"), "{err}");
+        let err = decode_prefix::<Expr>(&wire, wire.len(), DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(err.is_depth_limit(), "{err}");
+    }
+
+    #[test]
+    fn the_depth_limit_changes_no_other_result() {
+        // Borrowed strings still borrow, errors other than depth keep
+        // their text, and flat values decode as before.
+        let bytes = encode(&("hi", vec![1u16, 2], Some(3u8)), 1024).unwrap();
+        let got: (&str, Vec<u16>, Option<u8>) = decode(&bytes, 1024, 3).unwrap();
+        assert_eq!(got, ("hi", vec![1, 2], Some(3)));
+        let err = decode::<Expr>(&[9], 16, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(!err.is_depth_limit());
+        assert!(err.to_string().contains("variant index"), "{err}");
     }
 }

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::codec::DEFAULT_MAX_DEPTH;
 use crate::error::Error;
 
 /// Default largest frame: 4 MiB.
@@ -47,6 +48,13 @@ pub struct ConnectionConfig {
     /// when the connection closes, and, when this side closed first, to
     /// read the peer's close_notify before the socket is let go. Default 1 s.
     pub close_timeout: Duration,
+    /// How deeply a call's arguments (server) or reply (client) may nest
+    /// before it is refused with `InvalidArgument` ("nesting deeper than
+    /// 128 levels"); each struct, tuple, sequence, map, enum, `Some` and
+    /// newtype is a level. Decoding recurses once per level, so this bounds
+    /// the stack a peer's value can take; raise it only with the stack to
+    /// match. Default 128 ([`DEFAULT_MAX_DEPTH`]).
+    pub max_depth: usize,
 }
 
 impl Default for ConnectionConfig {
@@ -62,6 +70,7 @@ impl Default for ConnectionConfig {
             partial_frame_timeout: Duration::from_secs(30),
             write_stall_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(1),
+            max_depth: DEFAULT_MAX_DEPTH,
         }
     }
 }
@@ -84,6 +93,9 @@ impl ConnectionConfig {
         }
         if self.heartbeat_interval.as_millis() > u32::MAX as u128 {
             return bad("heartbeat interval is too long".into());
+        }
+        if self.max_depth == 0 {
+            return bad("max depth must be at least 1".into());
         }
         if self.max_in_flight == 0 || self.outbound_queue == 0 {
             return bad("max in-flight calls and the outbound queue must be at least 1".into());

@@ -80,6 +80,7 @@ pub struct CallContext {
     deadline: Option<Instant>,
     identity: Option<Arc<PeerIdentity>>,
     cancel: CancelSource,
+    max_depth: usize,
 }
 
 impl CallContext {
@@ -94,6 +95,7 @@ impl CallContext {
             deadline: None,
             identity: None,
             cancel: CancelSource::Detached(CancellationToken::new()),
+            max_depth: crate::codec::DEFAULT_MAX_DEPTH,
         }
     }
 
@@ -120,7 +122,20 @@ impl CallContext {
             deadline,
             identity,
             cancel: CancelSource::Call(tokens, seq),
+            max_depth: crate::codec::DEFAULT_MAX_DEPTH,
         }
+    }
+
+    /// The same context with another nesting limit for its arguments.
+    pub fn with_max_depth(mut self, max_depth: usize) -> Self {
+        self.max_depth = max_depth;
+        self
+    }
+
+    /// How deeply the call's arguments may nest when decoded: the serving
+    /// side's [`ConnectionConfig::max_depth`].
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
     }
 
     /// The caller's address.

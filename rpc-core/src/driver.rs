@@ -48,7 +48,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConnectionConfig;
 use crate::connection::{CallContext, CallTokens, CloseCause, Dispatch, DriverEvents, Shared};
-use crate::error::{Error, Status, StatusCode};
+use crate::error::{escape_peer_text, Error, Status, StatusCode, MAX_PEER_REASON};
 use crate::frame::{frame_len, Frame};
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
 use crate::metered::ByteClocks;
@@ -127,6 +127,8 @@ pub(crate) struct Driver {
     handlers: TaskTracker,
     max_in_flight: usize,
     max_recv: usize,
+    /// Nesting allowed in a call's arguments (see `CallContext::max_depth`).
+    max_depth: usize,
     close_timeout: Duration,
     draining: bool,
     heartbeat: Heartbeat,
@@ -157,6 +159,7 @@ impl Driver {
             handlers: TaskTracker::new(),
             max_in_flight: config.max_in_flight,
             max_recv: config.max_frame,
+            max_depth: config.max_depth,
             close_timeout: config.close_timeout,
             draining: false,
             timer: Box::pin(tokio::time::sleep_until(first)),
@@ -401,6 +404,7 @@ impl Driver {
                 Ok(())
             }
             Frame::GoAway { reason } => {
+                let reason = escape_peer_text(&reason, MAX_PEER_REASON);
                 info!(%reason, "peer sent GoAway");
                 self.shared.calls().goaway = Some(reason);
                 self.shared.goaway_seen.store(true, Ordering::Release);
@@ -425,9 +429,10 @@ impl Driver {
                 Error::Protocol("Request sent to a peer that serves no calls".into()).to_string(),
             );
         };
+        let max_send = self.shared.max_send;
         let refuse = |status: Status| Frame::Response {
             id,
-            result: Err(status),
+            result: fitting_reply(id, Err(status), max_send),
         };
         if self.draining {
             if let Some(c) = dispatch.counters() {
@@ -478,7 +483,8 @@ impl Driver {
             self.shared.identity.get().cloned(),
             self.tokens.clone(),
             seq,
-        );
+        )
+        .with_max_depth(self.max_depth);
         let span = if crate::connection::debug_spans_wanted() {
             tracing::debug_span!("call", method = %ctx.method(), id, peer = %ctx.peer())
         } else {
@@ -622,26 +628,45 @@ fn finish_call(
             None => Err(StatusCode::Cancelled),
         });
     }
-    let Some(mut result) = result else {
+    let Some(result) = result else {
         debug!("handler stopped: cancelled");
         return None;
     };
-    if let Ok(reply) = &result {
-        // Exact sizing walks the frame; only replies near the limit need it.
-        if reply.len() + RESPONSE_OVERHEAD > shared.max_send {
-            let probe = Frame::Response {
-                id,
-                result: Ok(reply.clone()),
-            };
-            if let Err(e) = frame_len(&probe, shared.max_send) {
-                result = Err(Status::internal(format!("reply not sent: {e}")));
-            }
-        }
-    }
+    let result = fitting_reply(id, result, shared.max_send);
     if let Err(status) = &result {
         debug!(%status, "call failed");
     }
     Some(Frame::Response { id, result })
+}
+
+/// `result` as it can be sent to a peer whose frames are limited to
+/// `max_send` bytes: a reply too large for that fails this call alone with
+/// `ResourceExhausted`, and a status's message is cut to
+/// [`Status::MAX_MESSAGE`], or shorter when the limit needs it.
+fn fitting_reply(id: u64, result: Result<Bytes, Status>, max_send: usize) -> Result<Bytes, Status> {
+    let status = match result {
+        // Exact sizing walks the frame; only replies near the limit need it.
+        Ok(reply) if reply.len() + RESPONSE_OVERHEAD <= max_send => return Ok(reply),
+        Ok(reply) => {
+            let probe = Frame::Response {
+                id,
+                result: Ok(reply.clone()),
+            };
+            if frame_len(&probe, max_send).is_ok() {
+                return Ok(reply);
+            }
+            Status::resource_exhausted(format!(
+                "reply of {} bytes does not fit the caller's frame limit of {max_send} bytes \
+                 (its max_frame)",
+                reply.len()
+            ))
+        }
+        Err(status) => status,
+    };
+    // Room for the message: the frame less its other fields, which
+    // RESPONSE_OVERHEAD bounds (a test below checks it).
+    let room = max_send.saturating_sub(RESPONSE_OVERHEAD);
+    Err(status.cut_to(room.min(Status::MAX_MESSAGE)))
 }
 
 /// More than a `Response` frame adds to its reply's bytes: variant tags and
@@ -951,7 +976,7 @@ where
             f = data.next() => f,
         };
         let Some(first) = first else { break };
-        sink.feed(first)?;
+        feed(&mut sink, first)?;
         let mut fed = 1;
         // Frames of one burst arrive a few at a time: when they come from
         // other tasks (`gather`: a client's callers), give those one turn
@@ -985,7 +1010,7 @@ where
                     None => break,
                 },
             };
-            sink.feed(next)?;
+            feed(&mut sink, next)?;
             fed += 1;
             // What FramedWrite did at 8 KiB: write out a long batch of
             // small frames as it grows instead of buffering all of it.
@@ -1001,12 +1026,37 @@ where
     // Closing: what is already queued (replies, then a last GoAway), then
     // TLS close_notify. The driver bounds this with `close_timeout`.
     while let Some(f) = data.pop() {
-        sink.feed(f)?;
+        feed(&mut sink, f)?;
     }
     while let Some(f) = control.pop() {
-        sink.feed(f)?;
+        feed(&mut sink, f)?;
     }
     sink.close().await
+}
+
+/// Encodes `frame` for writing. A `Response` that does not fit the peer's
+/// frame limit (replies are sized before they are queued, so this is a
+/// second line of defence) becomes that call's `ResourceExhausted`, so one
+/// reply never ends the connection and the calls on it.
+fn feed<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>, frame: Frame) -> Result<(), Error> {
+    let id = match &frame {
+        Frame::Response { id, .. } => Some(*id),
+        _ => None,
+    };
+    match (sink.feed(frame), id) {
+        (Err(Error::FrameTooLarge { len, max }), Some(id)) => {
+            let status = Status::resource_exhausted(format!(
+                "reply frame of {len} bytes does not fit the caller's frame limit of {max} bytes \
+                 (its max_frame)"
+            ));
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            sink.feed(Frame::Response {
+                id,
+                result: fitting_reply(id, Err(status), max),
+            })
+        }
+        (result, _) => result,
+    }
 }
 
 #[cfg(test)]
@@ -1189,5 +1239,46 @@ mod tests {
         assert_eq!(w.check(t0 + 2 * S, true, 1), Ok(()));
         assert_eq!(w.check(t0 + 3 * S, true, 1), Ok(()));
         assert_eq!(w.check(t0 + 4 * S, true, 1), Err(2 * S));
+    }
+
+    #[test]
+    fn every_reply_fits_the_peers_frame_limit_or_fails_alone() {
+        let id = u64::MAX;
+        for max_send in [64usize, 100, 1000, 5000, 1 << 20] {
+            let long = Err(Status::internal("x".repeat(5 << 20)));
+            let sent = fitting_reply(id, long, max_send);
+            let frame = Frame::Response {
+                id,
+                result: sent.clone(),
+            };
+            assert!(frame_len(&frame, max_send).is_ok(), "{max_send}");
+            let message = sent.unwrap_err().message;
+            assert!(message.len() <= Status::MAX_MESSAGE, "{max_send}");
+            if max_send >= 1000 {
+                assert!(message.ends_with("bytes, cut]"), "{message}");
+            }
+            // A reply one byte over the limit fails with ResourceExhausted.
+            let body = Bytes::from(vec![7u8; max_send]);
+            let status = fitting_reply(id, Ok(body), max_send).unwrap_err();
+            assert_eq!(status.code, StatusCode::ResourceExhausted, "{max_send}");
+            if max_send >= 1000 {
+                assert!(status
+                    .message
+                    .contains(&format!("frame limit of {max_send} bytes")));
+            }
+            // The largest reply that fits is sent as it is.
+            let fits = (0..max_send)
+                .rev()
+                .find(|&n| {
+                    let probe = Frame::Response {
+                        id,
+                        result: Ok(Bytes::from(vec![1u8; n])),
+                    };
+                    frame_len(&probe, max_send).is_ok()
+                })
+                .unwrap();
+            let body = Bytes::from(vec![1u8; fits]);
+            assert_eq!(fitting_reply(id, Ok(body.clone()), max_send), Ok(body));
+        }
     }
 }

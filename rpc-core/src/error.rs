@@ -46,11 +46,15 @@ pub enum StatusCode {
     PermissionDenied,
     /// A handler's own application-level error.
     Failed,
+    /// A resource ran out for this call: its reply was larger than the
+    /// caller's frame limit, say. Raising the limit named in the message may
+    /// help; sending the same call again will not.
+    ResourceExhausted,
 }
 
 impl StatusCode {
     /// Every kind, in wire order.
-    pub const ALL: [StatusCode; 10] = [
+    pub const ALL: [StatusCode; 11] = [
         StatusCode::UnknownMethod,
         StatusCode::InvalidArgument,
         StatusCode::DeadlineExceeded,
@@ -61,6 +65,7 @@ impl StatusCode {
         StatusCode::Unauthenticated,
         StatusCode::PermissionDenied,
         StatusCode::Failed,
+        StatusCode::ResourceExhausted,
     ];
 
     /// Position in [`StatusCode::ALL`].
@@ -76,6 +81,7 @@ impl StatusCode {
             StatusCode::Unauthenticated => 7,
             StatusCode::PermissionDenied => 8,
             StatusCode::Failed => 9,
+            StatusCode::ResourceExhausted => 10,
         }
     }
 
@@ -92,6 +98,7 @@ impl StatusCode {
             StatusCode::Unauthenticated => "unauthenticated",
             StatusCode::PermissionDenied => "permission_denied",
             StatusCode::Failed => "failed",
+            StatusCode::ResourceExhausted => "resource_exhausted",
         }
     }
 
@@ -108,6 +115,7 @@ impl StatusCode {
             StatusCode::Unauthenticated => "unauthenticated",
             StatusCode::PermissionDenied => "permission denied",
             StatusCode::Failed => "failed",
+            StatusCode::ResourceExhausted => "resource exhausted",
         }
     }
 }
@@ -119,6 +127,10 @@ impl fmt::Display for StatusCode {
 }
 
 /// A call's failure as it travels on the wire: a kind and a message.
+///
+/// A server sends at most [`Status::MAX_MESSAGE`] bytes of message (see
+/// [`Status::bounded`]); text that came from the peer is escaped and cut
+/// before it is put in one ([`escape_peer_text`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Status {
@@ -129,6 +141,32 @@ pub struct Status {
 }
 
 impl Status {
+    /// The longest message a server sends, in bytes; a longer one is cut,
+    /// with a marker saying how long it was.
+    pub const MAX_MESSAGE: usize = 4096;
+
+    /// The same status with its message cut to at most `max` bytes (at a
+    /// character boundary), ending in a marker that gives the full length.
+    pub fn cut_to(mut self, max: usize) -> Self {
+        if self.message.len() > max {
+            let marker = format!("... [{} bytes, cut]", self.message.len());
+            if marker.len() <= max {
+                let keep = floor_char_boundary(&self.message, max - marker.len());
+                self.message.truncate(keep);
+                self.message.push_str(&marker);
+            } else {
+                let keep = floor_char_boundary(&self.message, max);
+                self.message.truncate(keep);
+            }
+        }
+        self
+    }
+
+    /// The same status with its message within [`Status::MAX_MESSAGE`].
+    pub fn bounded(self) -> Self {
+        self.cut_to(Status::MAX_MESSAGE)
+    }
+
     /// A status of the given kind with a message.
     pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
         Status {
@@ -137,12 +175,18 @@ impl Status {
         }
     }
 
-    /// `UnknownMethod` naming the method.
+    /// `UnknownMethod` naming the method (escaped and cut, as the name
+    /// comes from the peer).
     pub fn unknown_method(method: &str) -> Self {
         Status::new(
             StatusCode::UnknownMethod,
-            format!("no method named {method:?}"),
+            format!("no method named \"{}\"", escape_peer_text(method, 256)),
         )
+    }
+
+    /// `ResourceExhausted` with a message.
+    pub fn resource_exhausted(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::ResourceExhausted, message)
     }
 
     /// `InvalidArgument` with a message.
@@ -159,6 +203,30 @@ impl Status {
     pub fn failed(message: impl Into<String>) -> Self {
         Status::new(StatusCode::Failed, message)
     }
+}
+
+/// The most of a peer's `GoAway` reason kept, in bytes.
+pub const MAX_PEER_REASON: usize = 512;
+
+/// Text that came from the peer (a method name, a `GoAway` reason), made
+/// safe to put in a message or a log line: escaped as Rust's `{:?}` does
+/// (no control bytes, no terminal escapes) and cut to at most `max` bytes
+/// of the original, with `...` after it when longer.
+pub fn escape_peer_text(text: &str, max: usize) -> String {
+    let cut = floor_char_boundary(text, max);
+    let mut out: String = text[..cut].escape_debug().collect();
+    if cut < text.len() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// The largest char boundary of `s` at or below `at`.
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
 }
 
 /// Everything that can go wrong below the application: the transport's error.
@@ -303,6 +371,41 @@ mod tests {
         let s = Status::unknown_method("nope");
         assert_eq!(s.to_string(), "unknown method: no method named \"nope\"");
         assert_eq!(Error::Status(s).code(), Some(StatusCode::UnknownMethod));
+    }
+
+    #[test]
+    fn long_messages_are_cut_with_a_marker_at_a_char_boundary() {
+        let s = Status::internal("é".repeat(5000)).bounded();
+        assert!(
+            s.message.len() <= Status::MAX_MESSAGE,
+            "{}",
+            s.message.len()
+        );
+        assert!(
+            s.message.ends_with("... [10000 bytes, cut]"),
+            "{}",
+            &s.message[4000..]
+        );
+        let short = Status::internal("fine").bounded();
+        assert_eq!(short.message, "fine");
+        // Too small for the marker: cut without it, still within the bound.
+        let tiny = Status::internal("x".repeat(100)).cut_to(10);
+        assert_eq!(tiny.message, "x".repeat(10));
+    }
+
+    #[test]
+    fn peer_text_is_escaped_and_cut() {
+        let name = format!("\u{1b}[31m{}", "\u{1}".repeat(1000));
+        let s = Status::unknown_method(&name);
+        assert!(
+            !s.message.contains('\u{1b}') && !s.message.contains('\u{1}'),
+            "{s}"
+        );
+        // 256 bytes of the name, each control byte six characters escaped.
+        assert!(s.message.len() < 256 * 6 + 64, "{}", s.message.len());
+        assert!(s.message.ends_with("...\""), "{s}");
+        assert_eq!(escape_peer_text("ok\n", 10), "ok\\n");
+        assert_eq!(escape_peer_text("abcdef", 3), "abc...");
     }
 
     #[test]

@@ -157,9 +157,14 @@ pub fn decode_frame(buf: Bytes, max_frame: usize) -> Result<Frame, Error> {
     through_serde(&buf, max_frame)
 }
 
+/// How deeply a frame's own fields may nest: `Response { result:
+/// Err(Status { code }) }` is the deepest, at 5 levels. Bodies are bytes
+/// here; their values are decoded later, under the configured limit.
+pub(crate) const FRAME_DEPTH: usize = 8;
+
 /// [`decode_frame`] for any frame, through serde.
 fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
-    let wire: WireFrame<'_> = codec::decode(buf, max_frame)?;
+    let wire: WireFrame<'_> = codec::decode(buf, max_frame, FRAME_DEPTH)?;
     Ok(match wire {
         WireFrame::Hello(h) => Frame::Hello(h),
         WireFrame::Request {

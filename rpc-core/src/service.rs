@@ -91,10 +91,15 @@ pub trait Caller: Send + Sync {
         R: DeserializeOwned + Send + 'static;
 }
 
-/// Decodes a method's argument tuple, naming the method on failure (used by
+/// Decodes a method's argument tuple within the call's nesting limit
+/// ([`CallContext::max_depth`]), naming the method on failure (used by
 /// generated code). A lone `Bytes` argument is a slice of the frame.
-pub fn decode_args<T: DeserializeOwned + 'static>(method: &str, body: &Bytes) -> Result<T, Status> {
-    crate::codec::decode_owned(body, body.len()).map_err(|e| {
+pub fn decode_args<T: DeserializeOwned + 'static>(
+    method: &str,
+    ctx: &CallContext,
+    body: &Bytes,
+) -> Result<T, Status> {
+    crate::codec::decode_owned(body, body.len(), ctx.max_depth()).map_err(|e| {
         Status::invalid_argument(format!(
             "arguments of {method:?} did not decode as {}: {e}",
             std::any::type_name::<T>()

@@ -41,8 +41,10 @@ use tracing::debug;
 use crate::codec;
 use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection, Dispatch};
-use crate::error::Error;
-use crate::frame::{decode_frame, Frame, FrameCodec, Hello, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::error::{escape_peer_text, Error, MAX_PEER_REASON};
+use crate::frame::{
+    decode_frame, Frame, FrameCodec, Hello, FRAME_DEPTH, LENGTH_PREFIX, PROTOCOL_VERSION,
+};
 use crate::metered::{ByteClocks, Metered};
 use crate::tls::{check_alpn, ALPN};
 
@@ -246,7 +248,11 @@ where
             Ok(()) => return Ok(h),
             Err(e) => e,
         },
-        Ok(Frame::GoAway { reason }) => return Err(Error::GoAway { reason }),
+        Ok(Frame::GoAway { reason }) => {
+            return Err(Error::GoAway {
+                reason: escape_peer_text(&reason, MAX_PEER_REASON),
+            })
+        }
         Ok(Frame::Hello(h)) => Error::VersionMismatch {
             ours: ours.version,
             theirs: h.version,
@@ -256,7 +262,7 @@ where
             other.kind()
         )),
         // A later version's Hello may not decode as ours; its version does.
-        Err(e) => match codec::decode_prefix::<(u32, u16)>(&buf, max_frame) {
+        Err(e) => match codec::decode_prefix::<(u32, u16)>(&buf, max_frame, FRAME_DEPTH) {
             Ok((0, theirs)) if theirs != ours.version => Error::VersionMismatch {
                 ours: ours.version,
                 theirs,

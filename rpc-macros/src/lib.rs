@@ -266,7 +266,7 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
                 let inner = self.inner.clone();
                 ::core::option::Option::Some(::std::boxed::Box::pin(async move {
                     let ( #(#names,)* ): ( #(#types,)* ) =
-                        #krate::service::decode_args(#wire, &body)?;
+                        #krate::service::decode_args(#wire, &ctx, &body)?;
                     let reply = #krate::service::with_context(ctx, inner.#name(#(#names),*)).await;
                     #reply
                 }))

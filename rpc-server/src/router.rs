@@ -118,7 +118,7 @@ impl Router {
         });
         let handler = Arc::new(handler);
         let erased: Handler = Arc::new(move |ctx: CallContext, body: Bytes| {
-            let args = codec::decode::<A>(&body, body.len()).map_err(|e| {
+            let args = codec::decode::<A>(&body, body.len(), ctx.max_depth()).map_err(|e| {
                 Status::invalid_argument(format!(
                     "arguments of {:?} did not decode as {}: {e}",
                     ctx.method(),
@@ -239,7 +239,7 @@ mod tests {
     async fn typed_handler_round_trip() {
         let body = codec::encode(&(2i64, 3i64), 1024).unwrap();
         let reply = router().dispatch(ctx("add"), body).await.unwrap();
-        assert_eq!(codec::decode::<i64>(&reply, 1024).unwrap(), 5);
+        assert_eq!(codec::decode::<i64>(&reply, 1024, 8).unwrap(), 5);
     }
 
     #[tokio::test]

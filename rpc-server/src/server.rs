@@ -120,6 +120,14 @@ impl ServerBuilder {
         self
     }
 
+    /// How deeply a call's arguments may nest before the call is refused
+    /// with `InvalidArgument` (default 128; see
+    /// [`ConnectionConfig::max_depth`]).
+    pub fn max_depth(mut self, levels: usize) -> Self {
+        self.options.connection.max_depth = levels;
+        self
+    }
+
     /// Connections served at once (default 10 000).
     pub fn max_connections(mut self, n: usize) -> Self {
         self.options.max_connections = n;
