@@ -405,7 +405,13 @@ impl Driver {
             }
             Frame::GoAway { reason } => {
                 let reason = escape_peer_text(&reason, MAX_PEER_REASON);
-                info!(%reason, "peer sent GoAway");
+                // One line per connection: a peer repeating GoAway must
+                // not flood the log.
+                if self.shared.goaway_seen.load(Ordering::Acquire) {
+                    debug!(%reason, "peer sent GoAway again");
+                } else {
+                    info!(%reason, "peer sent GoAway");
+                }
                 self.shared.calls().goaway = Some(reason);
                 self.shared.goaway_seen.store(true, Ordering::Release);
                 self.shared.goaway.cancel();
@@ -525,12 +531,15 @@ impl Driver {
                         None => std::future::pending().await,
                     }
                 };
+                // Cancellation first: a handler that returns because it saw
+                // the caller cancel is not answered (nobody waits for it).
                 let result = tokio::select! {
+                    biased;
+                    _ = token.cancelled() => None,
+                    _ = shared.shutdown.cancelled() => None,
                     r = handler => Some(r.unwrap_or_else(|_| panicked())),
                     _ = until_deadline => Some(Err(Status::new(
                         StatusCode::DeadlineExceeded, "the call's deadline passed on the server"))),
-                    _ = token.cancelled() => None,
-                    _ = shared.shutdown.cancelled() => None,
                 };
                 tokens.end(seq);
                 lock(&in_flight).remove(&id);

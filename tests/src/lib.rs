@@ -244,6 +244,33 @@ pub fn decode_frames(bytes: &[u8]) -> Vec<rpc_core::Frame> {
     frames
 }
 
+/// The demo service still answers `client`: an echo and an add.
+pub async fn still_served(client: &Client) {
+    let reply: String = client.call("Demo.echo", "still served").await.unwrap();
+    assert_eq!(reply, "still served");
+    let sum: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
+    assert_eq!(sum, 3);
+}
+
+/// Sends `bytes` after a proper TLS handshake and returns the one `GoAway`
+/// reason the server answered with before closing (within 5 s).
+pub async fn goaway_after(server: &TestServer, bytes: &[u8]) -> String {
+    let mut tls = server.raw_tls().await;
+    send(&mut tls, bytes).await;
+    let got = read_until_closed(&mut tls, Duration::from_secs(5))
+        .await
+        .expect("server did not close the connection");
+    let reasons: Vec<String> = decode_frames(&got)
+        .into_iter()
+        .filter_map(|f| match f {
+            rpc_core::Frame::GoAway { reason } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons.len(), 1, "expected one GoAway, got {reasons:?}");
+    reasons[0].clone()
+}
+
 /// Writes bytes and flushes.
 pub async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
     stream.write_all(bytes).await.unwrap();

@@ -10,41 +10,13 @@ use rpc_client::Client;
 use rpc_core::{Frame, Hello};
 use rpc_server::ServerOptions;
 use rpc_tests::{
-    client_tls_with_alpn, decode_frames, frame_bytes, hello_bytes, read_until_closed, send,
-    TestServer,
+    client_tls_with_alpn, decode_frames, frame_bytes, goaway_after, hello_bytes, read_until_closed,
+    send, still_served, TestServer,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const CUTOFF: Duration = Duration::from_secs(5);
-
-/// The honest client still gets answers.
-async fn still_served(client: &Client) {
-    let reply: String = client.call("Demo.echo", "still served").await.unwrap();
-    assert_eq!(reply, "still served");
-    let sum: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
-    assert_eq!(sum, 3);
-}
-
-/// Sends `bytes` after a proper TLS handshake and returns the GoAway reason
-/// the server answered with before closing.
-async fn goaway_after(server: &TestServer, bytes: &[u8]) -> String {
-    let mut tls = server.raw_tls().await;
-    send(&mut tls, bytes).await;
-    let got = read_until_closed(&mut tls, CUTOFF)
-        .await
-        .expect("server did not close the connection");
-    let frames = decode_frames(&got);
-    let reasons: Vec<String> = frames
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::GoAway { reason } => Some(reason),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(reasons.len(), 1, "expected one GoAway, got {reasons:?}");
-    reasons[0].clone()
-}
 
 #[tokio::test]
 async fn plaintext_on_the_tls_port_is_cut_off() {
