@@ -44,7 +44,16 @@ echo "== 3. calls (TLS 1.3, ALPN srpc/1, one connection per command)"
 client call echo "hello, world"
 client call add 2 3
 client call sleep 100
-client --timeout 200ms call sleep 2000 || echo "(failed as it should: the deadline passed)"
+# This one must fail, with exit 1 and a deadline error: anything else stops
+# the demo.
+STATUS=0
+client --timeout 200ms call sleep 2000 2>"$DIR/deadline.err" || STATUS=$?
+cat "$DIR/deadline.err" >&2
+if [ "$STATUS" -ne 1 ] || ! grep -q 'deadline exceeded' "$DIR/deadline.err"; then
+    echo "expected exit 1 with a deadline error, got exit $STATUS" >&2
+    exit 1
+fi
+echo "(failed as it should: the deadline passed)"
 
 echo "== 4. bench: 64 concurrent callers on one connection, 64-byte payloads, 3 s"
 client bench --concurrency 64 --payload 64 --duration 3s

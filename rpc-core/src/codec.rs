@@ -658,7 +658,8 @@ mod tests {
     fn trailing_bytes_are_rejected() {
         let mut bytes = encode(&5u32, 64).unwrap().to_vec();
         bytes.push(0);
-        assert!(decode::<u32>(&bytes, 64, DEFAULT_MAX_DEPTH).is_err());
+        let err = decode::<u32>(&bytes, 64, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert_eq!(err.to_string(), "1 bytes left over after the message");
     }
 
     #[test]
@@ -676,15 +677,30 @@ mod tests {
         // the test would abort on a 1 TiB allocation.
         let mut forged = vec![253u8];
         forged.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(decode::<String>(&forged, 1024, DEFAULT_MAX_DEPTH).is_err());
-        assert!(decode::<Vec<u8>>(&forged, 1024, DEFAULT_MAX_DEPTH).is_err());
+        let err = decode::<String>(&forged, 1024, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(err.is_size_limit(), "{err}");
+        // A sequence reads element by element (serde caps what it reserves
+        // up front) and runs out of input.
+        let err = decode::<Vec<u8>>(&forged, 1024, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(
+            err.to_string().contains("failed to fill whole buffer"),
+            "{err}"
+        );
+        // Within the limit, the missing bytes stop a string.
+        let mut short = vec![100u8];
+        short.extend_from_slice(b"abc");
+        let err = decode::<String>(&short, 1024, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(
+            err.to_string().contains("needs 100 more bytes, 3 left"),
+            "{err}"
+        );
     }
 
     #[test]
     fn encode_past_limit_fails_and_leaves_buffer() {
         let mut buf = BytesMut::from(&b"ab"[..]);
         let big = vec![1u8; 100];
-        assert!(encode_into(&big, 10, &mut buf).is_err());
+        assert!(encode_into(&big, 10, &mut buf).unwrap_err().is_size_limit());
         assert_eq!(&buf[..], b"ab");
     }
 

@@ -138,8 +138,22 @@ mod tests {
             max_frame: 10,
             ..ConnectionConfig::default()
         };
-        assert!(c.validate().is_err());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("not 10"), "{err}");
         c.max_frame = u32::MAX as usize + 1;
-        assert!(c.validate().is_err());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("not 4294967296"), "{err}");
+        c.max_frame = 64;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_zero_depth_is_refused() {
+        let c = ConnectionConfig {
+            max_depth: 0,
+            ..ConnectionConfig::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("max depth"), "{err}");
     }
 }

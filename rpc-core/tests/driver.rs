@@ -74,7 +74,7 @@ async fn pending_calls_fail_at_once_when_the_connection_closes() {
         c.call("hang", Bytes::new(), Duration::from_secs(3600))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    common::until_count(&p.started, 1).await;
     p.server.close();
     let err = tokio::time::timeout(Duration::from_secs(5), hung)
         .await
@@ -104,7 +104,7 @@ async fn dropping_a_call_cancels_the_handler() {
     panic!("the server handler was not cancelled");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn deadline_fails_the_call_and_stops_the_handler() {
     let p = pair(ConnectionConfig::default()).await;
     let err = p
@@ -114,6 +114,14 @@ async fn deadline_fails_the_call_and_stops_the_handler() {
         .unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
     assert_eq!(err.code(), Some(StatusCode::DeadlineExceeded));
+    // The server drops the handler's future (its count goes up then).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while p.cancelled.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the server's handler still runs after the deadline");
 }
 
 #[tokio::test]
@@ -137,7 +145,7 @@ async fn excess_calls_are_refused_with_overloaded() {
     let c2 = p.client.clone();
     let _h1 = tokio::spawn(async move { c1.call("hang", Bytes::new(), T).await });
     let _h2 = tokio::spawn(async move { c2.call("hang", Bytes::new(), T).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    common::until_count(&p.started, 2).await;
     let err = p.client.call("echo", Bytes::new(), T).await.unwrap_err();
     assert_eq!(err.code(), Some(StatusCode::Overloaded), "{err}");
 }
@@ -251,20 +259,50 @@ async fn a_request_id_already_in_flight_is_a_protocol_error() {
 
 #[tokio::test]
 async fn a_cancel_for_a_call_never_requested_is_a_protocol_error_but_a_late_one_is_not() {
+    use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
-    let (conn, mut peer) = server_with_raw_peer().await;
-    peer.write_all(&request(3, "echo")).await.unwrap();
+    let (conn, peer) = server_with_raw_peer().await;
+    let (read, mut write) = tokio::io::split(peer);
+    let mut frames =
+        tokio_util::codec::FramedRead::new(read, rpc_core::FrameCodec::new(1 << 20, 1 << 20));
+    write.write_all(&request(3, "echo")).await.unwrap();
     // Call 3 finishes at once (echo); its Cancel arrives late: ignored.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    peer.write_all(&common::encode(rpc_core::Frame::Cancel { id: 3 }))
+    let answer = tokio::time::timeout(T, frames.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(answer, rpc_core::Frame::Response { id: 3, .. }),
+        "{answer:?}"
+    );
+    write
+        .write_all(&common::encode(rpc_core::Frame::Cancel { id: 3 }))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Frames are handled in order: the Pong means the Cancel was taken.
+    write
+        .write_all(&common::encode(rpc_core::Frame::Ping { nonce: 8 }))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(T, frames.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, rpc_core::Frame::Pong { nonce: 8 });
     assert!(!conn.is_closed(), "{:?}", conn.close_reason());
-    peer.write_all(&common::encode(rpc_core::Frame::Cancel { id: 99 }))
+    write
+        .write_all(&common::encode(rpc_core::Frame::Cancel { id: 99 }))
         .await
         .unwrap();
-    let reason = goaway_reason(peer).await.unwrap();
+    let mut reason = None;
+    while let Some(Ok(f)) = tokio::time::timeout(T, frames.next()).await.unwrap() {
+        if let rpc_core::Frame::GoAway { reason: r } = f {
+            reason = Some(r);
+        }
+    }
+    let reason = reason.unwrap();
     assert!(
         reason.contains("Cancel for call 99, which was never requested"),
         "{reason}"

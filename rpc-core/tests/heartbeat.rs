@@ -111,9 +111,64 @@ async fn a_pong_for_no_ping_is_ignored() {
     peer.write_all(&encode(Frame::Pong { nonce: 424242 }))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Frames are handled in order: the answer to this Ping means the Pong
+    // before it was taken.
+    peer.write_all(&encode(Frame::Ping { nonce: 5 }))
+        .await
+        .unwrap();
+    let (read, _write) = tokio::io::split(peer);
+    let mut frames = FramedRead::new(read, FrameCodec::new(1 << 20, 1 << 20));
+    let answer = frames.next().await.unwrap().unwrap();
+    assert_eq!(answer, Frame::Pong { nonce: 5 });
     assert!(!conn.is_closed());
     assert_eq!(conn.rtt(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_servers_pong_goes_ahead_of_its_queued_replies() {
+    // 200 calls, then a Ping, to a server whose peer reads nothing yet: its
+    // replies back up behind a 16 KiB pipe, and the Pong must overtake the
+    // ones still queued. Then the peer reads and counts.
+    let cfg = ConnectionConfig::default();
+    let (peer, end, hello) = common::hello_pair(&cfg, 16 * 1024).await;
+    let service = std::sync::Arc::new(common::TestService::default());
+    let (conn, driver) =
+        rpc_core::connection::start(end, &cfg, common::addr(), hello, Some(service));
+    tokio::spawn(driver);
+    let (read, mut write) = tokio::io::split(peer);
+    let burst = tokio::spawn(async move {
+        for id in 1..=200u64 {
+            let request = encode(Frame::Request {
+                id,
+                method: "echo".into(),
+                deadline_ms: None,
+                body: Bytes::from(vec![0u8; 4096]),
+            });
+            write.write_all(&request).await.unwrap();
+        }
+        write
+            .write_all(&encode(Frame::Ping { nonce: 77 }))
+            .await
+            .unwrap();
+        write
+    });
+    // Every byte of the burst is in the pipe or read by the server.
+    let _write = burst.await.unwrap();
+    let mut frames = FramedRead::new(read, FrameCodec::new(1 << 20, 1 << 20));
+    let mut replies_before_pong = 0;
+    while let Some(Ok(f)) = frames.next().await {
+        match f {
+            Frame::Response { .. } => replies_before_pong += 1,
+            Frame::Pong { nonce: 77 } => break,
+            _ => {}
+        }
+    }
+    println!("{replies_before_pong} of 200 replies before the Pong");
+    assert!(
+        replies_before_pong < 100,
+        "the Pong waited behind {replies_before_pong} of 200 replies"
+    );
+    assert!(!conn.is_closed());
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,5 +1,6 @@
 //! Measures how long each side takes to find a frozen peer, and the loopback
-//! heartbeat RTT. Not a test: run it by hand for the README's figures.
+//! heartbeat RTT, for the README's figures; fails when a side takes longer
+//! than interval + timeout + [`SLACK`]. CI runs it with 2 runs.
 //!
 //! ```sh
 //! cargo run --release -p rpc-tests --example detection_latency -- 20
@@ -24,6 +25,9 @@ use rpc_tests::{client_tls, with_hold, FaultProxy, TestServer};
 
 const INTERVAL: Duration = Duration::from_millis(500);
 const TIMEOUT: Duration = Duration::from_millis(1500);
+/// Allowed past interval + timeout: timer and scheduling delays on a
+/// loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(500);
 
 fn config() -> ConnectionConfig {
     let mut c = ConnectionConfig::default();
@@ -58,15 +62,30 @@ async fn one_run(phase: Duration) -> (Duration, Duration) {
     tokio::time::sleep(Duration::from_millis(1000) + phase).await;
     proxy.freeze(true);
     let frozen_at = Instant::now();
-    let err = pending.await.unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the client did not find the frozen server within 10 s")
+        .unwrap()
+        .unwrap_err();
     let client_took = frozen_at.elapsed();
     assert!(err.to_string().contains("peer unresponsive"), "{err}");
-    let server_took = loop {
-        if let Some(t) = *stopped.lock().unwrap() {
-            break t.duration_since(frozen_at);
+    let server_took = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(t) = *stopped.lock().unwrap() {
+                break t.duration_since(frozen_at);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    })
+    .await
+    .expect("the server did not find the frozen client within 10 s");
+    for (side, took) in [("client", client_took), ("server", server_took)] {
+        assert!(
+            took <= INTERVAL + TIMEOUT + SLACK,
+            "the {side} took {took:?} to find a frozen peer (bound {:?})",
+            INTERVAL + TIMEOUT + SLACK
+        );
+    }
     client.close();
     proxy.freeze(false);
     (client_took, server_took)

@@ -271,6 +271,19 @@ pub async fn goaway_after(server: &TestServer, bytes: &[u8]) -> String {
     reasons[0].clone()
 }
 
+/// Waits (at most 5 s) until the server reports `n` calls in flight
+/// besides the stats call that asks: the signal that calls made on other
+/// tasks have reached their handlers.
+pub async fn until_in_flight(client: &Client, n: u64) {
+    for _ in 0..500 {
+        if client.stats().await.unwrap().calls_in_flight > n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never had {n} calls in flight");
+}
+
 /// Writes bytes and flushes.
 pub async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
     stream.write_all(bytes).await.unwrap();

@@ -3,6 +3,7 @@
 //! ```text
 //! client ──► FaultProxy (127.0.0.1:port) ──► upstream server
 //!            freeze:   stop forwarding both ways, keep both sockets open
+//!            hold_replies: stop forwarding server -> client only
 //!            throttle: at most N bytes/s per direction per connection
 //!            reset:    RST every open connection (both sides)
 //! ```
@@ -24,6 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 struct Controls {
     frozen: watch::Receiver<bool>,
+    /// Set for the server -> client direction only.
+    held: Option<watch::Receiver<bool>>,
+    /// Bytes this direction has forwarded, if counted.
+    forwarded: Option<Arc<AtomicU64>>,
     /// Bytes per second per direction; 0 = unlimited.
     rate: Arc<AtomicU64>,
     reset: watch::Receiver<u64>,
@@ -34,6 +39,8 @@ impl Clone for Controls {
     fn clone(&self) -> Self {
         Controls {
             frozen: self.frozen.clone(),
+            held: self.held.clone(),
+            forwarded: self.forwarded.clone(),
             rate: self.rate.clone(),
             reset: self.reset.clone(),
             stop: self.stop.clone(),
@@ -47,6 +54,8 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     upstream: Arc<Mutex<SocketAddr>>,
     frozen: watch::Sender<bool>,
+    held: watch::Sender<bool>,
+    sent_up: Arc<AtomicU64>,
     rate: Arc<AtomicU64>,
     reset: watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
@@ -59,6 +68,8 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frozen, frozen_rx) = watch::channel(false);
+        let (held, held_rx) = watch::channel(false);
+        let sent_up = Arc::new(AtomicU64::new(0));
         let (reset, reset_rx) = watch::channel(0u64);
         let rate = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
@@ -66,6 +77,8 @@ impl FaultProxy {
         let accepted = Arc::new(AtomicUsize::new(0));
         let controls = Controls {
             frozen: frozen_rx,
+            held: None,
+            forwarded: None,
             rate: rate.clone(),
             reset: reset_rx,
             stop: stop.clone(),
@@ -73,6 +86,7 @@ impl FaultProxy {
         {
             let upstream = upstream.clone();
             let accepted = accepted.clone();
+            let sent_up = sent_up.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 loop {
@@ -82,7 +96,14 @@ impl FaultProxy {
                     };
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let target = *upstream.lock().unwrap();
-                    let controls = controls.clone();
+                    let up = Controls {
+                        forwarded: Some(sent_up.clone()),
+                        ..controls.clone()
+                    };
+                    let down = Controls {
+                        held: Some(held_rx.clone()),
+                        ..controls.clone()
+                    };
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(target).await else {
                             return;
@@ -91,7 +112,7 @@ impl FaultProxy {
                         let _ = server.set_nodelay(true);
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
-                        tokio::join!(pump(cr, sw, controls.clone()), pump(sr, cw, controls));
+                        tokio::join!(pump(cr, sw, up), pump(sr, cw, down));
                     });
                 }
             });
@@ -100,6 +121,8 @@ impl FaultProxy {
             addr,
             upstream,
             frozen,
+            held,
+            sent_up,
             rate,
             reset,
             accepted,
@@ -115,6 +138,19 @@ impl FaultProxy {
     /// Stops (`true`) or resumes (`false`) forwarding; sockets stay open.
     pub fn freeze(&self, frozen: bool) {
         self.frozen.send_replace(frozen);
+    }
+
+    /// Stops (`true`) or resumes (`false`) forwarding from the server to
+    /// the client only: the client's frames still reach the server, and
+    /// what the server sends waits here.
+    pub fn hold_replies(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    /// Bytes forwarded from clients to the server so far, over all
+    /// connections: grows once a client's frame has left for the server.
+    pub fn sent_up(&self) -> u64 {
+        self.sent_up.load(Ordering::SeqCst)
     }
 
     /// Limits each direction of each connection to `bytes_per_sec`
@@ -151,17 +187,28 @@ enum Halt {
     Stop,
 }
 
-/// Waits while frozen; returns why it must stop, if it must.
+/// Waits while frozen (or, server to client, held); returns why it must
+/// stop, if it must.
 async fn thaw(c: &mut Controls, seen_reset: u64) -> Result<(), Halt> {
     loop {
         if *c.reset.borrow() != seen_reset {
             return Err(Halt::Reset);
         }
-        if !*c.frozen.borrow() {
+        let held = c.held.as_ref().is_some_and(|h| *h.borrow());
+        if !*c.frozen.borrow() && !held {
             return Ok(());
         }
+        let held_changed = async {
+            match c.held.as_mut() {
+                Some(h) => {
+                    let _ = h.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = c.frozen.changed() => {}
+            _ = held_changed => {}
             _ = c.reset.changed() => {}
             _ = c.stop.cancelled() => return Err(Halt::Stop),
         }
@@ -173,6 +220,9 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) 
     // Only resets from now on concern this connection.
     let seen_reset = *c.reset.borrow_and_update();
     c.frozen.borrow_and_update();
+    if let Some(h) = c.held.as_mut() {
+        h.borrow_and_update();
+    }
     let mut buf = vec![0u8; 64 * 1024];
     let halt = loop {
         if let Err(h) = thaw(&mut c, seen_reset).await {
@@ -203,6 +253,9 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) 
             r = write => if r.is_err() { return },
             _ = c.reset.changed() => break Halt::Reset,
             _ = c.stop.cancelled() => break Halt::Stop,
+        }
+        if let Some(forwarded) = &c.forwarded {
+            forwarded.fetch_add(n as u64, Ordering::SeqCst);
         }
         if rate > 0 {
             let pause = Duration::from_secs_f64(n as f64 / rate as f64);

@@ -123,7 +123,7 @@ async fn shutdown_lets_in_flight_calls_finish_then_stops() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &300u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    rpc_tests::until_in_flight(&client, 1).await;
     let addr = server.addr;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
     // The call in flight when the drain began was answered.
@@ -142,7 +142,7 @@ async fn drain_timeout_cuts_off_calls_that_do_not_finish() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &60_000u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    rpc_tests::until_in_flight(&client, 1).await;
     server.shutdown(Duration::from_secs(5)).await.unwrap();
     let err = tokio::time::timeout(Duration::from_secs(5), slow)
         .await

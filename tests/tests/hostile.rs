@@ -80,11 +80,12 @@ async fn random_bytes_instead_of_hello_are_refused() {
         x ^= x << 17;
         bytes.push(x as u8);
     }
-    let mut tls = server.raw_tls().await;
-    send(&mut tls, &bytes).await;
+    // Read as the first frame: not a Hello (or no frame at all).
+    let reason = goaway_after(&server, &bytes).await;
     assert!(
-        read_until_closed(&mut tls, CUTOFF).await.is_some(),
-        "left open"
+        reason.starts_with("malformed message:")
+            || reason.starts_with("protocol violation: expected Hello"),
+        "{reason}"
     );
     still_served(&honest).await;
 }
@@ -310,7 +311,8 @@ async fn handshakes_beyond_the_cap_wait_for_a_slot() {
     // Two silent sockets hold both handshake slots until they time out.
     let _a = TcpStream::connect(server.addr).await.unwrap();
     let _b = TcpStream::connect(server.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Accepted in order, and slots are handed out in order: the client
+    // below queues behind them.
     let started = std::time::Instant::now();
     let client = server.client().await;
     let waited = started.elapsed();
@@ -319,47 +321,4 @@ async fn handshakes_beyond_the_cap_wait_for_a_slot() {
         waited >= Duration::from_millis(500),
         "did not wait for a slot: {waited:?}"
     );
-}
-
-/// Resident memory of this process, in KiB.
-#[cfg(target_os = "linux")]
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// 200 connections each announce a 4 MiB frame (800 MiB in all) and send
-/// 2 KiB of it. If the announced lengths became resident memory, this
-/// process (server and clients both live here) would grow by ~800 MiB; it
-/// must stay far below that. `examples/dribble_memory.rs` measures the
-/// server alone.
-#[cfg(target_os = "linux")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn announced_frame_lengths_do_not_become_resident_memory() {
-    let server = TestServer::demo().await;
-    let mut conns = Vec::new();
-    for _ in 0..200 {
-        let mut s = server.raw_tls().await;
-        send(&mut s, &hello_bytes()).await;
-        conns.push(s);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib();
-    for s in &mut conns {
-        send(s, &(4u32 * 1024 * 1024).to_be_bytes()).await;
-    }
-    for _ in 0..4 {
-        for s in &mut conns {
-            send(s, &[0u8; 512]).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let grew = rss_kib().saturating_sub(before);
-    assert!(
-        grew < 64 * 1024,
-        "RSS grew by {grew} KiB for 200 dribbling connections"
-    );
-    // And the server still serves.
-    still_served(&server.client().await).await;
 }

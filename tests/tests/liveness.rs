@@ -58,7 +58,7 @@ async fn a_frozen_link_fails_the_pending_call_and_the_server_drops_its_side() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    rpc_tests::until_in_flight(&client, 1).await;
     proxy.freeze(true);
     let frozen_at = Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(10), pending)

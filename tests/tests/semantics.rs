@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use rpc_client::{Client, StatusCode};
 use rpc_core::CallContext;
+use rpc_core::Frame;
 use rpc_server::{Router, ServerOptions, Status};
-use rpc_tests::{client_tls, FaultProxy, StopTime, TestServer};
+use rpc_tests::{
+    client_tls, decode_frames, frame_bytes, hello_bytes, send, FaultProxy, StopTime, TestServer,
+};
+use tokio::io::AsyncReadExt;
 
 /// `work(ms)`: a handler that would run `ms` milliseconds, recording when
 /// its future goes away.
@@ -38,8 +42,54 @@ async fn stopped_within(stopped: &Mutex<Option<Instant>>, limit: Duration) -> Op
     None
 }
 
+/// A raw peer that never cancels: only the server's own deadline can stop
+/// the handler and answer the call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_stops_a_handler_when_the_deadline_passes() {
+    let stopped = Arc::new(Mutex::new(None));
+    let server =
+        TestServer::start(router_with_work(stopped.clone()), ServerOptions::default()).await;
+    let mut tls = server.raw_tls().await;
+    let mut bytes = hello_bytes();
+    bytes.extend(frame_bytes(Frame::Request {
+        id: 1,
+        method: "work".into(),
+        deadline_ms: Some(300),
+        body: rpc_core::codec::encode(&10_000u64, 16).unwrap(),
+    }));
+    let sent = Instant::now();
+    send(&mut tls, &bytes).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+            for f in decode_frames(&got) {
+                if let Frame::Response { id: 1, result } = f {
+                    return result.unwrap_err();
+                }
+            }
+        }
+    })
+    .await
+    .expect("no answer within 5 s of a 300 ms deadline");
+    assert_eq!(status.code, StatusCode::DeadlineExceeded, "{status}");
+    assert_eq!(status.message, "the call's deadline passed on the server");
+    let at = stopped_within(&stopped, Duration::from_secs(3))
+        .await
+        .expect("the 10 s handler was not stopped");
+    let after = at.duration_since(sent);
+    assert!(
+        after >= Duration::from_millis(250) && after < Duration::from_secs(2),
+        "stopped after {after:?}"
+    );
+}
+
+/// A client's own deadline fails its call and cancels the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_fails_the_call_and_stops_the_handler() {
     let stopped = Arc::new(Mutex::new(None));
     let server =
         TestServer::start(router_with_work(stopped.clone()), ServerOptions::default()).await;
@@ -67,7 +117,7 @@ async fn dropping_a_call_stops_its_handler_on_the_server() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("work", &10_000u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    rpc_tests::until_in_flight(&client, 1).await;
     assert!(stopped.lock().unwrap().is_none(), "handler ended early");
     call.abort();
     let dropped_at = Instant::now();
@@ -150,7 +200,8 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The Demo.sleep call is on the old server before the drain begins.
+    rpc_tests::until_in_flight(&client, 1).await;
     // New connections reach the replacement; the old server drains.
     proxy.set_upstream(new.addr);
     let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
@@ -184,6 +235,74 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
     }
     draining.await.unwrap().unwrap();
     assert_eq!(proxy.accepted(), 2);
+}
+
+/// A call that reaches a server after it began to drain is refused unrun
+/// (`ShuttingDown`); the client sends it again on a fresh connection, so
+/// the caller sees no error. The proxy holds the server's replies back, so
+/// the call is certain to be sent on the draining connection, before the
+/// client has read the GoAway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_refused_by_a_draining_server_is_sent_again_on_a_fresh_connection() {
+    let old = TestServer::demo().await;
+    let served = Arc::new(AtomicU64::new(0));
+    let counting = {
+        let served = served.clone();
+        Router::new().route("Demo.echo", move |s: String| {
+            served.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(s) }
+        })
+    };
+    let new =
+        TestServer::start_with_certs(old.certs.clone(), counting, ServerOptions::default()).await;
+    let proxy = FaultProxy::start(old.addr).await;
+    let client = Client::builder(client_tls(&old.certs))
+        .server_name("localhost")
+        .connect(&proxy.address())
+        .await
+        .unwrap();
+    // A call in flight keeps the old connection draining for a while.
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &2_000u64).await })
+    };
+    let up = proxy.sent_up();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while proxy.sent_up() == up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the sleep call never left");
+    proxy.hold_replies(true);
+    proxy.set_upstream(new.addr);
+    let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
+    // The server's GoAway waits in the proxy; the client sends on.
+    let up = proxy.sent_up();
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .call_with_timeout::<_, String>("Demo.echo", "again", Duration::from_secs(5))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while proxy.sent_up() == up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the call never left on the old connection");
+    proxy.hold_replies(false);
+    assert_eq!(call.await.unwrap().unwrap(), "again");
+    assert_eq!(
+        served.load(Ordering::Relaxed),
+        1,
+        "not served by the new server"
+    );
+    in_flight.await.unwrap().unwrap();
+    draining.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,19 +20,22 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio_util::codec::Encoder;
 
 /// Test service: "echo" returns its body, "hang" never returns (and counts
-/// how many handlers were cancelled), "panic" panics.
+/// how many handlers started and how many were cancelled), "panic" panics.
 #[derive(Default)]
 pub struct TestService {
+    pub started: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
 }
 
 impl Dispatch for TestService {
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
         let cancelled = self.cancelled.clone();
+        let started = self.started.clone();
         Box::pin(async move {
             match ctx.method() {
                 "echo" => Ok(body),
                 "hang" => {
+                    started.fetch_add(1, Ordering::SeqCst);
                     // Counts when the handler's future is dropped (stopped).
                     let _stopped = CountOnDrop(cancelled);
                     std::future::pending().await
@@ -92,6 +95,7 @@ impl AsyncWrite for CountingIo {
 pub struct Pair {
     pub client: Connection,
     pub server: Connection,
+    pub started: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
     pub client_flushes: Arc<AtomicUsize>,
 }
@@ -130,6 +134,7 @@ pub async fn pair_full(
     );
     let service = TestService::default();
     let cancelled = service.cancelled.clone();
+    let started = service.started.clone();
     // Each side is started with the Hello it received from the other.
     let mut ch = ch.unwrap();
     if client_ignores_limit {
@@ -142,6 +147,7 @@ pub async fn pair_full(
     Pair {
         client,
         server,
+        started,
         cancelled,
         client_flushes: flushes,
     }
@@ -168,6 +174,23 @@ pub async fn client_with_raw_peer(cfg: ConnectionConfig) -> (rpc_core::Connectio
     let (conn, driver) = start(end, &cfg, addr(), hello, None);
     tokio::spawn(driver);
     (conn, peer)
+}
+
+/// Waits (at most 5 s) until `count` reaches `want`: the signal that
+/// handlers have started, or stopped.
+pub async fn until_count(count: &AtomicUsize, want: usize) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while count.load(Ordering::SeqCst) < want {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "count stayed at {}, below {want}",
+            count.load(Ordering::SeqCst)
+        )
+    });
 }
 
 pub fn encode(frame: Frame) -> BytesMut {
