@@ -303,3 +303,35 @@ async fn beyond_64_refusals_at_once_connections_are_closed_at_once() {
     assert!(reason.contains("connection limit"), "{reason}");
     still_served(&honest).await;
 }
+
+/// Silent TLS starts hold handshake slots: later connections wait for one
+/// in arrival order, each for at most the handshake timeout, and are
+/// dropped (closed before TLS) if none frees in time. Honest clients that
+/// arrive once the silent ones have timed out are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_slots_go_in_arrival_order_and_a_wait_ends_at_the_handshake_timeout() {
+    let timeout = Duration::from_millis(500);
+    let mut options = ServerOptions::default();
+    options.max_handshakes = 1;
+    options.connection.handshake_timeout = timeout;
+    let server = TestServer::start(rpc_server::demo::router(), options).await;
+    // The first holds the slot for the timeout; the second is next in line
+    // and holds it for another timeout after that.
+    let _first = TcpStream::connect(server.addr).await.unwrap();
+    let _second = TcpStream::connect(server.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let err = TlsConnector::from(client_tls(&server.certs))
+        .connect(name, tcp)
+        .await
+        .expect_err("a third in line got a handshake slot within the timeout");
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(100) && waited < 3 * timeout,
+        "dropped after {waited:?} ({err})"
+    );
+    // Once both silent sockets have timed out, an honest client is served.
+    tokio::time::sleep(2 * timeout - waited.min(2 * timeout)).await;
+    still_served(&server.client().await).await;
+}
