@@ -5,6 +5,10 @@
 //!   file and what is wrong with it.
 //! - Configs are built with an explicit crypto provider (aws-lc-rs, rustls'
 //!   default), never a process-wide default, and allow TLS 1.3 only.
+//! - Key exchange prefers the post-quantum hybrid X25519MLKEM768, so traffic
+//!   recorded today stays secret from a future quantum computer; classical
+//!   groups stay offered for peers without it. [`KeyExchange::Classical`]
+//!   is the opt-out for links where handshake cost matters more.
 //! - Both sides offer only the ALPN protocol [`ALPN`]. rustls lets a client
 //!   that offers *no* ALPN through, so the server calls [`check_alpn`] after
 //!   every handshake.
@@ -120,21 +124,70 @@ fn pem_error(path: &Path, e: pem::Error) -> TlsError {
     }
 }
 
-/// The crypto provider every config uses: rustls' default, aws-lc-rs, with
-/// `TLS13_AES_128_GCM_SHA256` preferred over rustls' default first choice,
-/// `TLS13_AES_256_GCM_SHA384` (both stay offered, with ChaCha20-Poly1305).
-/// AES-128-GCM is the suite every TLS 1.3 stack must implement and the one
-/// Go and most browsers prefer; on x86 it runs about a third faster than
-/// AES-256, and SHA-256 has CPU instructions (SHA-NI) that SHA-384 lacks,
-/// which shortens every handshake's key schedule.
+/// Which key exchange groups a config offers, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyExchange {
+    /// X25519MLKEM768 (X25519 combined with ML-KEM-768) first, then X25519,
+    /// P-256 and P-384: post-quantum security with any peer that has it,
+    /// classical with any other. The default: rustls' order with its
+    /// `prefer-post-quantum` feature.
+    #[default]
+    PostQuantumHybrid,
+    /// X25519, P-256 and P-384 only: a smaller, cheaper handshake (no
+    /// 1.2 KB ML-KEM key share each way), without protection against a
+    /// future quantum computer.
+    Classical,
+}
+
+impl std::str::FromStr for KeyExchange {
+    type Err = String;
+
+    /// `post-quantum` or `classical` (the CLIs' `--key-exchange`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "post-quantum" | "hybrid" => Ok(KeyExchange::PostQuantumHybrid),
+            "classical" => Ok(KeyExchange::Classical),
+            other => Err(format!(
+                "unknown key exchange {other:?}: expected \"post-quantum\" or \"classical\""
+            )),
+        }
+    }
+}
+
+/// The crypto provider of [`KeyExchange::PostQuantumHybrid`], the one every
+/// config uses unless told otherwise; see [`provider_for`].
 pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite;
+    provider_for(KeyExchange::default())
+}
+
+/// The crypto provider every config uses: rustls' default, aws-lc-rs, with
+/// the key exchange groups of `key_exchange`, and `TLS13_AES_128_GCM_SHA256`
+/// preferred over rustls' default first choice, `TLS13_AES_256_GCM_SHA384`
+/// (both stay offered, with ChaCha20-Poly1305). AES-128-GCM is the suite
+/// every TLS 1.3 stack must implement and the one Go and most browsers
+/// prefer; on x86 it runs about a third faster than AES-256, and SHA-256
+/// has CPU instructions (SHA-NI) that SHA-384 lacks, which shortens every
+/// handshake's key schedule.
+pub fn provider_for(key_exchange: KeyExchange) -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![
         cipher_suite::TLS13_AES_128_GCM_SHA256,
         cipher_suite::TLS13_AES_256_GCM_SHA384,
         cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
+    provider.kx_groups = match key_exchange {
+        KeyExchange::PostQuantumHybrid => vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+        ],
+        KeyExchange::Classical => {
+            vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1]
+        }
+    };
     Arc::new(provider)
 }
 
@@ -212,12 +265,22 @@ pub fn server_config(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(cert, key, client_ca, KeyExchange::default())
+}
+
+/// [`server_config`] with the key exchange groups of `key_exchange`.
+pub fn server_config_with(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    key_exchange: KeyExchange,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let identity = Identity::from_pem_files(cert, key)?;
     let client_roots = match client_ca {
         Some(path) => Some(roots_from(load_certs(path)?, Some(path))?),
         None => None,
     };
-    build_server_config(identity, client_roots, Some((cert, key)))
+    build_server_config(identity, client_roots, Some((cert, key)), key_exchange)
 }
 
 /// Builds a server config from certificates already in memory.
@@ -226,15 +289,16 @@ pub fn server_config_from_der(
     client_ca: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let client_roots = client_ca.map(|c| roots_from(c, None)).transpose()?;
-    build_server_config(identity, client_roots, None)
+    build_server_config(identity, client_roots, None, KeyExchange::default())
 }
 
 fn build_server_config(
     identity: Identity,
     client_roots: Option<RootCertStore>,
     files: Option<(&Path, &Path)>,
+    key_exchange: KeyExchange,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
+    let provider = provider_for(key_exchange);
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?;
@@ -278,11 +342,20 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(ca, identity, KeyExchange::default())
+}
+
+/// [`client_config`] with the key exchange groups of `key_exchange`.
+pub fn client_config_with(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    key_exchange: KeyExchange,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = roots_from(load_certs(ca)?, Some(ca))?;
     let identity = identity
         .map(|(cert, key)| Identity::from_pem_files(cert, key).map(|i| (i, cert, key)))
         .transpose()?;
-    let provider = provider();
+    let provider = provider_for(key_exchange);
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?

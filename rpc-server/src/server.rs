@@ -221,6 +221,7 @@ impl std::fmt::Debug for Server {
 /// Where a server's certificate, key and client CA come from, for
 /// [`Server::reload_tls_files`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TlsFiles {
     /// Certificate chain (PEM).
     pub cert: PathBuf,
@@ -228,15 +229,29 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA for client certificates (mutual TLS), if any.
     pub client_ca: Option<PathBuf>,
+    /// Key exchange groups offered (default: the post-quantum hybrid
+    /// first).
+    pub key_exchange: rpc_core::tls::KeyExchange,
 }
 
 impl TlsFiles {
+    /// The files, with the default key exchange.
+    pub fn new(cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> Self {
+        TlsFiles {
+            cert,
+            key,
+            client_ca,
+            key_exchange: rpc_core::tls::KeyExchange::default(),
+        }
+    }
+
     /// Reads the files and builds a server TLS config.
     pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-        Ok(rpc_core::tls::server_config(
+        Ok(rpc_core::tls::server_config_with(
             &self.cert,
             &self.key,
             self.client_ca.as_deref(),
+            self.key_exchange,
         )?)
     }
 }

@@ -187,11 +187,11 @@ async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_file
     let dir = tempfile::tempdir().unwrap();
     rpc_server::devcerts::write_to(dir.path()).unwrap();
     std::fs::copy(dir.path().join("ca.pem"), dir.path().join("ca_a.pem")).unwrap();
-    let files = TlsFiles {
-        cert: dir.path().join("server.pem"),
-        key: dir.path().join("server.key"),
-        client_ca: None,
-    };
+    let files = TlsFiles::new(
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+        None,
+    );
     let server = Server::builder(files.load().unwrap())
         .router(rpc_server::demo::router())
         .build()
@@ -500,4 +500,70 @@ async fn a_client_connection_names_the_server_from_its_certificate() {
         id.sans
     );
     conn.close();
+}
+
+/// The key exchange group each side settled on, after a handshake between
+/// a server and a client using the dev certificates with these choices.
+async fn negotiated_groups(
+    server: rpc_core::tls::KeyExchange,
+    client: rpc_core::tls::KeyExchange,
+) -> (rustls::NamedGroup, rustls::NamedGroup) {
+    let dir = tempfile::tempdir().unwrap();
+    rpc_server::devcerts::write_to(dir.path()).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let server_cfg =
+        rpc_core::tls::server_config_with(&p("server.pem"), &p("server.key"), None, server)
+            .unwrap();
+    let client_cfg = rpc_core::tls::client_config_with(&p("ca.pem"), None, client).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server_cfg)
+            .accept(tcp)
+            .await
+            .unwrap();
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name()
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let client_group = tls
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .unwrap()
+        .name();
+    (accept.await.unwrap(), client_group)
+}
+
+#[tokio::test]
+async fn the_post_quantum_hybrid_is_negotiated_by_default_and_classical_is_an_opt_out() {
+    use rpc_core::tls::KeyExchange::{Classical, PostQuantumHybrid};
+    use rustls::NamedGroup::{X25519, X25519MLKEM768};
+    assert_eq!(
+        negotiated_groups(PostQuantumHybrid, PostQuantumHybrid).await,
+        (X25519MLKEM768, X25519MLKEM768)
+    );
+    // Either side opting out gets a classical group, with no failure.
+    assert_eq!(
+        negotiated_groups(PostQuantumHybrid, Classical).await,
+        (X25519, X25519)
+    );
+    assert_eq!(
+        negotiated_groups(Classical, PostQuantumHybrid).await,
+        (X25519, X25519)
+    );
+    // The configs the rest of the suite uses are the default ones.
+    assert_eq!(
+        rpc_core::tls::provider().kx_groups[0].name(),
+        X25519MLKEM768
+    );
 }

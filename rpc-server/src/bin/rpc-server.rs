@@ -86,6 +86,11 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, time in-flight calls get to finish.
     #[arg(long, value_name = "D", default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Key exchange: "post-quantum" (X25519MLKEM768 preferred, classical
+    /// groups still accepted) or "classical" (X25519, P-256, P-384 only:
+    /// cheaper handshakes, no protection against a future quantum computer).
+    #[arg(long, value_name = "KIND", default_value = "post-quantum")]
+    key_exchange: rpc_core::tls::KeyExchange,
 }
 
 fn main() -> ExitCode {
@@ -123,11 +128,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--cert and --key are required to serve (make development ones with: rpc-server gen-certs --out certs/)"
         );
     };
-    let files = TlsFiles {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        client_ca: args.client_ca.clone(),
-    };
+    let mut files = TlsFiles::new(cert.to_owned(), key.to_owned(), args.client_ca.clone());
+    files.key_exchange = args.key_exchange;
     let tls = files.load()?;
     let mut options = ServerOptions::default();
     options.connection.max_frame = args.max_frame_bytes;

@@ -64,6 +64,16 @@ struct Cli {
     /// Largest frame accepted from the server, in bytes.
     #[arg(long, value_name = "N", default_value_t = rpc_core::DEFAULT_MAX_FRAME, global = true)]
     max_frame_bytes: usize,
+    /// Key exchange: "post-quantum" (X25519MLKEM768 preferred, classical
+    /// groups still offered) or "classical" (X25519, P-256, P-384 only:
+    /// cheaper handshakes, no protection against a future quantum computer).
+    #[arg(
+        long,
+        value_name = "KIND",
+        default_value = "post-quantum",
+        global = true
+    )]
+    key_exchange: rpc_core::tls::KeyExchange,
     #[command(subcommand)]
     command: Command,
 }
@@ -148,7 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         anyhow::bail!("--ca is required: the CA certificate that signed the server's certificate (e.g. certs/ca.pem)");
     };
     let identity = cli.cert.as_deref().zip(cli.key.as_deref());
-    let tls = rpc_core::tls::client_config(ca, identity)?;
+    let tls = rpc_core::tls::client_config_with(ca, identity, cli.key_exchange)?;
     let mut config = ConnectionConfig::default();
     config.heartbeat_interval = cli.heartbeat_interval;
     config.heartbeat_timeout = cli.heartbeat_timeout;
