@@ -29,6 +29,8 @@ struct Controls {
     held: Option<watch::Receiver<bool>>,
     /// Bytes this direction has forwarded, if counted.
     forwarded: Option<Arc<AtomicU64>>,
+    /// Bytes this direction has read (held or not), if counted.
+    read: Option<Arc<AtomicU64>>,
     /// Bytes per second per direction; 0 = unlimited.
     rate: Arc<AtomicU64>,
     reset: watch::Receiver<u64>,
@@ -41,6 +43,7 @@ impl Clone for Controls {
             frozen: self.frozen.clone(),
             held: self.held.clone(),
             forwarded: self.forwarded.clone(),
+            read: self.read.clone(),
             rate: self.rate.clone(),
             reset: self.reset.clone(),
             stop: self.stop.clone(),
@@ -56,6 +59,7 @@ pub struct FaultProxy {
     frozen: watch::Sender<bool>,
     held: watch::Sender<bool>,
     sent_up: Arc<AtomicU64>,
+    read_down: Arc<AtomicU64>,
     rate: Arc<AtomicU64>,
     reset: watch::Sender<u64>,
     accepted: Arc<AtomicUsize>,
@@ -70,6 +74,7 @@ impl FaultProxy {
         let (frozen, frozen_rx) = watch::channel(false);
         let (held, held_rx) = watch::channel(false);
         let sent_up = Arc::new(AtomicU64::new(0));
+        let read_down = Arc::new(AtomicU64::new(0));
         let (reset, reset_rx) = watch::channel(0u64);
         let rate = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
@@ -79,6 +84,7 @@ impl FaultProxy {
             frozen: frozen_rx,
             held: None,
             forwarded: None,
+            read: None,
             rate: rate.clone(),
             reset: reset_rx,
             stop: stop.clone(),
@@ -87,6 +93,7 @@ impl FaultProxy {
             let upstream = upstream.clone();
             let accepted = accepted.clone();
             let sent_up = sent_up.clone();
+            let read_down = read_down.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 loop {
@@ -102,6 +109,7 @@ impl FaultProxy {
                     };
                     let down = Controls {
                         held: Some(held_rx.clone()),
+                        read: Some(read_down.clone()),
                         ..controls.clone()
                     };
                     tokio::spawn(async move {
@@ -123,6 +131,7 @@ impl FaultProxy {
             frozen,
             held,
             sent_up,
+            read_down,
             rate,
             reset,
             accepted,
@@ -151,6 +160,12 @@ impl FaultProxy {
     /// connections: grows once a client's frame has left for the server.
     pub fn sent_up(&self) -> u64 {
         self.sent_up.load(Ordering::SeqCst)
+    }
+
+    /// Bytes read from the server so far, over all connections, whether
+    /// forwarded or held: grows once the server has sent something.
+    pub fn read_down(&self) -> u64 {
+        self.read_down.load(Ordering::SeqCst)
     }
 
     /// Limits each direction of each connection to `bytes_per_sec`
@@ -238,7 +253,12 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) 
         let n = tokio::select! {
             r = from.read(&mut buf[..max]) => match r {
                 Ok(0) | Err(_) => { let _ = to.shutdown().await; return; }
-                Ok(n) => n,
+                Ok(n) => {
+                    if let Some(read) = &c.read {
+                        read.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    n
+                }
             },
             _ = c.reset.changed() => break Halt::Reset,
             _ = c.frozen.changed() => continue,

@@ -266,18 +266,20 @@ async fn a_call_refused_by_a_draining_server_is_sent_again_on_a_fresh_connection
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &2_000u64).await })
     };
-    let up = proxy.sent_up();
+    rpc_tests::until_in_flight(&client, 1).await;
+    proxy.hold_replies(true);
+    proxy.set_upstream(new.addr);
+    let down = proxy.read_down();
+    let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
+    // The server's GoAway reaches the proxy, which holds it: the server is
+    // draining, and the client, which has not read it, sends on.
     tokio::time::timeout(Duration::from_secs(5), async {
-        while proxy.sent_up() == up {
+        while proxy.read_down() == down {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the sleep call never left");
-    proxy.hold_replies(true);
-    proxy.set_upstream(new.addr);
-    let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
-    // The server's GoAway waits in the proxy; the client sends on.
+    .expect("no GoAway from the draining server");
     let up = proxy.sent_up();
     let call = {
         let client = client.clone();
