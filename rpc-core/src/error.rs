@@ -50,11 +50,32 @@ pub enum StatusCode {
     /// caller's frame limit, say. Raising the limit named in the message may
     /// help; sending the same call again will not.
     ResourceExhausted,
+    /// Something the call names does not exist (a key, a file, a user).
+    NotFound,
+    /// What the call tries to create exists already.
+    AlreadyExists,
+    /// The system is not in the state the call needs (a directory not empty,
+    /// an account frozen); retrying will not help until that changes.
+    FailedPrecondition,
+    /// The call was aborted by a conflict (a transaction conflict, a failed
+    /// compare-and-swap); the caller may retry the whole sequence.
+    Aborted,
+    /// An argument was past the range the data allows (reading past the end
+    /// of a file): unlike `InvalidArgument`, a change of the system's state
+    /// could make the same call valid.
+    OutOfRange,
+    /// The method exists but is not implemented or not enabled on this server.
+    Unimplemented,
+    /// The service cannot serve for now (no server reachable, a connection
+    /// lost before the call was handled); a retry with backoff may succeed.
+    Unavailable,
+    /// Unrecoverable loss or corruption of data.
+    DataLoss,
 }
 
 impl StatusCode {
     /// Every kind, in wire order.
-    pub const ALL: [StatusCode; 11] = [
+    pub const ALL: [StatusCode; 19] = [
         StatusCode::UnknownMethod,
         StatusCode::InvalidArgument,
         StatusCode::DeadlineExceeded,
@@ -66,6 +87,14 @@ impl StatusCode {
         StatusCode::PermissionDenied,
         StatusCode::Failed,
         StatusCode::ResourceExhausted,
+        StatusCode::NotFound,
+        StatusCode::AlreadyExists,
+        StatusCode::FailedPrecondition,
+        StatusCode::Aborted,
+        StatusCode::OutOfRange,
+        StatusCode::Unimplemented,
+        StatusCode::Unavailable,
+        StatusCode::DataLoss,
     ];
 
     /// Position in [`StatusCode::ALL`].
@@ -82,6 +111,14 @@ impl StatusCode {
             StatusCode::PermissionDenied => 8,
             StatusCode::Failed => 9,
             StatusCode::ResourceExhausted => 10,
+            StatusCode::NotFound => 11,
+            StatusCode::AlreadyExists => 12,
+            StatusCode::FailedPrecondition => 13,
+            StatusCode::Aborted => 14,
+            StatusCode::OutOfRange => 15,
+            StatusCode::Unimplemented => 16,
+            StatusCode::Unavailable => 17,
+            StatusCode::DataLoss => 18,
         }
     }
 
@@ -99,6 +136,14 @@ impl StatusCode {
             StatusCode::PermissionDenied => "permission_denied",
             StatusCode::Failed => "failed",
             StatusCode::ResourceExhausted => "resource_exhausted",
+            StatusCode::NotFound => "not_found",
+            StatusCode::AlreadyExists => "already_exists",
+            StatusCode::FailedPrecondition => "failed_precondition",
+            StatusCode::Aborted => "aborted",
+            StatusCode::OutOfRange => "out_of_range",
+            StatusCode::Unimplemented => "unimplemented",
+            StatusCode::Unavailable => "unavailable",
+            StatusCode::DataLoss => "data_loss",
         }
     }
 
@@ -116,6 +161,14 @@ impl StatusCode {
             StatusCode::PermissionDenied => "permission denied",
             StatusCode::Failed => "failed",
             StatusCode::ResourceExhausted => "resource exhausted",
+            StatusCode::NotFound => "not found",
+            StatusCode::AlreadyExists => "already exists",
+            StatusCode::FailedPrecondition => "failed precondition",
+            StatusCode::Aborted => "aborted",
+            StatusCode::OutOfRange => "out of range",
+            StatusCode::Unimplemented => "unimplemented",
+            StatusCode::Unavailable => "unavailable",
+            StatusCode::DataLoss => "data loss",
         }
     }
 }
@@ -187,6 +240,66 @@ impl Status {
     /// `ResourceExhausted` with a message.
     pub fn resource_exhausted(message: impl Into<String>) -> Self {
         Status::new(StatusCode::ResourceExhausted, message)
+    }
+
+    /// `NotFound` with a message: see [`StatusCode::NotFound`].
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::NotFound, message)
+    }
+
+    /// `AlreadyExists` with a message: see [`StatusCode::AlreadyExists`].
+    pub fn already_exists(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::AlreadyExists, message)
+    }
+
+    /// `FailedPrecondition` with a message: see [`StatusCode::FailedPrecondition`].
+    pub fn failed_precondition(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::FailedPrecondition, message)
+    }
+
+    /// `Aborted` with a message: see [`StatusCode::Aborted`].
+    pub fn aborted(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Aborted, message)
+    }
+
+    /// `OutOfRange` with a message: see [`StatusCode::OutOfRange`].
+    pub fn out_of_range(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::OutOfRange, message)
+    }
+
+    /// `Unimplemented` with a message: see [`StatusCode::Unimplemented`].
+    pub fn unimplemented(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Unimplemented, message)
+    }
+
+    /// `Unavailable` with a message: see [`StatusCode::Unavailable`].
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Unavailable, message)
+    }
+
+    /// `DataLoss` with a message: see [`StatusCode::DataLoss`].
+    pub fn data_loss(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::DataLoss, message)
+    }
+
+    /// `PermissionDenied` with a message: see [`StatusCode::PermissionDenied`].
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::PermissionDenied, message)
+    }
+
+    /// `Unauthenticated` with a message: see [`StatusCode::Unauthenticated`].
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Unauthenticated, message)
+    }
+
+    /// `DeadlineExceeded` with a message.
+    pub fn deadline_exceeded(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::DeadlineExceeded, message)
+    }
+
+    /// `Cancelled` with a message.
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Status::new(StatusCode::Cancelled, message)
     }
 
     /// `InvalidArgument` with a message.
@@ -406,6 +519,45 @@ mod tests {
         assert!(s.message.ends_with("...\""), "{s}");
         assert_eq!(escape_peer_text("ok\n", 10), "ok\\n");
         assert_eq!(escape_peer_text("abcdef", 3), "abc...");
+    }
+
+    #[test]
+    fn every_code_round_trips_on_the_wire_with_its_constructor() {
+        let made = [
+            Status::not_found("m"),
+            Status::already_exists("m"),
+            Status::failed_precondition("m"),
+            Status::aborted("m"),
+            Status::out_of_range("m"),
+            Status::unimplemented("m"),
+            Status::unavailable("m"),
+            Status::data_loss("m"),
+            Status::permission_denied("m"),
+            Status::unauthenticated("m"),
+            Status::resource_exhausted("m"),
+            Status::deadline_exceeded("m"),
+            Status::cancelled("m"),
+            Status::invalid_argument("m"),
+            Status::internal("m"),
+            Status::failed("m"),
+        ];
+        for status in made {
+            let bytes = crate::codec::encode(&status, 1024).unwrap();
+            let back: Status = crate::codec::decode(&bytes, 1024, 8).unwrap();
+            assert_eq!(back, status);
+            // Its wire tag is its place in ALL.
+            assert_eq!(bytes[0] as usize, status.code.index(), "{}", status.code);
+        }
+        for code in StatusCode::ALL {
+            let status = Status::new(code, "m");
+            let bytes = crate::codec::encode(&status, 1024).unwrap();
+            let back: Status = crate::codec::decode(&bytes, 1024, 8).unwrap();
+            assert_eq!(back.code, code);
+            assert!(
+                !code.name().contains(' ') && !code.as_str().contains('_'),
+                "{code}"
+            );
+        }
     }
 
     #[test]
