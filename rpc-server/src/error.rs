@@ -27,6 +27,10 @@ pub enum ServerError {
     /// A configuration value was refused.
     #[error("invalid server configuration: {0}")]
     Config(#[source] rpc_core::Error),
+    /// A method could not be added: its name was registered twice (the same
+    /// service added twice, say) or is under the reserved prefix `srpc.`.
+    #[error("cannot serve these methods: {0}")]
+    Routes(String),
     /// Development certificates could not be generated.
     #[error("cannot generate development certificates: {0}")]
     CertGen(#[from] rcgen::Error),

@@ -150,3 +150,29 @@ async fn wrong_shapes_and_unknown_methods_name_the_method_and_keep_the_connectio
     let demo = DemoClient::new(client);
     assert_eq!(demo.add(1, 1).await.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn adding_a_service_twice_makes_build_fail_naming_the_method() {
+    let certs = rpc_server::devcerts::generate().unwrap();
+    let store = || Store {
+        map: Mutex::new(HashMap::new()),
+        capacity: 1,
+    };
+    let err = rpc_server::Server::builder(rpc_tests::server_tls(&certs))
+        .add_service(KeyValueServer::new(store()))
+        .add_service(KeyValueServer::new(store()))
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("cannot serve these methods: "), "{text}");
+    assert!(
+        text.contains("method \"KeyValue.put\" is registered twice"),
+        "{text}"
+    );
+    // A reserved name is refused the same way.
+    let err = rpc_server::Server::builder(rpc_tests::server_tls(&certs))
+        .router(rpc_server::Router::new().route("srpc.mine", |x: i64| async move { Ok(x) }))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("are reserved"), "{err}");
+}
