@@ -7,19 +7,29 @@ cd "$(dirname "$0")"
 
 echo "== building (release)"
 cargo build --release --quiet -p rpc-server -p rpc-client
-BIN=target/release
+# Wherever cargo puts binaries (CARGO_TARGET_DIR, a config file, ...).
+TARGET=$(cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN="$TARGET/release"
 DIR=$(mktemp -d)
 SERVER=
+STATUS=0
 cleanup() {
     if [ -n "$SERVER" ] && kill -0 "$SERVER" 2>/dev/null; then kill "$SERVER"; fi
+    # The server's log goes with the temporary directory: show it first if
+    # the demo failed.
+    if [ "$STATUS" -ne 0 ] && [ -s "$DIR/server.log" ]; then
+        echo "== server log" >&2
+        cat "$DIR/server.log" >&2
+    fi
     rm -rf "$DIR"
 }
-trap cleanup EXIT
+trap 'STATUS=$?; cleanup' EXIT
 
 echo "== 1. development certificates (rcgen), in $DIR"
 "$BIN/rpc-server" gen-certs --out "$DIR"
 
-echo "== 2. server on 127.0.0.1 (the OS picks the port); logs in $DIR/server.log"
+echo "== 2. server on 127.0.0.1 (the OS picks the port); its log is shown if the demo fails"
 "$BIN/rpc-server" --listen 127.0.0.1:0 --cert "$DIR/server.pem" --key "$DIR/server.key" \
     >"$DIR/server.out" 2>"$DIR/server.log" &
 SERVER=$!
@@ -46,11 +56,11 @@ client call add 2 3
 client call sleep 100
 # This one must fail, with exit 1 and a deadline error: anything else stops
 # the demo.
-STATUS=0
-client --timeout 200ms call sleep 2000 2>"$DIR/deadline.err" || STATUS=$?
+CODE=0
+client --timeout 200ms call sleep 2000 2>"$DIR/deadline.err" || CODE=$?
 cat "$DIR/deadline.err" >&2
-if [ "$STATUS" -ne 1 ] || ! grep -q 'deadline exceeded' "$DIR/deadline.err"; then
-    echo "expected exit 1 with a deadline error, got exit $STATUS" >&2
+if [ "$CODE" -ne 1 ] || ! grep -q 'deadline exceeded' "$DIR/deadline.err"; then
+    echo "expected exit 1 with a deadline error, got exit $CODE" >&2
     exit 1
 fi
 echo "(failed as it should: the deadline passed)"
@@ -60,8 +70,8 @@ client bench --concurrency 64 --payload 64 --duration 3s
 
 echo "== 5. SIGTERM: the server drains and exits"
 kill -TERM "$SERVER"
-STATUS=0
-wait "$SERVER" || STATUS=$?
+CODE=0
+wait "$SERVER" || CODE=$?
 SERVER=
-echo "server exited with status $STATUS"
-exit "$STATUS"
+echo "server exited with status $CODE"
+exit "$CODE"

@@ -184,6 +184,23 @@ async fn ping_prints_one_rtt_per_round_trip() {
     }
 }
 
+/// With the default 5 s heartbeat, three pings go back to back: the whole
+/// command (process start, TLS, three round trips) takes well under the
+/// one interval that pacing would have cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_count_3_sends_its_pings_back_to_back() {
+    let f = start_server().await;
+    let started = std::time::Instant::now();
+    let out = run(&f.ca, &f.addr, &["ping", "--count", "3"]).await;
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 3);
+    assert!(
+        took < Duration::from_secs(3),
+        "ping --count 3 took {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_keeps_going_when_the_server_restarts() {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -55,7 +55,11 @@ pub use rpc_core as core;
 pub use rpc_macros::service;
 pub use rpc_server as server;
 
-pub use rpc_client::{Client, ClientError, ConnState};
+#[doc(inline)]
+pub use rpc_client::{Client, ClientBuilder, ClientError, ConnState};
+#[doc(inline)]
 pub use rpc_core::service::context;
-pub use rpc_core::{CallContext, PeerIdentity, Status, StatusCode};
-pub use rpc_server::{Router, Server, ServerOptions};
+#[doc(inline)]
+pub use rpc_core::{tls, CallContext, ConnectionConfig, PeerIdentity, Status, StatusCode};
+#[doc(inline)]
+pub use rpc_server::{devcerts, Router, Server, ServerBuilder, ServerOptions, TlsFiles};
