@@ -56,6 +56,10 @@ use crate::ClientError;
 /// Default time a call waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Failed reconnects in a row after which the client logs a warning (once
+/// per outage).
+const OUTAGE_AFTER: u32 = 3;
+
 /// Where the client's connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -329,6 +333,7 @@ async fn supervise(core: Arc<Core>, first: transport::Started) {
                 .unwrap_or_else(|| "peer sent GoAway".into());
             info!(addr = %core.addr, reason = %why, "connection lost; reconnecting");
         }
+        let mut failures: u32 = 0;
         loop {
             core.state.send_replace(ConnState::Connecting);
             // Boxed: an attempt holds a TLS handshake in progress (about
@@ -345,14 +350,27 @@ async fn supervise(core: Arc<Core>, first: transport::Started) {
                     *core.last_error() = None;
                     backoff.reset();
                     core.state.send_replace(ConnState::Ready);
-                    info!(addr = %core.addr, "reconnected");
+                    info!(addr = %core.addr, failures, "reconnected");
                     next = Some((conn, driver));
                     break;
                 }
                 Err(e) => {
                     let wait = backoff.next_wait();
                     let text = report(&e);
-                    warn!(addr = %core.addr, error = %text, ?wait, "reconnect failed");
+                    failures += 1;
+                    // One line per outage at each level: the first failure
+                    // is news, a third in a row is an outage worth a
+                    // warning, the rest would only repeat them. A command
+                    // that reconnects at its second try prints no warning.
+                    match failures {
+                        1 => {
+                            info!(addr = %core.addr, error = %text, ?wait, "reconnect failed; retrying")
+                        }
+                        OUTAGE_AFTER => {
+                            warn!(addr = %core.addr, error = %text, failures, "server unreachable; still retrying")
+                        }
+                        _ => debug!(addr = %core.addr, error = %text, ?wait, "reconnect failed"),
+                    }
                     *core.last_error() = Some(text);
                     core.state.send_replace(ConnState::BackingOff);
                     tokio::select! {

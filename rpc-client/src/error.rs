@@ -107,6 +107,10 @@ fn hint(e: &rpc_core::Error) -> &'static str {
         " (the server requires a client certificate: give --cert and --key)"
     } else if text.contains("unknownca") || text.contains("badcertificate") {
         " (the server does not accept this client certificate)"
+    } else if text.contains("alert: decrypterror") {
+        // What a server answers when a client certificate's signature does
+        // not verify: typically signed by another CA of the same name.
+        " (the server could not verify this client certificate: is it from the CA the server trusts?)"
     } else if text.contains("connection refused") {
         " (is the server running on that address?)"
     } else {

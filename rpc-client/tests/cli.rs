@@ -315,3 +315,14 @@ async fn list_prints_each_method_with_its_types() {
         );
     }
 }
+
+#[test]
+fn a_missing_ca_is_a_usage_error_with_exit_2() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rpc-client"))
+        .args(["call", "echo", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ca is required"), "{err}");
+}

@@ -3,7 +3,10 @@
 //! rcgen. For tests and demos only; production uses a real CA.
 //!
 //! [`write_to`] writes `ca.pem ca.key server.pem server.key client.pem
-//! client.key`; the keys are created with mode 0600 on Unix.
+//! client.key`; the keys are created with mode 0600 on Unix. Each CA's name
+//! ends in a random suffix (`srpc dev CA 3f9a1c2e`), so certificates of two
+//! runs are told apart in errors. [`write_new`] refuses to replace files
+//! unless told to, as `rpc-server gen-certs` does without `--force`.
 //!
 //! Not here: loading certificates (rpc-core `tls`).
 
@@ -80,9 +83,16 @@ impl DevCerts {
     }
 }
 
-/// Generates a fresh CA with a server and a client certificate.
+/// Generates a fresh CA (named `srpc dev CA` and a random suffix) with a
+/// server and a client certificate.
 pub fn generate() -> Result<DevCerts, ServerError> {
-    generate_named("srpc dev CA")
+    generate_for(CLIENT_SUBJECT_CN)
+}
+
+/// Like [`generate`], with `client_cn` as the client certificate's common
+/// name.
+pub fn generate_for(client_cn: &str) -> Result<DevCerts, ServerError> {
+    build(None, client_cn, None)
 }
 
 /// A calendar date: year, month, day.
@@ -101,7 +111,30 @@ pub fn generate_with(
     ca_cn: &str,
     server_validity: Option<(Ymd, Ymd)>,
 ) -> Result<DevCerts, ServerError> {
+    build(Some(ca_cn), CLIENT_SUBJECT_CN, server_validity)
+}
+
+/// The certificates; a CA without a given name gets `srpc dev CA` and a
+/// suffix taken from its (random) key.
+fn build(
+    ca_cn: Option<&str>,
+    client_cn: &str,
+    server_validity: Option<(Ymd, Ymd)>,
+) -> Result<DevCerts, ServerError> {
     let ca_key = KeyPair::generate()?;
+    let ca_cn = match ca_cn {
+        Some(name) => name.to_owned(),
+        None => {
+            let suffix: String = ca_key
+                .public_key_raw()
+                .iter()
+                .rev()
+                .take(4)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("srpc dev CA {suffix}")
+        }
+    };
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name.push(DnType::CommonName, ca_cn);
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -133,7 +166,7 @@ pub fn generate_with(
     let mut client = CertificateParams::new(vec![CLIENT_SAN.to_string()])?;
     client
         .distinguished_name
-        .push(DnType::CommonName, CLIENT_SUBJECT_CN);
+        .push(DnType::CommonName, client_cn);
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let client_cert = client.signed_by(&client_key, &issuer)?;
 
@@ -147,14 +180,40 @@ pub fn generate_with(
     })
 }
 
-/// Generates development certificates into `dir` (created if missing) and
-/// returns the paths written, in the order listed in the module docs.
+/// The files [`write_to`] writes, in order.
+pub const FILES: [&str; 6] = [
+    "ca.pem",
+    "ca.key",
+    "server.pem",
+    "server.key",
+    "client.pem",
+    "client.key",
+];
+
+/// Generates development certificates into `dir` (created if missing),
+/// replacing any there, and returns the paths written, in the order of
+/// [`FILES`].
 pub fn write_to(dir: &Path) -> Result<Vec<PathBuf>, ServerError> {
+    write_certs(dir, &generate()?)
+}
+
+/// Like [`write_to`], with `client_cn` as the client certificate's common
+/// name, and refusing to replace any of [`FILES`] already in `dir` unless
+/// `replace` (`ServerError::Exists` names the first one found).
+pub fn write_new(dir: &Path, client_cn: &str, replace: bool) -> Result<Vec<PathBuf>, ServerError> {
+    if !replace {
+        if let Some(path) = FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
+            return Err(ServerError::Exists { path });
+        }
+    }
+    write_certs(dir, &generate_for(client_cn)?)
+}
+
+fn write_certs(dir: &Path, certs: &DevCerts) -> Result<Vec<PathBuf>, ServerError> {
     std::fs::create_dir_all(dir).map_err(|source| ServerError::Write {
         path: dir.to_owned(),
         source,
     })?;
-    let certs = generate()?;
     let files = [
         ("ca.pem", &certs.ca_pem, false),
         ("ca.key", &certs.ca_key, true),

@@ -34,6 +34,13 @@ pub enum ServerError {
     /// Development certificates could not be generated.
     #[error("cannot generate development certificates: {0}")]
     CertGen(#[from] rcgen::Error),
+    /// A file to be generated exists already (and replacing was not asked
+    /// for).
+    #[error("{} exists already; use --force to replace it", path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
     /// A generated file could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Write {

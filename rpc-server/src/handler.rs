@@ -7,8 +7,9 @@
 //!   ─► ends: peer left, protocol error, drain finished, or killed
 //! ```
 //!
-//! Each step's outcome is logged with the peer address: refused handshakes at
-//! info with the reason, established and closed connections at info.
+//! Each step's outcome is logged with the peer address, at debug: a busy
+//! server makes these lines per connection (`RUST_LOG=rpc_server=debug`
+//! shows them).
 //!
 //! Not here: the accept loop and limits (`server.rs`).
 
@@ -22,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::debug;
 
 use crate::dispatch::ServerDispatch;
 
@@ -80,7 +81,7 @@ impl ConnectionTask {
         let Ok(Ok(slot)) =
             tokio::time::timeout(limit, self.handshakes.clone().acquire_owned()).await
         else {
-            info!(%peer, "connection dropped: no handshake slot within the handshake timeout");
+            debug!(%peer, "connection dropped: no handshake slot within the handshake timeout");
             return;
         };
         // Boxed: the handshake's state (a few KiB) is freed once it is done
@@ -94,18 +95,18 @@ impl ConnectionTask {
         let started = tokio::select! {
             started = setup => started,
             _ = self.drain.cancelled() => {
-                info!(%peer, "connection dropped during setup: server shutting down");
+                debug!(%peer, "connection dropped during setup: server shutting down");
                 return;
             }
         };
         let (conn, driver) = match started {
             Ok(started) => started,
             Err(e) => {
-                info!(%peer, error = %e, "connection refused");
+                debug!(%peer, error = %e, "connection refused");
                 return;
             }
         };
-        info!(%peer, "connection established");
+        debug!(%peer, "connection established");
         let registered = self.dispatch.connections.add(conn.clone());
         let live = self.live.add(conn.clone());
         // The server drains (or closes) what `live` holds after it cancels
@@ -120,6 +121,6 @@ impl ConnectionTask {
         let reason = driver.await;
         self.live.remove(live);
         self.dispatch.connections.remove(registered);
-        info!(%peer, %reason, "connection closed");
+        debug!(%peer, %reason, "connection closed");
     }
 }

@@ -415,7 +415,7 @@ impl Accepting {
                 self.refuse(tcp, peer);
                 continue;
             };
-            info!(%peer, "accepted");
+            debug!(%peer, "accepted");
             let conn = handler::ConnectionTask {
                 acceptor: self.server.current_acceptor(),
                 config: self.config.clone(),
@@ -436,7 +436,7 @@ impl Accepting {
     /// a few handshakes on refusals; past that, just closes.
     fn refuse(&self, tcp: TcpStream, peer: SocketAddr) {
         let max = self.server.options.max_connections;
-        warn!(%peer, max, "connection refused: at the connection limit");
+        debug!(%peer, max, "connection refused: at the connection limit");
         let Ok(refusal) = self.refusals.clone().try_acquire_owned() else {
             return;
         };

@@ -12,10 +12,10 @@ fn server() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rpc-server"))
 }
 
-/// `rpc-server gen-certs --out dir`, which must succeed.
+/// `rpc-server gen-certs --force --out dir`, which must succeed.
 fn gen_certs(dir: &std::path::Path) {
     let out = server()
-        .args(["gen-certs", "--out"])
+        .args(["gen-certs", "--force", "--out"])
         .arg(dir)
         .output()
         .unwrap();
@@ -109,9 +109,15 @@ fn missing_or_garbled_pem_refuses_to_start_naming_the_file() {
 #[test]
 fn serving_without_certificates_is_a_clear_error() {
     let out = server().args(["--listen", "127.0.0.1:0"]).output().unwrap();
-    assert!(!out.status.success());
+    // A usage error: exit 2, as for any other bad argument.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--cert and --key are required"), "{stderr}");
+    let out = server()
+        .args(["--max-connections", "many"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -219,4 +225,104 @@ fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Logged to a pipe: plain text (no ANSI colour), and no INFO line per
+/// connection (accepts, handshakes and closes are DEBUG).
+#[cfg(unix)]
+#[test]
+fn logs_to_a_pipe_have_no_colour_and_no_line_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_certs(dir.path());
+    let mut child = server()
+        .args(["--listen", "127.0.0.1:0", "--cert"])
+        .arg(dir.path().join("server.pem"))
+        .arg("--key")
+        .arg(dir.path().join("server.key"))
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().trim_start_matches("listening on ").to_owned();
+    for _ in 0..3 {
+        assert!(handshake_ok(&addr, &dir.path().join("ca.pem")));
+    }
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFO"), "no INFO line at all: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+    for per_connection in ["accepted", "connection established", "connection closed"] {
+        assert!(
+            !log.contains(per_connection),
+            "{per_connection:?} at INFO: {log}"
+        );
+    }
+}
+
+/// The subject of the first certificate in a PEM file.
+fn subject(path: &std::path::Path) -> String {
+    let pem = std::fs::read_to_string(path).unwrap();
+    let der = rpc_core::tls::certs_from_pem(&pem).unwrap();
+    rpc_core::PeerIdentity::from_der(&der[0]).unwrap().subject
+}
+
+#[test]
+fn gen_certs_refuses_to_overwrite_without_force_and_names_each_ca_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_certs(dir.path());
+    let first_ca = subject(&dir.path().join("ca.pem"));
+    assert!(first_ca.starts_with("CN=srpc dev CA "), "{first_ca}");
+    // Again without --force: refused, exit 1, nothing replaced.
+    let before = std::fs::read(dir.path().join("server.key")).unwrap();
+    let out = server()
+        .args(["gen-certs", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ca.pem exists already; use --force"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("server.key")).unwrap(),
+        before
+    );
+    // With --force and a client name: replaced, by a CA of another name.
+    let out = server()
+        .args([
+            "gen-certs",
+            "--force",
+            "--client-name",
+            "billing-worker",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read(dir.path().join("server.key")).unwrap(),
+        before
+    );
+    let second_ca = subject(&dir.path().join("ca.pem"));
+    assert!(second_ca.starts_with("CN=srpc dev CA "), "{second_ca}");
+    assert_ne!(first_ca, second_ca);
+    assert_eq!(subject(&dir.path().join("client.pem")), "CN=billing-worker");
 }

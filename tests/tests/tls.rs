@@ -212,9 +212,7 @@ async fn reloading_certificates_affects_new_handshakes_only_and_refuses_bad_file
     let err = Client::connect(&addr, trust("ca_a.pem"))
         .await
         .expect_err("old certificate still served");
-    // Refused for the certificate, not for anything else. (Both dev CAs
-    // have one name, so rustls reports a bad signature, not an unknown
-    // issuer.)
+    // Refused for the certificate, not for anything else.
     let text = err.to_string();
     assert!(text.contains("invalid peer certificate"), "{text}");
     assert!(text.contains("not signed by the CA"), "{text}");
@@ -566,4 +564,25 @@ async fn the_post_quantum_hybrid_is_negotiated_by_default_and_classical_is_an_op
         rpc_core::tls::provider().kx_groups[0].name(),
         X25519MLKEM768
     );
+}
+
+/// A client certificate from another CA of the same name fails the
+/// signature check on the server, whose alert (DecryptError) alone would
+/// say nothing about certificates: the client's error does.
+#[tokio::test]
+async fn a_client_certificate_from_a_same_named_ca_is_reported_as_a_certificate_problem() {
+    let ours = rpc_server::devcerts::generate_named("one name").unwrap();
+    let theirs = rpc_server::devcerts::generate_named("one name").unwrap();
+    let server = TestServer::start_with_tls(
+        ours.clone(),
+        server_tls_mtls(&ours, &ours),
+        rpc_server::demo::router(),
+        ServerOptions::default(),
+    )
+    .await;
+    let err = Client::connect(&server.address(), client_tls_with_cert(&ours, &theirs))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("client certificate"), "{text}");
 }

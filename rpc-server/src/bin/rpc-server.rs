@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use rpc_core::error::report;
 use rpc_server::{demo, devcerts, Server, ServerOptions, TlsFiles};
 
@@ -42,9 +42,15 @@ enum Command {
     /// The server certificate is for localhost, 127.0.0.1 and ::1; keys are
     /// written with mode 0600. For testing only.
     GenCerts {
-        /// Directory to write into (created if missing; files are replaced).
+        /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace certificate and key files already in DIR.
+        #[arg(long)]
+        force: bool,
+        /// Common name of the client certificate.
+        #[arg(long, value_name = "NAME", default_value = devcerts::CLIENT_SUBJECT_CN)]
+        client_name: String,
     },
 }
 
@@ -95,15 +101,29 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_none() && (cli.serve.cert.is_none() || cli.serve.key.is_none()) {
+        // A usage error like any other: clap prints it and exits with 2.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--cert and --key are required to serve (make development ones with: rpc-server gen-certs --out certs/)",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_wanted())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     let result = match cli.command {
-        Some(Command::GenCerts { out }) => gen_certs(&out),
+        Some(Command::GenCerts {
+            out,
+            force,
+            client_name,
+        }) => gen_certs(&out, &client_name, force),
         None => serve(cli.serve),
     };
     match result {
@@ -115,8 +135,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn gen_certs(out: &std::path::Path) -> anyhow::Result<()> {
-    for path in devcerts::write_to(out)? {
+fn gen_certs(out: &std::path::Path, client_name: &str, force: bool) -> anyhow::Result<()> {
+    for path in devcerts::write_new(out, client_name, force)? {
         println!("{}", path.display());
     }
     Ok(())
@@ -202,4 +222,11 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             tracing::info!("shutdown signal received");
         })
     }
+}
+
+/// Colours in the log only on a terminal, and never when `NO_COLOR` is set
+/// to anything (no-color.org): a log file or a pipe gets plain text.
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

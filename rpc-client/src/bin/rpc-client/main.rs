@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use rpc_client::Client;
 use rpc_core::error::report;
 use rpc_core::ConnectionConfig;
@@ -131,8 +131,18 @@ enum CallCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.ca.is_none() {
+        // A usage error like any other: clap prints it and exits with 2.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--ca is required: the CA certificate that signed the server's certificate (e.g. certs/ca.pem)",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_wanted())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -238,4 +248,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     client.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
     Ok(())
+}
+
+/// Colours in the log only on a terminal, and never when `NO_COLOR` is set
+/// to anything (no-color.org): a log file or a pipe gets plain text.
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
