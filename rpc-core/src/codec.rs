@@ -38,6 +38,18 @@ pub struct CodecError {
     inner: bincode::Error,
     /// The nesting limit, when that is what refused the value.
     too_deep: Option<usize>,
+    /// What bincode's size limit stood for, to say so instead of its bare
+    /// "the size limit has been reached".
+    size: Option<SizeCheck>,
+}
+
+/// What a size limit was.
+#[derive(Debug, Clone, Copy)]
+enum SizeCheck {
+    /// A configured limit (the frame limit) on a value.
+    Limit(usize),
+    /// The bytes that arrived: a decode that needs more read past them.
+    Input(usize),
 }
 
 impl From<bincode::Error> for CodecError {
@@ -45,17 +57,37 @@ impl From<bincode::Error> for CodecError {
         CodecError {
             inner,
             too_deep: None,
+            size: None,
         }
+    }
+}
+
+impl CodecError {
+    fn with_size(mut self, size: SizeCheck) -> Self {
+        if self.is_size_limit() {
+            self.size = Some(size);
+        }
+        self
     }
 }
 
 impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.too_deep {
-            Some(max) => write!(f, "nesting deeper than {max} levels (max depth)"),
+        match (self.too_deep, self.size) {
+            (Some(max), _) => write!(f, "nesting deeper than {max} levels (max depth)"),
+            (None, Some(SizeCheck::Limit(limit))) => write!(
+                f,
+                "larger than the frame limit of {limit} bytes (raise max_frame on both sides: \
+                 ConnectionConfig::max_frame, --max-frame-bytes)"
+            ),
+            (None, Some(SizeCheck::Input(len))) => write!(
+                f,
+                "the value needs more than the {len} bytes that arrived (do both sides agree \
+                 on the types?)"
+            ),
             // bincode's messages are already lowercase and specific, e.g.
             // "invalid value: integer `9`, expected variant index 0 <= i < 7".
-            None => fmt::Display::fmt(&self.inner, f),
+            (None, None) => fmt::Display::fmt(&self.inner, f),
         }
     }
 }
@@ -89,7 +121,7 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T, limit: usize) -> Result<usi
     options(limit)
         .serialized_size(value)
         .map(|n| n as usize)
-        .map_err(CodecError::from)
+        .map_err(|e| CodecError::from(e).with_size(SizeCheck::Limit(limit)))
 }
 
 /// Appends the encoding of `value` to `buf`; on error `buf` is unchanged.
@@ -103,7 +135,7 @@ pub fn encode_into<T: Serialize + ?Sized>(
     if result.is_err() {
         buf.truncate(start);
     }
-    result.map_err(CodecError::from)
+    result.map_err(|e| CodecError::from(e).with_size(SizeCheck::Limit(limit)))
 }
 
 /// Writes the encoding of `value`, whose size [`encoded_len`] has just
@@ -435,9 +467,18 @@ pub fn decode<'a, T: Deserialize<'a>>(
     };
     let value = options(limit)
         .deserialize_from_custom_seed(seed, LimitedSlice { rest: &mut rest })
-        .map_err(|inner| CodecError {
-            inner,
-            too_deep: budget.exceeded().then_some(max_depth),
+        .map_err(|inner| {
+            let size = if limit >= bytes.len() {
+                SizeCheck::Input(bytes.len())
+            } else {
+                SizeCheck::Limit(limit)
+            };
+            CodecError {
+                inner,
+                too_deep: budget.exceeded().then_some(max_depth),
+                size: None,
+            }
+            .with_size(size)
         })?;
     if !rest.is_empty() {
         return Err(CodecError::from(Box::new(bincode::ErrorKind::Custom(
@@ -529,6 +570,7 @@ pub fn decode_prefix<'a, T: Deserialize<'a>>(
         .map_err(|inner| CodecError {
             inner,
             too_deep: budget.exceeded().then_some(max_depth),
+            size: None,
         })
 }
 
@@ -692,6 +734,24 @@ mod tests {
         let err = decode::<String>(&short, 1024, DEFAULT_MAX_DEPTH).unwrap_err();
         assert!(
             err.to_string().contains("needs 100 more bytes, 3 left"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn size_errors_say_which_size() {
+        // Arguments sent as (i64,) read as (String,): the string's length
+        // runs past what arrived.
+        let sent = encode(&(300i64,), 64).unwrap();
+        let err = decode::<(String,)>(&sent, sent.len(), DEFAULT_MAX_DEPTH).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the value needs more than the {} bytes that arrived (do both sides agree on the types?)", sent.len())
+        );
+        let err = encode(&vec![0u8; 100], 10).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("larger than the frame limit of 10 bytes (raise max_frame"),
             "{err}"
         );
     }

@@ -370,7 +370,9 @@ pub enum Error {
     },
 
     /// A length prefix announced more than the frame limit allows.
-    #[error("frame of {len} bytes exceeds the limit of {max} bytes (max frame)")]
+    #[error(
+        "frame of {len} bytes exceeds the limit of {max} bytes (max_frame: ConnectionConfig::max_frame, --max-frame-bytes)"
+    )]
     FrameTooLarge {
         /// The announced or actual length.
         len: u64,

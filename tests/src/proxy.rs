@@ -202,14 +202,14 @@ enum Halt {
     Stop,
 }
 
-/// Waits while frozen (or, server to client, held); returns why it must
-/// stop, if it must.
-async fn thaw(c: &mut Controls, seen_reset: u64) -> Result<(), Halt> {
+/// Waits while frozen (or, with `or_held`, held: replies are read, then
+/// kept until released); returns why it must stop, if it must.
+async fn thaw(c: &mut Controls, seen_reset: u64, or_held: bool) -> Result<(), Halt> {
     loop {
         if *c.reset.borrow() != seen_reset {
             return Err(Halt::Reset);
         }
-        let held = c.held.as_ref().is_some_and(|h| *h.borrow());
+        let held = or_held && c.held.as_ref().is_some_and(|h| *h.borrow());
         if !*c.frozen.borrow() && !held {
             return Ok(());
         }
@@ -240,7 +240,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) 
     }
     let mut buf = vec![0u8; 64 * 1024];
     let halt = loop {
-        if let Err(h) = thaw(&mut c, seen_reset).await {
+        if let Err(h) = thaw(&mut c, seen_reset, false).await {
             break h;
         }
         let rate = c.rate.load(Ordering::SeqCst);
@@ -264,8 +264,8 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut c: Controls) 
             _ = c.frozen.changed() => continue,
             _ = c.stop.cancelled() => break Halt::Stop,
         };
-        // Bytes read just before a freeze wait for the thaw.
-        if let Err(h) = thaw(&mut c, seen_reset).await {
+        // Bytes read just before a freeze, or while held, wait for the thaw.
+        if let Err(h) = thaw(&mut c, seen_reset, true).await {
             break h;
         }
         let write = to.write_all(&buf[..n]);

@@ -318,6 +318,9 @@ async fn handshake_slots_go_in_arrival_order_and_a_wait_ends_at_the_handshake_ti
     // The first holds the slot for the timeout; the second is next in line
     // and holds it for another timeout after that.
     let _first = TcpStream::connect(server.addr).await.unwrap();
+    // Apart by more than a timer tick, so the second's wait does not end
+    // in the same tick as the first's handshake timeout.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let _second = TcpStream::connect(server.addr).await.unwrap();
     let started = std::time::Instant::now();
     let tcp = TcpStream::connect(server.addr).await.unwrap();

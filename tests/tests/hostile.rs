@@ -311,8 +311,9 @@ async fn handshakes_beyond_the_cap_wait_for_a_slot() {
     // Two silent sockets hold both handshake slots until they time out.
     let _a = TcpStream::connect(server.addr).await.unwrap();
     let _b = TcpStream::connect(server.addr).await.unwrap();
-    // Accepted in order, and slots are handed out in order: the client
-    // below queues behind them.
+    // Slots go in arrival order, but a waiter's own timeout must not end in
+    // the timer tick that frees the slot: arrive a few ticks later.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     let client = server.client().await;
     let waited = started.elapsed();
