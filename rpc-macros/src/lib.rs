@@ -26,9 +26,16 @@
 //!
 //! What is refused, with an error on the offending item: methods that are
 //! not `async`, receivers other than `&self`, generic methods, patterns
-//! instead of argument names, `impl Trait` arguments, trait items other
-//! than methods, and the method names `new` and `as_caller` (the generated
-//! client's own).
+//! instead of argument names, `impl Trait` arguments, borrowed arguments
+//! (`&str`, `&[u8]`: arguments are decoded owned; take `String`, `Vec<u8>`
+//! or `Bytes`), trait items other than methods, and the method names `new`
+//! and `as_caller` (the generated client's own).
+//!
+//! Which `Status` counts: `Result<T, Status>` fails as a call when the
+//! error type is written `Status` (srpc's, imported) or reached through
+//! srpc's crates (`srpc::Status`, `srpc::core::Status`, `rpc_core::Status`).
+//! A type of your own that is merely named `Status` elsewhere
+//! (`order::Status`) travels as data, like any other error type.
 
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
@@ -81,7 +88,12 @@ struct Method {
     attrs: Vec<syn::Attribute>,
 }
 
-/// `Some(T)` for `Result<T, Status>` (any path ending in `Status`).
+/// `Some(T)` for `Result<T, Status>` where `Status` is srpc's: written
+/// `Status` (as imported from srpc), or a path through srpc's crates
+/// (`srpc::Status`, `srpc::core::Status`, `rpc_core::Status`, ...). A type
+/// of the user's that is merely named `Status` elsewhere (`order::Status`)
+/// is data like any other error type. A macro cannot resolve names, so a
+/// bare `Status` must be srpc's.
 fn status_result(ty: &Type) -> Option<Type> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?;
@@ -97,7 +109,31 @@ fn status_result(ty: &Type) -> Option<Type> {
     });
     let (ok, err) = (types.next()?, types.next()?);
     let Type::Path(e) = err else { return None };
-    (e.path.segments.last()?.ident == "Status").then(|| ok.clone())
+    is_srpc_status(&e.path).then(|| ok.clone())
+}
+
+/// True for `Status` and for `Status` reached through one of srpc's crates.
+fn is_srpc_status(path: &syn::Path) -> bool {
+    let names: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let Some((last, prefix)) = names.split_last() else {
+        return false;
+    };
+    if last != "Status" {
+        return false;
+    }
+    match prefix {
+        [] => path.leading_colon.is_none(),
+        [first, rest @ ..] => {
+            let srpc_crate = matches!(
+                first.as_str(),
+                "srpc" | "rpc_core" | "rpc_server" | "rpc_client"
+            );
+            let through = rest
+                .iter()
+                .all(|s| matches!(s.as_str(), "core" | "server" | "client" | "error"));
+            srpc_crate && through
+        }
+    }
 }
 
 /// Names the generated client defines itself.
@@ -163,6 +199,19 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
             return Err(syn::Error::new(
                 pt.ty.span(),
                 "srpc: `impl Trait` arguments cannot be sent; use a concrete serde type",
+            ));
+        }
+        if let Type::Reference(r) = &*pt.ty {
+            let owned = match &*r.elem {
+                Type::Path(p) if p.path.is_ident("str") => "`String`",
+                Type::Slice(_) => "`Vec<T>` (or `Bytes` for bytes)",
+                _ => "the owned type",
+            };
+            return Err(syn::Error::new(
+                pt.ty.span(),
+                format!(
+                    "srpc: arguments arrive over the network and are decoded owned; take {owned} instead of a reference"
+                ),
             ));
         }
         args.push((id.ident.clone(), (*pt.ty).clone()));

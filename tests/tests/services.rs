@@ -176,3 +176,41 @@ async fn adding_a_service_twice_makes_build_fail_naming_the_method() {
         .unwrap_err();
     assert!(err.to_string().contains("are reserved"), "{err}");
 }
+
+/// An application type that is merely named `Status`.
+mod order {
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    pub(crate) enum Status {
+        Open,
+        Shipped { parcels: u32 },
+    }
+}
+
+#[rpc_macros::service(crate = rpc_core)]
+trait Orders {
+    async fn check(&self, id: u32) -> Result<u32, order::Status>;
+}
+
+struct OrderBook;
+
+impl Orders for OrderBook {
+    async fn check(&self, id: u32) -> Result<u32, order::Status> {
+        match id {
+            0 => Ok(7),
+            1 => Err(order::Status::Open),
+            _ => Err(order::Status::Shipped { parcels: id }),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_application_type_named_status_travels_as_data() {
+    let router = rpc_server::demo::router().service(OrdersServer::new(OrderBook));
+    let server = TestServer::start(router, ServerOptions::default()).await;
+    let orders = OrdersClient::new(server.client().await);
+    // The client method returns the whole Result as data, inside its own.
+    let got: Result<u32, order::Status> = orders.check(3).await.unwrap();
+    assert_eq!(got, Err(order::Status::Shipped { parcels: 3 }));
+    assert_eq!(orders.check(1).await.unwrap(), Err(order::Status::Open));
+    assert_eq!(orders.check(0).await.unwrap(), Ok(7));
+}
