@@ -1,5 +1,5 @@
 //! Measures how long each side takes to find a frozen peer, and the loopback
-//! heartbeat RTT, for the README's figures; fails when a side takes longer
+//! heartbeat RTT, for the figures in docs/protocol.md; fails when a side takes longer
 //! than interval + timeout + [`SLACK`]. CI runs it with 2 runs.
 //!
 //! ```sh
