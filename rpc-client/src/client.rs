@@ -336,10 +336,9 @@ async fn supervise(core: Arc<Core>, first: transport::Started) {
         let mut failures: u32 = 0;
         loop {
             core.state.send_replace(ConnState::Connecting);
-            // Boxed: an attempt holds a TLS handshake in progress (about
-            // 4 KiB), and this task lives as long as the client; inline, it
-            // made the task 4,808 bytes instead of 656 for a path taken
-            // only on reconnects.
+            // Boxed: an attempt holds a TLS handshake in progress (a few
+            // KiB), and this task lives as long as the client; inline, that
+            // would stay in the task for a path taken only on reconnects.
             let attempt = tokio::select! {
                 r = Box::pin(core.connect_once()) => r,
                 _ = core.closed.cancelled() => break 'outer,

@@ -180,9 +180,8 @@ fn encode_pooled<T: Serialize + ?Sized>(
 /// A large argument or reply lives only until the writer has copied it into
 /// the write buffer; a large frame read (see `reader.rs`) until its body is
 /// dropped. Freed, it goes back to glibc, which returns such memory
-/// to the kernel and takes page faults to get it again: at 1 MiB calls that
-/// cost a fifth of the machine (`perf stat -e page-faults`: 466 faults per
-/// call, against 70 for raw TLS). Kept here, it is written over instead.
+/// to the kernel and takes page faults to get it again. Kept here, it is
+/// written over instead.
 ///
 /// The pool is bounded: at most [`KEPT`] buffers and [`KEPT_BYTES`] in all,
 /// none larger than [`MAX_BUFFER`]; a buffer beyond that is freed as usual.
@@ -333,8 +332,7 @@ fn byte_string(bytes: &Bytes, limit: usize) -> Option<Bytes> {
 
 /// Reads the fields of a value laid out as this module encodes it, one by
 /// one and without serde, for the frames every call carries (see
-/// `frame::decode_frame`): about 1,000 instructions less per frame than
-/// bincode's deserializer (callgrind).
+/// `frame::decode_frame`): much cheaper than bincode's deserializer.
 ///
 /// Only the shortest form of each integer is taken, and every method
 /// returns `None` at anything else or at the end of the bytes; the caller

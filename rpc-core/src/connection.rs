@@ -198,10 +198,8 @@ enum CancelSource {
 }
 
 /// The call tokens of one connection's served calls, made only when someone
-/// asks for one. A `CancellationToken` made, cloned, cancelled and dropped
-/// for every call cost the server about 650 instructions per call, a tenth
-/// of all it spent on a 64-byte echo (callgrind), and most handlers never
-/// look at it; a slot allocated per call instead still cost 265.
+/// asks for one: most handlers never look at theirs, and a token made for
+/// every call was a tenth of a small call's cost.
 ///
 /// Calls are keyed by a sequence number of the driver's own (a peer may
 /// reuse request ids). A call is live while it is in its first poll
@@ -366,9 +364,9 @@ pub(crate) struct CallTable {
     pending: HashMap<u64, PendingCall, BuildHasherDefault<IdHasher>>,
     /// Deadlines in the order the calls were made, which is deadline order
     /// too while every call has the same timeout (the usual case): pushing
-    /// one is cheap, and a finished call's entry is left for `prune` to
-    /// drop (a `BTreeSet` insert and remove cost about 600 instructions a
-    /// call, callgrind). Its front, if any, is a waiting call's.
+    /// one is cheap (a sorted set costs far more per call), and a finished
+    /// call's entry is left for `prune` to drop. Its front, if any, is a
+    /// waiting call's.
     deadlines: VecDeque<(Instant, u64)>,
     /// Deadlines that came before the last one in `deadlines` (a call with
     /// a shorter timeout than the one before it).
@@ -486,7 +484,7 @@ impl CallTable {
 }
 
 /// Hashes this side's call ids with one multiplication instead of std's
-/// SipHash (about 100 instructions a lookup, two lookups per call). The
+/// SipHash, which costs several times more on every lookup. The
 /// table only ever holds ids this side chose (counting up from 0), so a
 /// peer cannot pick keys that collide; a peer's `Response` id is only
 /// looked up.

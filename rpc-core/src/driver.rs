@@ -61,10 +61,9 @@ pub const MAX_BATCH: usize = 128;
 /// Encoded bytes past which the writer writes out in the middle of a batch.
 const FLUSH_AT: usize = 64 * 1024;
 
-/// Frames the reader decodes in a row before the writer gets a turn.
-/// 64 B calls at 64 in flight on a 2-core Intel VM, alternating runs:
-/// 115-148k calls/s with the writer polled only once the socket had nothing
-/// more to read, 151-188k with a turn every 8 frames, 138-170k every 16.
+/// Frames the reader decodes in a row before the writer gets a turn: the
+/// peer starts on the first replies while this side decodes the rest (the
+/// value was chosen by measurement; see bench/RESULTS.md).
 const WRITE_EVERY: u64 = 8;
 
 type InFlight = Arc<Mutex<HashMap<u64, CancellationToken>>>;
@@ -196,10 +195,7 @@ impl Driver {
         );
         // The writer runs inside this task, polled by the loop below after
         // the reader: replies to a burst of requests are written together,
-        // and no other task is woken to write them. (A client's writer on a
-        // task of its own was tried: the same at 1 in flight and 1 MiB, a
-        // spawn more per connection, and 64 in flight 200-265k calls/s
-        // against 290-294k here.)
+        // and no other task is woken to write them.
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
         let end = 'run: loop {
@@ -580,9 +576,8 @@ impl Driver {
             self.handlers.wait().await;
             // The peer answers our close_notify with its own. Were the
             // socket closed before that arrives, this side's kernel would
-            // answer it with a TCP reset: measured, 0.93 resets per
-            // connection when a client closed after one call. Read it, so
-            // both directions end with a FIN.
+            // answer it with a TCP reset. Read it, so both directions end
+            // with a FIN.
             if let Some(mut reader) = reader {
                 while let Some(Ok(_)) = reader.next().await {}
             }
@@ -774,9 +769,7 @@ impl Outbound {
     /// The writer is not woken: it looks at the queue each time it is
     /// polled, and the task polls it on its next turn anyway. Waking it
     /// would wake the running task itself, which tokio treats as a yield: it
-    /// re-queues the task and wakes the other worker thread to steal it (two
-    /// futex calls per call at one in flight, measured with `perf stat -e
-    /// syscalls:sys_enter_futex`).
+    /// re-queues the task and wakes the other worker thread to steal it.
     pub(crate) fn send_now(&self, frame: Frame) {
         let permitted = match self.space.try_acquire() {
             Ok(permit) => {
@@ -993,9 +986,7 @@ where
         // replies its own task queued before polling the writer, so a turn
         // finds nothing more there, and tokio's yield wakes the other
         // worker thread to steal the task (a futex call and a migration
-        // per batch): 64 in flight on a 2-core Intel VM, 134-144k calls/s
-        // with the server yielding, 150-169k without (3 alternating runs).
-        // Only when the last batch had company: a lone call (one in
+        // per batch). Only when the last batch had company: a lone call (one in
         // flight) must not wait for a turn of the scheduler.
         let mut yielded = !gather || last_batch < 2;
         // Data frames are taken from the queue many at a time into

@@ -236,8 +236,7 @@ fn decode_common(buf: &Bytes) -> Option<Frame> {
 
 /// Writes a `Request`, or a `Response` carrying a reply, without serde: the
 /// bytes serde would write (the variant index, then the fields in order),
-/// about 130 instructions fewer per frame. False, writing nothing, for
-/// other frames.
+/// in fewer steps. False, writing nothing, for other frames.
 fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
     match frame {
         Frame::Request {

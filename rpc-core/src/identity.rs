@@ -27,8 +27,7 @@ pub struct PeerIdentity {
 
 /// A peer's end-entity certificate, whose names are read the first time
 /// someone asks. A client that never looks at the server's names does not
-/// parse its certificate on every connection (about 1.4 % of the client's
-/// time when making new connections in the benchmark, by `perf record`).
+/// parse its certificate on every connection.
 #[derive(Debug, Default)]
 pub(crate) struct LazyIdentity {
     der: Option<CertificateDer<'static>>,

@@ -5,11 +5,9 @@
 //! that buffer lives until the caller (or handler) drops the body. With
 //! tokio-util's `FramedRead`, a large reply still held by its caller left
 //! the read buffer shared, the next large frame got a fresh allocation, and
-//! glibc gave that memory back to the kernel when it was freed: at 1 MiB
-//! replies the client took 136 page faults per call, raw TLS 68 (`perf stat
-//! -e page-faults`; with glibc's trimming turned off srpc went from 275 to
-//! 340 MiB/s). A frame of [`MIN_BUFFER`] bytes or more now goes into a
-//! pooled buffer, which comes back to the pool when its last slice is
+//! glibc gave that memory back to the kernel when it was freed, to fault it
+//! in again for the next. A frame of [`MIN_BUFFER`] bytes or more goes into
+//! a pooled buffer, which comes back to the pool when its last slice is
 //! dropped, and the read buffer stays small.
 //!
 //! Errors and end of stream are those of `FramedRead` with [`FrameCodec`]:

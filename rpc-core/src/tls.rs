@@ -324,9 +324,8 @@ fn build_server_config(
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
     // One ticket per handshake instead of rustls' two: an srpc client keeps
     // one connection per server and each handshake, resumed or not, hands
-    // it the ticket for its next one. The second ticket cost the server
-    // about 39k instructions per handshake, 3.3 % (callgrind), for a spare
-    // the client had no use for.
+    // it the ticket for its next one; a second would be a spare it never
+    // uses, paid for on every handshake.
     config.send_tls13_tickets = 1;
     // Lets the server's `Hello` travel with its handshake flight, saving the
     // client a round trip before its first call. It carries only limits and

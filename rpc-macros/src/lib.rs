@@ -1,41 +1,10 @@
-//! `#[service]`: a trait of async methods becomes an srpc service.
+//! The `#[service]` attribute of srpc: a trait of async methods becomes a
+//! typed client and a server dispatcher. Its documentation, on the
+//! attribute itself, is the full description (users read it as
+//! `srpc::service`).
 //!
-//! ```text
-//! #[service]
-//! pub trait Calculator {
-//!     async fn add(&self, a: i64, b: i64) -> i64;
-//! }
-//! // generates
-//! pub trait Calculator: Send + Sync + 'static {
-//!     fn add(&self, a: i64, b: i64) -> impl Future<Output = i64> + Send;
-//! }
-//! pub struct CalculatorClient<C> { .. }   // add(&self, a, b) -> Result<i64, C::Error>
-//! pub struct CalculatorServer<T> { .. }   // impl rpc_core::service::Service
-//! ```
-//!
-//! Implementations write `async fn add(&self, a: i64, b: i64) -> i64 { .. }`
-//! as usual. Methods travel as `Calculator.add` with the arguments as one
-//! tuple. A method returning `Result<T, Status>` fails *as a call* with that
-//! status (`InvalidArgument`, `PermissionDenied`, ...) and its client method
-//! returns `Result<T, C::Error>`; any other `Result<T, E>` is sent whole, so
-//! typed application errors travel as data.
-//!
-//! Generated code names the runtime crate as `::srpc::core` unless told
-//! otherwise with `#[service(crate = some::path)]` (the framework's own
-//! crates use `rpc_core`).
-//!
-//! What is refused, with an error on the offending item: methods that are
-//! not `async`, receivers other than `&self`, generic methods, patterns
-//! instead of argument names, `impl Trait` arguments, borrowed arguments
-//! (`&str`, `&[u8]`: arguments are decoded owned; take `String`, `Vec<u8>`
-//! or `Bytes`), trait items other than methods, and the method names `new`
-//! and `as_caller` (the generated client's own).
-//!
-//! Which `Status` counts: `Result<T, Status>` fails as a call when the
-//! error type is written `Status` (srpc's, imported) or reached through
-//! srpc's crates (`srpc::Status`, `srpc::core::Status`, `rpc_core::Status`).
-//! A type of your own that is merely named `Status` elsewhere
-//! (`order::Status`) travels as data, like any other error type.
+//! Not here: what the generated code builds on (`rpc-core`'s `service`
+//! module), serving and calling (`rpc-server`, `rpc-client`).
 
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
@@ -46,7 +15,44 @@ use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
 
 /// Turns a trait of `async fn name(&self, args..) -> T` methods into an srpc
 /// service: the trait (with `Send` futures), `NameClient<C>` and
-/// `NameServer<T>`. See the crate docs.
+/// `NameServer<T>`.
+///
+/// ```text
+/// #[service]
+/// pub trait Calculator {
+///     async fn add(&self, a: i64, b: i64) -> i64;
+/// }
+/// // generates
+/// pub trait Calculator: Send + Sync + 'static {
+///     fn add(&self, a: i64, b: i64) -> impl Future<Output = i64> + Send;
+/// }
+/// pub struct CalculatorClient<C> { .. }   // add(&self, a, b) -> Result<i64, C::Error>
+/// pub struct CalculatorServer<T> { .. }   // impl rpc_core::service::Service
+/// ```
+///
+/// Implementations write `async fn add(&self, a: i64, b: i64) -> i64 { .. }`
+/// as usual. Methods travel as `Calculator.add` with the arguments as one
+/// tuple. A method returning `Result<T, Status>` fails *as a call* with that
+/// status (`InvalidArgument`, `PermissionDenied`, ...) and its client method
+/// returns `Result<T, C::Error>`; any other `Result<T, E>` is sent whole, so
+/// typed application errors travel as data.
+///
+/// Generated code names the runtime crate as `::srpc::core` unless told
+/// otherwise with `#[service(crate = some::path)]` (the framework's own
+/// crates use `rpc_core`).
+///
+/// What is refused, with an error on the offending item: methods that are
+/// not `async`, receivers other than `&self`, generic methods, patterns
+/// instead of argument names, `impl Trait` arguments, borrowed arguments
+/// (`&str`, `&[u8]`: arguments are decoded owned; take `String`, `Vec<u8>`
+/// or `Bytes`), trait items other than methods, and the method names `new`
+/// and `as_caller` (the generated client's own).
+///
+/// Which `Status` counts: `Result<T, Status>` fails as a call when the
+/// error type is written `Status` (srpc's, imported) or reached through
+/// srpc's crates (`srpc::Status`, `srpc::core::Status`, `rpc_core::Status`).
+/// A type of your own that is merely named `Status` elsewhere
+/// (`order::Status`) travels as data, like any other error type.
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     let args = syn::parse_macro_input!(attr as Args);
