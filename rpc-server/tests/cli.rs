@@ -29,15 +29,26 @@ fn gen_certs(dir: &std::path::Path) {
 /// Starts `rpc-server` on 127.0.0.1:0 with `dir`'s server certificate and
 /// returns it with the address from its `listening on ADDR` line.
 fn serve(dir: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = server()
+    serve_with(dir, |c| {
+        c.stderr(Stdio::null());
+    })
+}
+
+/// [`serve`], with `configure` applied to the command first (its log, its
+/// environment).
+fn serve_with(
+    dir: &std::path::Path,
+    configure: impl FnOnce(&mut Command),
+) -> (std::process::Child, String) {
+    let mut command = server();
+    command
         .args(["--listen", "127.0.0.1:0", "--cert"])
         .arg(dir.join("server.pem"))
         .arg("--key")
         .arg(dir.join("server.key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::piped());
+    configure(&mut command);
+    let mut child = command.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -234,22 +245,11 @@ fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
 fn logs_to_a_pipe_have_no_colour_and_no_line_per_connection() {
     let dir = tempfile::tempdir().unwrap();
     gen_certs(dir.path());
-    let mut child = server()
-        .args(["--listen", "127.0.0.1:0", "--cert"])
-        .arg(dir.path().join("server.pem"))
-        .arg("--key")
-        .arg(dir.path().join("server.key"))
-        .env_remove("NO_COLOR")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().trim_start_matches("listening on ").to_owned();
+    let (child, addr) = serve_with(dir.path(), |c| {
+        c.env_remove("NO_COLOR")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped());
+    });
     for _ in 0..3 {
         assert!(handshake_ok(&addr, &dir.path().join("ca.pem")));
     }

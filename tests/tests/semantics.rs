@@ -160,11 +160,19 @@ fn error_count(stats: &rpc_core::stats::StatsSnapshot, kind: &str) -> u64 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection() {
+/// A demo server behind a fault proxy, a replacement with its certificate
+/// that counts the echoes it serves, and a client connected through the
+/// proxy: for tests that drain the first and move clients to the second.
+struct Replacement {
+    old: TestServer,
+    new: TestServer,
+    served: Arc<AtomicU64>,
+    proxy: FaultProxy,
+    client: Client,
+}
+
+async fn replacement() -> Replacement {
     let old = TestServer::demo().await;
-    let certs = old.certs.clone();
-    // The replacement counts the calls it serves.
     let served = Arc::new(AtomicU64::new(0));
     let counting = {
         let served = served.clone();
@@ -173,13 +181,32 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
             async move { Ok(s) }
         })
     };
-    let new = TestServer::start_with_certs(certs, counting, ServerOptions::default()).await;
+    let new =
+        TestServer::start_with_certs(old.certs.clone(), counting, ServerOptions::default()).await;
     let proxy = FaultProxy::start(old.addr).await;
     let client = Client::builder(client_tls(&old.certs))
         .server_name("localhost")
         .connect(&proxy.address())
         .await
         .unwrap();
+    Replacement {
+        old,
+        new,
+        served,
+        proxy,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection() {
+    let Replacement {
+        old,
+        new,
+        served,
+        proxy,
+        client,
+    } = replacement().await;
     let in_flight = {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, ()>("Demo.sleep", &600u64).await })
@@ -244,23 +271,13 @@ async fn on_goaway_calls_in_flight_finish_and_new_calls_use_a_fresh_connection()
 /// client has read the GoAway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_refused_by_a_draining_server_is_sent_again_on_a_fresh_connection() {
-    let old = TestServer::demo().await;
-    let served = Arc::new(AtomicU64::new(0));
-    let counting = {
-        let served = served.clone();
-        Router::new().route("Demo.echo", move |s: String| {
-            served.fetch_add(1, Ordering::Relaxed);
-            async move { Ok(s) }
-        })
-    };
-    let new =
-        TestServer::start_with_certs(old.certs.clone(), counting, ServerOptions::default()).await;
-    let proxy = FaultProxy::start(old.addr).await;
-    let client = Client::builder(client_tls(&old.certs))
-        .server_name("localhost")
-        .connect(&proxy.address())
-        .await
-        .unwrap();
+    let Replacement {
+        old,
+        new,
+        served,
+        proxy,
+        client,
+    } = replacement().await;
     // A call in flight keeps the old connection draining for a while.
     let in_flight = {
         let client = client.clone();
