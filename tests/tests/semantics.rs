@@ -160,6 +160,19 @@ fn error_count(stats: &rpc_core::stats::StatsSnapshot, kind: &str) -> u64 {
         .unwrap()
 }
 
+/// Waits (at most 5 s) until `count` is no longer `from`; panics with
+/// `what` otherwise.
+async fn until_moved(count: impl Fn() -> u64, from: u64, what: &str) {
+    let moved = async {
+        while count() == from {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), moved)
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+}
+
 /// A demo server behind a fault proxy, a replacement with its certificate
 /// that counts the echoes it serves, and a client connected through the
 /// proxy: for tests that drain the first and move clients to the second.
@@ -290,13 +303,12 @@ async fn a_call_refused_by_a_draining_server_is_sent_again_on_a_fresh_connection
     let draining = tokio::spawn(old.shutdown(Duration::from_secs(10)));
     // The server's GoAway reaches the proxy, which holds it: the server is
     // draining, and the client, which has not read it, sends on.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while proxy.read_down() == down {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("no GoAway from the draining server");
+    until_moved(
+        || proxy.read_down(),
+        down,
+        "no GoAway from the draining server",
+    )
+    .await;
     let up = proxy.sent_up();
     let call = {
         let client = client.clone();
@@ -306,13 +318,12 @@ async fn a_call_refused_by_a_draining_server_is_sent_again_on_a_fresh_connection
                 .await
         })
     };
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while proxy.sent_up() == up {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the call never left on the old connection");
+    until_moved(
+        || proxy.sent_up(),
+        up,
+        "the call never left on the old connection",
+    )
+    .await;
     proxy.hold_replies(false);
     assert_eq!(call.await.unwrap().unwrap(), "again");
     assert_eq!(

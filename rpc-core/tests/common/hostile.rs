@@ -269,14 +269,37 @@ async fn accept_hello(end: &mut DuplexStream, cfg: &ConnectionConfig) -> Option<
         .ok()
 }
 
-/// Runs `plan` against a server connection.
-pub async fn run_server(plan: &Plan) -> Result<Outcome, String> {
+/// The hostile peer at work: it sends the plan's bytes (`writer`) and
+/// reads what the driver's side answers (`reader`); `end` is the pipe end
+/// for the driver.
+struct Peer {
+    cfg: ConnectionConfig,
+    end: DuplexStream,
+    writer: tokio::task::JoinHandle<()>,
+    reader: tokio::task::JoinHandle<Vec<Frame>>,
+}
+
+fn peer(plan: &Plan) -> Peer {
     let cfg = config();
-    let (peer, mut end) = tokio::io::duplex(1 << 20);
+    let (peer, end) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(peer);
     let pieces = wire(plan, &cfg);
-    let writer = tokio::spawn(send_plan(write, pieces));
-    let reader = tokio::spawn(read_all(read));
+    Peer {
+        writer: tokio::spawn(send_plan(write, pieces)),
+        reader: tokio::spawn(read_all(read)),
+        cfg,
+        end,
+    }
+}
+
+/// Runs `plan` against a server connection.
+pub async fn run_server(plan: &Plan) -> Result<Outcome, String> {
+    let Peer {
+        cfg,
+        mut end,
+        writer,
+        reader,
+    } = peer(plan);
     let (outcome, requested) = decoded(plan);
     let run = async {
         if let Some(hello) = accept_hello(&mut end, &cfg).await {
@@ -324,12 +347,12 @@ pub async fn run_server(plan: &Plan) -> Result<Outcome, String> {
 /// Runs `plan` against a client connection whose calls are the plan's
 /// `Call` steps.
 pub async fn run_client(plan: &Plan) -> Result<Outcome, String> {
-    let cfg = config();
-    let (peer, mut end) = tokio::io::duplex(1 << 20);
-    let (read, write) = tokio::io::split(peer);
-    let pieces = wire(plan, &cfg);
-    let writer = tokio::spawn(send_plan(write, pieces));
-    let reader = tokio::spawn(read_all(read));
+    let Peer {
+        cfg,
+        mut end,
+        writer,
+        reader,
+    } = peer(plan);
     let run = async {
         let Some(hello) = accept_hello(&mut end, &cfg).await else {
             drop(end);
