@@ -36,9 +36,10 @@ pub enum ClientError {
     /// connection.
     #[error(transparent)]
     Call(#[from] rpc_core::Error),
-    /// No usable connection came up within the call's timeout (the client is
-    /// reconnecting).
-    #[error("no connection to {addr} within {waited:?}{}", last_error.as_ref().map(|e| format!(" (reconnecting; last error: {e})")).unwrap_or_default())]
+    /// No usable connection: the last attempt failed and the call does not
+    /// wait for ready (it failed at once), or none came up within the
+    /// call's timeout (it waited). The client keeps reconnecting.
+    #[error("{}", unavailable(addr, *waited, last_error.as_deref()))]
     Unavailable {
         /// The server address.
         addr: String,
@@ -115,5 +116,20 @@ fn hint(e: &rpc_core::Error) -> &'static str {
         " (is the server running on that address?)"
     } else {
         ""
+    }
+}
+
+/// The words of [`ClientError::Unavailable`].
+fn unavailable(addr: &str, waited: std::time::Duration, last_error: Option<&str>) -> String {
+    match last_error {
+        // Failed fast: the call did not wait.
+        Some(e) if waited < std::time::Duration::from_millis(1) => format!(
+            "no connection to {addr}: last connection attempt failed: {e} (reconnecting; \
+             the call failed at once: set wait_for_ready to wait for the server)"
+        ),
+        Some(e) => {
+            format!("no connection to {addr} within {waited:?} (reconnecting; last error: {e})")
+        }
+        None => format!("no connection to {addr} within {waited:?}"),
     }
 }

@@ -13,7 +13,8 @@
 //!
 //! | file | concept |
 //! |---|---|
-//! | `client.rs` | [`Client`], [`ClientBuilder`]: connect, call, ping, reconnect |
+//! | `client.rs` | [`Client`], [`ClientBuilder`]: calls, options, fail-fast |
+//! | `endpoint.rs` | one server address: connect, supervise, reconnect, state |
 //! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
 //! | `bin/rpc-client/main.rs` | the CLI (`call`, `bench`) |
@@ -23,8 +24,10 @@
 
 mod backoff;
 mod client;
+mod endpoint;
 mod error;
 
-pub use client::{Client, ClientBuilder, ConnState, DEFAULT_TIMEOUT};
+pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use endpoint::ConnState;
 pub use error::ClientError;
-pub use rpc_core::{Status, StatusCode};
+pub use rpc_core::{CallOptions, Metadata, Status, StatusCode};

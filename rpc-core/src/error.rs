@@ -431,6 +431,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// Call metadata was refused: a malformed or reserved key, or over its
+    /// bounds (see `rpc_core::metadata`).
+    #[error("invalid call metadata: {0}")]
+    Metadata(String),
+
     /// The peer answered the call with an error status.
     #[error("server returned {0}")]
     Status(#[from] Status),

@@ -33,9 +33,12 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::codec;
 use crate::error::{Error, Status};
+use crate::metadata::{Metadata, MAX_ENTRIES};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added call metadata to `Request`.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -69,6 +72,8 @@ pub enum Frame {
         method: String,
         /// Time the caller will wait, in milliseconds from when it sent this.
         deadline_ms: Option<u32>,
+        /// The call's metadata (bounded: see [`crate::metadata`]).
+        metadata: Metadata,
         /// The encoded arguments.
         body: Bytes,
     },
@@ -125,6 +130,8 @@ enum WireFrame<'a> {
         id: u64,
         method: &'a str,
         deadline_ms: Option<u32>,
+        #[serde(borrow)]
+        metadata: Vec<(&'a str, &'a [u8])>,
         body: &'a [u8],
     },
     Response {
@@ -171,11 +178,18 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
             id,
             method,
             deadline_ms,
+            metadata,
             body,
         } => Frame::Request {
             id,
             method: method.to_owned(),
             deadline_ms,
+            metadata: Metadata::from_wire(
+                metadata
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), buf.slice_ref(v)))
+                    .collect(),
+            ),
             body: buf.slice_ref(body),
         },
         WireFrame::Response { id, result } => Frame::Response {
@@ -209,11 +223,27 @@ fn decode_common(buf: &Bytes) -> Option<Frame> {
                 true => Some(fields.u32()?),
                 false => None,
             };
+            let metadata = match fields.varint()? {
+                0 => Metadata::new(),
+                // Bounded before anything is allocated for them; more is a
+                // protocol error serde's path reports in full.
+                n if n as usize <= MAX_ENTRIES => {
+                    let mut entries = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        let key = fields.str()?;
+                        let value = fields.bytes()?;
+                        entries.push((key.to_owned(), buf.slice_ref(value)));
+                    }
+                    Metadata::from_wire(entries)
+                }
+                _ => return None,
+            };
             let body = fields.bytes()?;
             Frame::Request {
                 id,
                 method: method.to_owned(),
                 deadline_ms,
+                metadata,
                 body: buf.slice_ref(body),
             }
         }
@@ -243,6 +273,7 @@ fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
             id,
             method,
             deadline_ms,
+            metadata,
             body,
         } => {
             codec::put_varint(dst, REQUEST.into());
@@ -251,6 +282,11 @@ fn put_common(frame: &Frame, dst: &mut BytesMut) -> bool {
             codec::put_option(dst, deadline_ms.is_some());
             if let Some(d) = deadline_ms {
                 codec::put_varint(dst, u64::from(*d));
+            }
+            codec::put_varint(dst, metadata.len() as u64);
+            for (key, value) in metadata.entries() {
+                codec::put_bytes(dst, key.as_bytes());
+                codec::put_bytes(dst, value);
             }
             codec::put_bytes(dst, body);
         }
@@ -407,6 +443,14 @@ mod tests {
                 id: 7,
                 method: "echo".into(),
                 deadline_ms: Some(300),
+                metadata: Metadata::new(),
+                body: Bytes::from_static(b"\x05hello"),
+            },
+            Frame::Request {
+                id: 8,
+                method: "echo".into(),
+                deadline_ms: None,
+                metadata: some_metadata(),
                 body: Bytes::from_static(b"\x05hello"),
             },
             Frame::Response {
@@ -424,6 +468,13 @@ mod tests {
                 reason: "bye".into(),
             },
         ]
+    }
+
+    fn some_metadata() -> Metadata {
+        let mut m = Metadata::new();
+        m.insert("authorization", "Bearer t").unwrap();
+        m.insert("traceparent", vec![0u8, 1, 2]).unwrap();
+        m
     }
 
     #[test]
@@ -464,6 +515,14 @@ mod tests {
                         id,
                         method: "Demo.échο".into(),
                         deadline_ms,
+                        metadata: Metadata::new(),
+                        body: Bytes::from(vec![7u8; len]),
+                    });
+                    frames.push(Frame::Request {
+                        id,
+                        method: "m".into(),
+                        deadline_ms,
+                        metadata: some_metadata(),
                         body: Bytes::from(vec![7u8; len]),
                     });
                     frames.push(Frame::Response {
@@ -508,7 +567,7 @@ mod tests {
         ) {
             // A request or a reply, then the bytes cut or changed at random.
             let frame = if variant % 2 == 0 {
-                Frame::Request { id: 300, method: "m".into(), deadline_ms: Some(70_000), body: Bytes::from_static(b"ab") }
+                Frame::Request { id: 300, method: "m".into(), deadline_ms: Some(70_000), metadata: some_metadata(), body: Bytes::from_static(b"ab") }
             } else {
                 Frame::Response { id: 5, result: Ok(Bytes::from_static(b"xyz")) }
             };
@@ -622,6 +681,7 @@ mod tests {
                     id: 1,
                     method: "m".into(),
                     deadline_ms: None,
+                    metadata: Metadata::new(),
                     body: body.clone(),
                 },
                 &mut buf,

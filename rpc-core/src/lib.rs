@@ -14,7 +14,17 @@
 //! | `tls.rs` | PEM loading, rustls configs, the ALPN check |
 //! | `transport.rs` | TCP + TLS handshake + `Hello` exchange, both sides |
 //! | `connection.rs` | the handle: calls, pings, close, drain |
-//! | `driver.rs` | the driver: reader loop, batching writer, heartbeat timer |
+//! | `driver.rs` | the loop that wires reader, rules, calls, writer, timer |
+//! | `lifecycle.rs` | the connection's life stage and close cause (no I/O) |
+//! | `rules.rs` | which frame is legal when, and the answer if not (no I/O) |
+//! | `shared.rs` | what the handle and the driver share, under one lock |
+//! | `calls/outgoing.rs` | this side's pending calls and their deadlines |
+//! | `calls/incoming.rs` | the calls this side serves: dispatch, tasks, replies |
+//! | `context.rs` | [`CallContext`]: what a handler knows about its call |
+//! | `metadata.rs` | [`Metadata`]: the `(key, value)` list a call carries |
+//! | `options.rs` | [`CallOptions`]: per-call timeout, metadata, waiting |
+//! | `reader.rs`, `writer.rs` | frames off and onto the stream; the writer loop |
+//! | `outbound.rs` | the bounded queues between the connection and its writer |
 //! | `metered.rs` | byte clocks: when bytes last moved each way |
 //! | `heartbeat.rs` | the liveness state machine (no I/O) |
 //! | `identity.rs` | the peer certificate's subject and SANs |
@@ -27,35 +37,47 @@
 //!  socket (TcpStream, TCP_NODELAY)      transport.rs
 //!   └ TLS 1.3, ALPN srpc/1              tls.rs, transport.rs
 //!      └ u32 length || bincode(Frame)   frame.rs, codec.rs
-//!         └ connection driver           connection.rs
+//!         └ connection driver           connection.rs, driver.rs
 //!            └ calls: ids, deadlines, cancel, Status as data
 //! ```
 //!
 //! Not here: accept loops and method routing (rpc-server), reconnects and the
 //! typed client (rpc-client).
 
+mod calls;
 pub mod codec;
 pub mod config;
 pub mod connection;
+mod context;
 mod driver;
 pub mod error;
 pub mod frame;
 pub mod heartbeat;
 pub mod identity;
+mod lifecycle;
+pub mod metadata;
 pub mod metered;
+mod options;
+mod outbound;
 mod reader;
+mod rules;
 pub mod service;
+mod shared;
 pub mod stats;
 pub mod tls;
 pub mod transport;
 mod writer;
 
+pub use calls::incoming::{BoxFuture, Dispatch};
 pub use config::{ConnectionConfig, DEFAULT_MAX_FRAME};
-pub use connection::{BoxFuture, CallContext, Connection, Dispatch};
-pub use driver::MAX_BATCH;
+pub use connection::Connection;
+pub use context::CallContext;
 pub use error::{Error, Status, StatusCode};
 pub use frame::{Frame, FrameCodec, Hello, PROTOCOL_VERSION};
 pub use identity::PeerIdentity;
+pub use metadata::Metadata;
+pub use options::CallOptions;
+pub use writer::MAX_BATCH;
 
 /// Names generated code uses; not part of the API.
 #[doc(hidden)]

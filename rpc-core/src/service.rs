@@ -22,8 +22,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::connection::{BoxFuture, CallContext};
+use crate::calls::incoming::BoxFuture;
+use crate::context::CallContext;
 use crate::error::Status;
+use crate::options::CallOptions;
 
 /// The reserved method that lists a server's services.
 pub const LIST_METHOD: &str = "srpc.list";
@@ -80,11 +82,13 @@ pub trait Caller: Send + Sync {
     /// What a failed call returns.
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Calls `method` with `args` and decodes the reply as `R`.
+    /// Calls `method` with `args` under `options` (unset fields take the
+    /// caller's defaults) and decodes the reply as `R`.
     fn call_method<A, R>(
         &self,
         method: &'static str,
         args: &A,
+        options: &CallOptions,
     ) -> impl Future<Output = Result<R, Self::Error>> + Send
     where
         A: Serialize + Sync,

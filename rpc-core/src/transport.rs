@@ -38,9 +38,10 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor, TlsConnector};
 use tokio_util::codec::Encoder;
 use tracing::debug;
 
+use crate::calls::incoming::Dispatch;
 use crate::codec;
 use crate::config::ConnectionConfig;
-use crate::connection::{self, Connection, Dispatch};
+use crate::connection::{self, Connection};
 use crate::error::{escape_peer_text, Error, MAX_PEER_REASON};
 use crate::frame::{
     decode_frame, Frame, FrameCodec, Hello, FRAME_DEPTH, LENGTH_PREFIX, PROTOCOL_VERSION,

@@ -8,19 +8,41 @@
 //! buffer, and the body follows as it is: both are handed to the TLS stream
 //! in one vectored write, and rustls copies them once, into its records.
 //! With `FramedWrite` a 1 MiB reply was copied into the write buffer first.
+//!
+//! [`write_loop`] drains the outbound queues into a [`FrameWriter`]: one
+//! frame, then every frame already queued (up to [`MAX_BATCH`]), one flush.
+//! It runs inside the connection's task, polled by the driver after the
+//! reader. Control frames (`Ping`, `Pong`, `GoAway`) go before any queued
+//! data frame, so a `Pong` waits behind at most the frame being written. A
+//! peer that takes no byte for `write_stall_timeout` while frames wait is
+//! cut off ([`StallWatch`]).
+//!
+//! Not here: the queues (`outbound.rs`); deciding what to send (`driver.rs`).
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::codec::Encoder;
 
+use crate::calls::incoming::fitting_reply;
+use crate::calls::Side;
 use crate::codec::{self, pool::MIN_BUFFER};
-use crate::error::Error;
+use crate::error::{Error, Status};
 use crate::frame::{frame_len, Frame, FrameCodec};
+use crate::metered::ByteClocks;
+use crate::outbound::Outbound;
+
+/// Most frames the writer encodes before it flushes.
+pub const MAX_BATCH: usize = 128;
+
+/// Encoded bytes past which the writer writes out in the middle of a batch.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// Most pieces handed to one vectored write.
 const MAX_SLICES: usize = 64;
@@ -168,10 +190,165 @@ impl Write for SkipBody<'_> {
     }
 }
 
+/// Closes the queue however the writer ends (error, cancel, panic).
+struct CloseOnDrop(Arc<Outbound>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// How the writer tells a slow peer from one that stopped reading.
+pub(crate) struct StallWatch {
+    pub(crate) clocks: Arc<ByteClocks>,
+    pub(crate) timeout: Duration,
+}
+
+impl StallWatch {
+    /// Runs a write step; fails if, while it waits, no byte at all is written
+    /// for `timeout`. A slow peer that keeps reading never trips this.
+    async fn guard<F>(&self, step: F) -> Result<(), Error>
+    where
+        F: std::future::Future<Output = Result<(), Error>>,
+    {
+        tokio::pin!(step);
+        // The common case completes at once, without arming a timer.
+        tokio::select! {
+            biased;
+            r = &mut step => return r,
+            _ = std::future::ready(()) => {}
+        }
+        let mut mark = self.clocks.last_written();
+        loop {
+            match tokio::time::timeout(self.timeout, &mut step).await {
+                Ok(r) => return r,
+                Err(_) => {
+                    let now = self.clocks.last_written();
+                    if now == mark {
+                        return Err(Error::WriteStalled(self.timeout));
+                    }
+                    mark = now;
+                }
+            }
+        }
+    }
+}
+
+/// The writer: takes one frame, then every frame already queued (up to
+/// [`MAX_BATCH`]), and flushes once; control frames go first. Ends when
+/// `data` is stopped and empty, after writing what is queued and TLS
+/// close_notify; fails when a write does, or stalls (see [`StallWatch`]).
+pub(crate) async fn write_loop<W>(
+    mut sink: FrameWriter<W>,
+    data: Arc<Outbound>,
+    control: Arc<Outbound>,
+    side: Side,
+    stall: StallWatch,
+) -> Result<(), Error>
+where
+    W: AsyncWrite + Unpin,
+{
+    let _close = CloseOnDrop(data.clone());
+    // Whatever was written into the TLS session before the driver took
+    // over leaves now, if no frame is queued to take it along.
+    if data.is_empty() && control.is_empty() {
+        stall.guard(sink.flush()).await?;
+    }
+    let mut last_batch = 0;
+    let mut taken = VecDeque::new();
+    loop {
+        // `data` ends the loop once stopped and empty; `control` never does.
+        let first = tokio::select! {
+            biased;
+            f = control.next() => f,
+            f = data.next() => f,
+        };
+        let Some(first) = first else { break };
+        feed(&mut sink, first)?;
+        let mut fed = 1;
+        // Frames of one burst arrive a few at a time: when they come from
+        // other tasks (a client's callers), give those one turn
+        // of the scheduler before the syscall. A server's frames are
+        // replies its own task queued before polling the writer, so a turn
+        // finds nothing more there, and tokio's yield wakes the other
+        // worker thread to steal the task (a futex call and a migration
+        // per batch). Only when the last batch had company: a lone call (one in
+        // flight) must not wait for a turn of the scheduler.
+        let mut yielded = side == Side::Server || last_batch < 2;
+        // Data frames are taken from the queue many at a time into
+        // `taken`, which is empty again when the batch ends.
+        while fed < MAX_BATCH || !taken.is_empty() {
+            let next = match control.pop_deferring_release() {
+                Some(f) => f,
+                None => match taken.pop_front() {
+                    Some(f) => f,
+                    None if fed < MAX_BATCH
+                        && data.pop_many_deferring_release(&mut taken, MAX_BATCH - fed) > 0 =>
+                    {
+                        continue
+                    }
+                    // The producers' one turn (see `yielded` above).
+                    None if !yielded => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            feed(&mut sink, next)?;
+            fed += 1;
+            // What FramedWrite did at 8 KiB: write out a long batch of
+            // small frames as it grows instead of buffering all of it.
+            if sink.pending() >= FLUSH_AT {
+                stall.guard(sink.flush()).await?;
+            }
+        }
+        data.release_deferred();
+        control.release_deferred();
+        stall.guard(sink.flush()).await?;
+        last_batch = fed;
+    }
+    // Closing: what is already queued (replies, then a last GoAway), then
+    // TLS close_notify. The driver bounds this with `close_timeout`.
+    while let Some(f) = data.pop() {
+        feed(&mut sink, f)?;
+    }
+    while let Some(f) = control.pop() {
+        feed(&mut sink, f)?;
+    }
+    sink.close().await
+}
+
+/// Encodes `frame` for writing. A `Response` that does not fit the peer's
+/// frame limit (replies are sized before they are queued, so this is a
+/// second line of defence) becomes that call's `ResourceExhausted`, so one
+/// reply never ends the connection and the calls on it.
+fn feed<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>, frame: Frame) -> Result<(), Error> {
+    let id = match &frame {
+        Frame::Response { id, .. } => Some(*id),
+        _ => None,
+    };
+    match (sink.feed(frame), id) {
+        (Err(Error::FrameTooLarge { len, max }), Some(id)) => {
+            let status = Status::resource_exhausted(format!(
+                "reply frame of {len} bytes does not fit the caller's frame limit of {max} bytes \
+                 (its max_frame)"
+            ));
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            sink.feed(Frame::Response {
+                id,
+                result: fitting_reply(id, Err(status), max),
+            })
+        }
+        (result, _) => result,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Status;
     use crate::frame::decode_frame;
 
     fn frames() -> Vec<Frame> {
@@ -182,6 +359,11 @@ mod tests {
                 id: 2,
                 method: "svc.big".into(),
                 deadline_ms: Some(1000),
+                metadata: {
+                    let mut m = crate::metadata::Metadata::new();
+                    m.insert("tenant", big(300, 9)).unwrap();
+                    m
+                },
                 body: big(1 << 20, 7),
             },
             Frame::Response {
@@ -203,6 +385,7 @@ mod tests {
                 id: 6,
                 method: "svc.edge".into(),
                 deadline_ms: None,
+                metadata: crate::metadata::Metadata::new(),
                 body: big(MIN_BUFFER - 1, 3),
             },
             Frame::Response {

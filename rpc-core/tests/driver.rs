@@ -187,24 +187,28 @@ async fn request_over_the_peers_frame_limit_is_refused_locally() {
 
 #[tokio::test]
 async fn version_mismatch_is_refused_on_both_sides() {
-    let (mut a, mut b) = tokio::io::duplex(4096);
-    let cfg = ConnectionConfig::default();
-    let mut newer = hello_for(&cfg);
-    newer.version = 2;
-    let (ra, rb) = tokio::join!(
-        exchange_hello(&mut a, newer, cfg.max_frame),
-        exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
-    );
-    let ea = ra.unwrap_err();
-    let eb = rb.unwrap_err();
-    assert!(
-        matches!(ea, Error::VersionMismatch { ours: 2, theirs: 1 }),
-        "{ea}"
-    );
-    assert!(
-        matches!(eb, Error::VersionMismatch { ours: 1, theirs: 2 }),
-        "{eb}"
-    );
+    // A newer peer, and one still on version 1 (before call metadata).
+    let ours = rpc_core::PROTOCOL_VERSION;
+    for theirs in [ours + 1, 1] {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let cfg = ConnectionConfig::default();
+        let mut other = hello_for(&cfg);
+        other.version = theirs;
+        let (ra, rb) = tokio::join!(
+            exchange_hello(&mut a, other, cfg.max_frame),
+            exchange_hello(&mut b, hello_for(&cfg), cfg.max_frame),
+        );
+        let ea = ra.unwrap_err();
+        let eb = rb.unwrap_err();
+        assert!(
+            matches!(ea, Error::VersionMismatch { ours: o, theirs: t } if o == theirs && t == ours),
+            "{ea}"
+        );
+        assert!(
+            matches!(eb, Error::VersionMismatch { ours: o, theirs: t } if o == ours && t == theirs),
+            "{eb}"
+        );
+    }
 }
 
 /// A server connection whose peer is a raw pipe end that completed `Hello`.
@@ -239,6 +243,7 @@ fn request(id: u64, method: &str) -> bytes::BytesMut {
         id,
         method: method.into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body: Bytes::new(),
     })
 }
@@ -402,6 +407,7 @@ async fn a_peer_that_sends_calls_but_never_reads_replies_is_held_back_then_cut_o
                 id,
                 method: "echo".into(),
                 deadline_ms: None,
+                metadata: rpc_core::Metadata::new(),
                 body: Bytes::from(vec![1u8; 16 * 1024]),
             };
             if write.write_all(&common::encode(frame)).await.is_err() {
@@ -540,7 +546,7 @@ impl rpc_core::Dispatch for CountingEcho {
         &self,
         _ctx: rpc_core::CallContext,
         body: Bytes,
-    ) -> rpc_core::connection::BoxFuture<Result<Bytes, rpc_core::Status>> {
+    ) -> rpc_core::BoxFuture<Result<Bytes, rpc_core::Status>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move { Ok(body) })
     }

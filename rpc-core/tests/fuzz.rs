@@ -66,6 +66,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
                 id,
                 method,
                 deadline_ms,
+                metadata: rpc_core::Metadata::new(),
                 body
             }),
         (
@@ -199,6 +200,7 @@ fn one_stream_split_at_every_byte_boundary() {
             id: 300,
             method: "echo".into(),
             deadline_ms: Some(70_000),
+            metadata: rpc_core::Metadata::new(),
             body: Bytes::from_static(b"abc"),
         },
         Frame::Response {
@@ -253,7 +255,7 @@ fn plan_frame(client: bool) -> impl Strategy<Value = hostile::Step> {
     prop_oneof![
         6 => (ids.clone(), method(), proptest::option::of(0u32..3000), body())
             .prop_map(|(id, m, d, body)| Step::Frame(Frame::Request {
-                id, method: m.into(), deadline_ms: d, body })),
+                id, method: m.into(), deadline_ms: d, metadata: rpc_core::Metadata::new(), body })),
         // What a server sends a client: replies to calls made or not.
         (if client { 6 } else { 1 }) => (ids.clone(), prop_oneof![body().prop_map(Ok), status().prop_map(Err)])
             .prop_map(|(id, result)| Step::Frame(Frame::Response { id, result })),
@@ -271,11 +273,11 @@ fn plan_frame(client: bool) -> impl Strategy<Value = hostile::Step> {
         }),
         // The reader's large-frame path (64 KiB and over), and past the limit.
         1 => (ids.clone(), 60_000usize..300_000).prop_map(|(id, len)| Step::Frame(Frame::Request {
-            id, method: "echo".into(), deadline_ms: None, body: Bytes::from(vec![7u8; len]) })),
+            id, method: "echo".into(), deadline_ms: None, metadata: rpc_core::Metadata::new(), body: Bytes::from(vec![7u8; len]) })),
         1 => (ids, prop_oneof![1usize..200, 1000usize..1_000_000], any::<bool>()).prop_map(|(id, depth, request)| {
             let body = Bytes::from(hostile::deep_expr(depth));
             if request {
-                Step::Frame(Frame::Request { id, method: "deep".into(), deadline_ms: None, body })
+                Step::Frame(Frame::Request { id, method: "deep".into(), deadline_ms: None, metadata: rpc_core::Metadata::new(), body })
             } else {
                 Step::Frame(Frame::Response { id, result: Ok(body) })
             }

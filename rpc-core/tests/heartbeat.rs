@@ -142,6 +142,7 @@ async fn the_servers_pong_goes_ahead_of_its_queued_replies() {
                 id,
                 method: "echo".into(),
                 deadline_ms: None,
+                metadata: rpc_core::Metadata::new(),
                 body: Bytes::from(vec![0u8; 4096]),
             });
             write.write_all(&request).await.unwrap();

@@ -56,6 +56,7 @@ async fn a_request_from_the_server_is_refused() {
         id: 1,
         method: "echo".into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body: Bytes::new(),
     })
     .await;

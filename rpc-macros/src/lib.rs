@@ -31,7 +31,9 @@ use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
 /// ```
 ///
 /// Implementations write `async fn add(&self, a: i64, b: i64) -> i64 { .. }`
-/// as usual. Methods travel as `Calculator.add` with the arguments as one
+/// as usual. Per-call options (timeout, metadata, wait-for-ready) go
+/// through the client: `calc.with_options(opts).add(2, 3)` (see
+/// `CallOptions`). Methods travel as `Calculator.add` with the arguments as one
 /// tuple. A method returning `Result<T, Status>` fails *as a call* with that
 /// status (`InvalidArgument`, `PermissionDenied`, ...) and its client method
 /// returns `Result<T, C::Error>`; any other `Result<T, E>` is sent whole, so
@@ -45,8 +47,8 @@ use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
 /// not `async`, receivers other than `&self`, generic methods, patterns
 /// instead of argument names, `impl Trait` arguments, borrowed arguments
 /// (`&str`, `&[u8]`: arguments are decoded owned; take `String`, `Vec<u8>`
-/// or `Bytes`), trait items other than methods, and the method names `new`
-/// and `as_caller` (the generated client's own).
+/// or `Bytes`), trait items other than methods, and the method names `new`,
+/// `as_caller`, `with_options` and `options` (the generated client's own).
 ///
 /// Which `Status` counts: `Result<T, Status>` fails as a call when the
 /// error type is written `Status` (srpc's, imported) or reached through
@@ -143,7 +145,7 @@ fn is_srpc_status(path: &syn::Path) -> bool {
 }
 
 /// Names the generated client defines itself.
-const RESERVED_NAMES: [&str; 2] = ["new", "as_caller"];
+const RESERVED_NAMES: [&str; 4] = ["new", "as_caller", "with_options", "options"];
 
 fn parse_method(item: &TraitItem) -> syn::Result<Method> {
     let TraitItem::Fn(f) = item else {
@@ -301,7 +303,7 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
             #doc
             #(#attrs)*
             pub async fn #name(&self, #(#params),*) -> ::core::result::Result<#ret, C::Error> {
-                self.caller.call_method(#wire, &( #(#values,)* )).await
+                self.caller.call_method(#wire, &( #(#values,)* ), &self.options).await
             }
         }
     });
@@ -362,12 +364,29 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
         #[derive(Clone, Debug)]
         #vis struct #client<C> {
             caller: C,
+            options: #krate::CallOptions,
         }
 
         impl<C: #krate::service::Caller> #client<C> {
-            /// Calls go through `caller` (a connected client).
+            /// Calls go through `caller` (a connected client), with its
+            /// default options.
             pub fn new(caller: C) -> Self {
-                Self { caller }
+                Self { caller, options: #krate::CallOptions::new() }
+            }
+
+            /// A client whose calls use `options` (timeout, metadata,
+            /// wait-for-ready); unset fields keep the caller's defaults:
+            /// `calc.with_options(opts).add(2, 3).await`.
+            pub fn with_options(&self, options: #krate::CallOptions) -> Self
+            where
+                C: ::core::clone::Clone,
+            {
+                Self { caller: self.caller.clone(), options }
+            }
+
+            /// The options this client's calls use.
+            pub fn options(&self) -> &#krate::CallOptions {
+                &self.options
             }
 
             /// The underlying caller (the connected client).

@@ -7,6 +7,7 @@
 //! | `Demo.add` | `a: i64, b: i64` | `i64` (`InvalidArgument` on overflow) |
 //! | `Demo.sleep` | `ms: u64` | `()` after that long |
 //! | `Demo.whoami` | none | the client certificate's subject, or `anonymous` |
+//! | `Demo.metadata` | none | the call's metadata, `(key, value)` sorted by key |
 //!
 //! Not here: anything the CLI prints; see the `rpc-client` binary.
 
@@ -28,6 +29,8 @@ pub trait Demo {
     /// The subject of the client's certificate (mutual TLS), or
     /// `anonymous`.
     async fn whoami(&self) -> String;
+    /// The metadata the call carried, sorted by key.
+    async fn metadata(&self) -> Vec<(String, Vec<u8>)>;
 }
 
 /// The demo's implementation.
@@ -54,6 +57,19 @@ impl Demo for DemoService {
             .and_then(|ctx| ctx.identity().cloned())
             .map_or_else(|| "anonymous".to_owned(), |id| id.subject.clone())
     }
+
+    async fn metadata(&self) -> Vec<(String, Vec<u8>)> {
+        let mut entries: Vec<(String, Vec<u8>)> = rpc_core::service::context()
+            .map(|ctx| {
+                ctx.metadata()
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        entries.sort();
+        entries
+    }
 }
 
 /// Wire names of the demo methods.
@@ -66,6 +82,8 @@ pub mod methods {
     pub const SLEEP: &str = "Demo.sleep";
     /// `Demo.whoami() -> String`
     pub const WHOAMI: &str = "Demo.whoami";
+    /// `Demo.metadata() -> Vec<(String, Vec<u8>)>`
+    pub const METADATA: &str = "Demo.metadata";
 }
 
 /// A router serving the demo service.

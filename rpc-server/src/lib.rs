@@ -17,26 +17,34 @@
 //! | file | concept |
 //! |---|---|
 //! | `server.rs` | builder, accept loop, connection limit, graceful drain |
-//! | `handler.rs` | one connection's life: handshake, driver, close reason |
+//! | `connection_task.rs` | one connection's life: handshake, driver, close reason |
+//! | `connection_set.rs` | the live connections (for drain and stats) |
+//! | `call.rs` | [`Call`]: one call as middleware sees it |
+//! | `stack.rs` | the tower stack every call goes through; user layers |
+//! | `layers.rs` | the server's own layers: counters, authorization, `srpc.*` |
 //! | `router.rs` | method name -> typed async handler |
-//! | `dispatch.rs` | router + reserved methods (`srpc.stats`) + counters |
 //! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
 //! | `devcerts.rs` | development CA and certificates (rcgen) |
 //! | `error.rs` | [`ServerError`] |
 //! | `bin/rpc-server.rs` | the CLI |
 //!
 //! Framing, TLS setup and the connection driver are rpc-core's; this crate
-//! only accepts, routes and drains.
+//! accepts, runs calls through its layer stack, routes and drains.
 
+mod call;
+mod connection_set;
+mod connection_task;
 pub mod demo;
 pub mod devcerts;
-mod dispatch;
 mod error;
-mod handler;
+mod layers;
 mod router;
 mod server;
+mod stack;
 
+pub use call::{Call, CallService};
 pub use error::ServerError;
+pub use layers::{Authorize, AuthorizeLayer};
 pub use router::Router;
-pub use rpc_core::{CallContext, Status, StatusCode};
+pub use rpc_core::{CallContext, Metadata, Status, StatusCode};
 pub use server::{Server, ServerBuilder, ServerOptions, TlsFiles, MAX_REFUSALS};

@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rpc_core::codec;
-use rpc_core::connection::BoxFuture;
 use rpc_core::service::{MethodDescription, Service, ServiceDescription};
 use rpc_core::stats::RESERVED_PREFIX;
+use rpc_core::BoxFuture;
 use rpc_core::{CallContext, Dispatch, Status};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -7,7 +7,7 @@
 //!                              │                   else close at once
 //!                              │yes
 //!                              ▼
-//!                 tracked task: handler::run (TLS, Hello, driver)
+//!                 tracked task: ConnectionTask::run (TLS, Hello, driver)
 //! shutdown future fires ─► stop accepting ─► drain every connection (GoAway,
 //!     in-flight calls finish) ─► after `drain_timeout` close what is left
 //! ```
@@ -15,7 +15,7 @@
 //! Accept errors (for example too many open files) are logged and retried
 //! after a short pause instead of ending the server, as in mini-redis.
 //!
-//! Not here: what happens on one connection (see `handler.rs`).
+//! Not here: what happens on one connection (see `connection_task.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,8 +35,12 @@ use tracing::{debug, info, warn, Instrument};
 /// connection limit; further excess connections are closed without a word.
 pub const MAX_REFUSALS: usize = 64;
 
-use crate::dispatch::{Authorize, ServerDispatch};
-use crate::{handler, Router, ServerError};
+use crate::call::{Call, CallService};
+use crate::connection_set::ConnectionSet;
+use crate::connection_task::ConnectionTask;
+use crate::layers::AuthorizeHook;
+use crate::stack::{user_layer, ServerDispatch, UserLayer};
+use crate::{Router, ServerError};
 use rpc_core::stats::StatsSnapshot;
 
 /// Server-wide limits, on top of the per-connection [`ConnectionConfig`].
@@ -72,7 +76,8 @@ pub struct ServerBuilder {
     tls: Arc<rustls::ServerConfig>,
     options: ServerOptions,
     router: Router,
-    authorize: Option<Authorize>,
+    authorize: Option<AuthorizeHook>,
+    layers: Vec<UserLayer>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -93,18 +98,47 @@ impl ServerBuilder {
             options: ServerOptions::default(),
             router: Router::new(),
             authorize: None,
+            layers: Vec::new(),
         }
     }
 
     /// Runs `hook` before every call, with the call's context (peer address,
-    /// certificate identity, method). An `Err` refuses the call with that
-    /// status, typically `Status::new(StatusCode::PermissionDenied, ...)`.
-    /// Stats calls go through it too.
+    /// certificate identity, method, metadata). An `Err` refuses the call
+    /// with that status, typically `Status::new(StatusCode::PermissionDenied,
+    /// ...)`. Stats calls go through it too. It is the innermost layer of
+    /// the stack, after any added with [`layer`](Self::layer); to run it
+    /// earlier, add an [`AuthorizeLayer`](crate::AuthorizeLayer) there.
     pub fn authorize<F>(mut self, hook: F) -> Self
     where
         F: Fn(&rpc_core::CallContext) -> Result<(), rpc_core::Status> + Send + Sync + 'static,
     {
         self.authorize = Some(Arc::new(hook));
+        self
+    }
+
+    /// Adds a [`tower::Layer`] to the stack every call goes through: its
+    /// service gets each [`Call`] (context with method and metadata, and
+    /// the encoded arguments) and answers with the encoded reply or an
+    /// error, which becomes the call's status (see `stack.rs`: a `Status`
+    /// as it is, tower's `Overloaded` and `Elapsed` by their meaning). The
+    /// first layer added is the outermost. The service must be `Clone`; a
+    /// layer whose service is not (tower's `RateLimit`) goes behind a
+    /// `tower::buffer::BufferLayer`.
+    ///
+    /// ```no_run
+    /// # fn f(tls: std::sync::Arc<rustls::ServerConfig>) {
+    /// let server = rpc_server::Server::builder(tls)
+    ///     .layer(tower::limit::ConcurrencyLimitLayer::new(64));
+    /// # }
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<CallService> + Send + Sync + 'static,
+        L::Service: tower::Service<Call, Response = bytes::Bytes> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Call>>::Error: Into<tower::BoxError>,
+        <L::Service as tower::Service<Call>>::Future: Send + 'static,
+    {
+        self.layers.push(user_layer(layer));
         self
     }
 
@@ -191,7 +225,11 @@ impl ServerBuilder {
         Ok(Server {
             acceptor: Arc::new(RwLock::new(TlsAcceptor::from(self.tls))),
             options: self.options,
-            dispatch: Arc::new(ServerDispatch::new(self.router, self.authorize)),
+            dispatch: Arc::new(ServerDispatch::new(
+                self.router,
+                self.authorize,
+                &self.layers,
+            )),
         })
     }
 }
@@ -313,7 +351,7 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         let tracker = TaskTracker::new();
-        let live = Arc::new(handler::ConnectionSet::default());
+        let live = Arc::new(ConnectionSet::default());
         let accepting = Accepting {
             server: self.clone(),
             slots: Arc::new(Semaphore::new(self.options.max_connections)),
@@ -386,7 +424,7 @@ struct Accepting {
     tracker: TaskTracker,
     drain: CancellationToken,
     kill: CancellationToken,
-    live: Arc<handler::ConnectionSet>,
+    live: Arc<ConnectionSet>,
     config: Arc<ConnectionConfig>,
 }
 
@@ -416,7 +454,7 @@ impl Accepting {
                 continue;
             };
             debug!(%peer, "accepted");
-            let conn = handler::ConnectionTask {
+            let conn = ConnectionTask {
                 acceptor: self.server.current_acceptor(),
                 config: self.config.clone(),
                 dispatch: self.server.dispatch.clone(),

@@ -34,6 +34,7 @@ fn request(id: u64, method: &str, body: Bytes) -> Vec<u8> {
         id,
         method: method.into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body,
     })
 }

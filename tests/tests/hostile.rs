@@ -109,6 +109,7 @@ async fn a_request_before_hello_is_refused() {
         id: 1,
         method: "Demo.echo".into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body: bytes::Bytes::from_static(b"\x01x"),
     });
     let reason = goaway_after(&server, &request).await;
@@ -120,18 +121,22 @@ async fn a_request_before_hello_is_refused() {
 async fn another_protocol_version_is_refused_with_both_versions_named() {
     let server = TestServer::demo().await;
     let honest = server.client().await;
-    let hello = frame_bytes(Frame::Hello(Hello {
-        version: 2,
-        max_frame: 1 << 20,
-        heartbeat_ms: 5000,
-        max_in_flight: 100,
-    }));
-    let reason = goaway_after(&server, &hello).await;
-    assert!(
-        reason.contains("unsupported protocol version 2"),
-        "{reason}"
-    );
-    assert!(reason.contains("version 1"), "{reason}");
+    let ours = rpc_core::PROTOCOL_VERSION;
+    // A client from before call metadata (version 1), and a newer one.
+    for theirs in [1, ours + 1] {
+        let hello = frame_bytes(Frame::Hello(Hello {
+            version: theirs,
+            max_frame: 1 << 20,
+            heartbeat_ms: 5000,
+            max_in_flight: 100,
+        }));
+        let reason = goaway_after(&server, &hello).await;
+        assert!(
+            reason.contains(&format!("unsupported protocol version {theirs}")),
+            "{reason}"
+        );
+        assert!(reason.contains(&format!("version {ours}")), "{reason}");
+    }
     still_served(&honest).await;
 }
 
@@ -260,6 +265,7 @@ async fn malformed_bincode_in_a_valid_frame_is_refused_each_way() {
         id: 1,
         method: "Demo.echo".into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body: bytes::Bytes::from_static(b"\x02hi"),
     });
     let body = &request[4..];

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rpc_client::{Client, ClientError, ConnState};
+use rpc_client::{CallOptions, Client, ClientError, ConnState};
 use rpc_core::{ConnectionConfig, Frame};
 use rpc_server::ServerOptions;
 use rpc_tests::{
@@ -253,10 +253,14 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
     .await
     .expect("never backed off")
     .unwrap();
-    // A call made meanwhile waits its own timeout, then fails clearly.
+    // A call made meanwhile with wait-for-ready waits its own timeout,
+    // then fails clearly.
     let started = Instant::now();
+    let waiting = CallOptions::new()
+        .timeout(Duration::from_millis(300))
+        .wait_for_ready(true);
     let err = client
-        .call_with_timeout::<_, String>("Demo.echo", "x", Duration::from_millis(300))
+        .call_with::<_, String>("Demo.echo", "x", &waiting)
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Unavailable { .. }), "{err}");
@@ -271,12 +275,71 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
         TestServer::start_with_certs(certs, rpc_server::demo::router(), ServerOptions::default())
             .await;
     proxy.set_upstream(second.addr);
+    let waiting = CallOptions::new()
+        .timeout(Duration::from_secs(10))
+        .wait_for_ready(true);
     let reply: String = client
-        .call_with_timeout("Demo.echo", "back", Duration::from_secs(10))
+        .call_with("Demo.echo", "back", &waiting)
         .await
         .unwrap();
     assert_eq!(reply, "back");
     assert_eq!(*client.state().borrow(), ConnState::Ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_server_reachable_a_call_fails_fast_unless_it_waits_for_ready() {
+    let first = TestServer::demo().await;
+    let certs = first.certs.clone();
+    let proxy = FaultProxy::start(first.addr).await;
+    let client = client_via(&proxy, &first, ConnectionConfig::default()).await;
+    let mut states = client.state();
+    let down = first.addr;
+    first.shutdown(Duration::from_secs(5)).await.unwrap();
+    proxy.set_upstream(down);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| *s == ConnState::BackingOff),
+    )
+    .await
+    .expect("never backed off")
+    .unwrap();
+    // The default: Unavailable at once, naming the last error, though the
+    // call could have waited 30 s.
+    let started = Instant::now();
+    let err = client
+        .call::<_, String>("Demo.echo", "x")
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(200), "{took:?}");
+    let ClientError::Unavailable { last_error, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(last_error.is_some(), "{err}");
+    assert!(
+        err.to_string().contains("last connection attempt failed"),
+        "{err}"
+    );
+    // With wait-for-ready the call waits, and succeeds once the server is
+    // back.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let opts = CallOptions::new()
+                .timeout(Duration::from_secs(10))
+                .wait_for_ready(true);
+            client
+                .call_with::<_, String>("Demo.echo", "waited", &opts)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "a waiting call returned early");
+    let second =
+        TestServer::start_with_certs(certs, rpc_server::demo::router(), ServerOptions::default())
+            .await;
+    proxy.set_upstream(second.addr);
+    assert_eq!(waiting.await.unwrap().unwrap(), "waited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

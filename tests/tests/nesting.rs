@@ -93,12 +93,14 @@ async fn eval_raw(
         id: 1,
         method: "Calc.eval".into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body,
     }));
     out.extend(frame_bytes(Frame::Request {
         id: 2,
         method: "Demo.echo".into(),
         deadline_ms: None,
+        metadata: rpc_core::Metadata::new(),
         body: rpc_core::codec::encode(&("after",), 64).unwrap(),
     }));
     send(&mut tls, &out).await;

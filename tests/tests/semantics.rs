@@ -55,6 +55,7 @@ async fn the_server_stops_a_handler_when_the_deadline_passes() {
         id: 1,
         method: "work".into(),
         deadline_ms: Some(300),
+        metadata: rpc_core::Metadata::new(),
         body: rpc_core::codec::encode(&10_000u64, 16).unwrap(),
     }));
     let sent = Instant::now();

@@ -34,8 +34,9 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
-use rpc_core::connection::{start, BoxFuture};
+use rpc_core::connection::start;
 use rpc_core::transport::{exchange_hello, hello_for};
+use rpc_core::BoxFuture;
 use rpc_core::{CallContext, ConnectionConfig, Dispatch, Error, Frame, FrameCodec, Hello, Status};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, DuplexStream};
@@ -452,6 +453,7 @@ impl Plan {
                     id,
                     method: METHODS[usize::from(r.u8()) % METHODS.len()].into(),
                     deadline_ms: (r.u8() % 2 == 0).then(|| u32::from(r.u8()) * 10),
+                    metadata: rpc_core::Metadata::new(),
                     body: Bytes::from(r.bytes()),
                 }),
                 2 => Step::Frame(Frame::Response {
@@ -492,6 +494,7 @@ impl Plan {
                         id,
                         method: "echo".into(),
                         deadline_ms: None,
+                        metadata: rpc_core::Metadata::new(),
                         body: Bytes::from(vec![r.u8(); len]),
                     })
                 }
@@ -503,6 +506,7 @@ impl Plan {
                             id,
                             method: "deep".into(),
                             deadline_ms: None,
+                            metadata: rpc_core::Metadata::new(),
                             body,
                         })
                     } else {

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use rpc_core::connection::{start, BoxFuture};
+use rpc_core::connection::start;
 use rpc_core::transport::{exchange_hello, hello_for};
+use rpc_core::BoxFuture;
 use rpc_core::{
     CallContext, Connection, ConnectionConfig, Dispatch, Frame, FrameCodec, Hello, Status,
 };

@@ -11,21 +11,21 @@
 //! server makes these lines per connection (`RUST_LOG=rpc_server=debug`
 //! shows them).
 //!
-//! Not here: the accept loop and limits (`server.rs`).
+//! Not here: the accept loop and limits (`server.rs`), what a call runs
+//! through (`stack.rs`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use rpc_core::{transport, Connection, ConnectionConfig};
+use rpc_core::{transport, ConnectionConfig};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::dispatch::ServerDispatch;
+use crate::connection_set::ConnectionSet;
+use crate::stack::ServerDispatch;
 
 /// What one connection task needs from the server.
 pub(crate) struct ConnectionTask {
@@ -42,37 +42,6 @@ pub(crate) struct ConnectionTask {
     /// closes directly. (Each connection waiting on the drain and kill
     /// tokens itself cost two locks every time its task was polled.)
     pub(crate) live: Arc<ConnectionSet>,
-}
-
-/// Established connections: the server's (listed by stats) and each
-/// `serve` call's (drained and closed by it).
-#[derive(Default)]
-pub(crate) struct ConnectionSet {
-    conns: Mutex<HashMap<u64, Connection>>,
-    next_id: AtomicU64,
-}
-
-impl ConnectionSet {
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Connection>> {
-        // Inserts and removes only: a poisoned map is still consistent.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Adds `conn`; returns the key to remove it with.
-    pub(crate) fn add(&self, conn: Connection) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.conns().insert(id, conn);
-        id
-    }
-
-    pub(crate) fn remove(&self, id: u64) {
-        self.conns().remove(&id);
-    }
-
-    /// Runs `f` on every connection in the set.
-    pub(crate) fn for_each(&self, f: impl FnMut(&Connection)) {
-        self.conns().values().for_each(f);
-    }
 }
 
 impl ConnectionTask {

@@ -1,0 +1,261 @@
+//! The server's own layers of the call stack (see `stack.rs`), written as
+//! tower layers like any user's: counters, the authorization hook and the
+//! reserved methods, then the router as the innermost service.
+//!
+//! ```text
+//! Stats ─► [user layers] ─► Authorize ─► ReservedMethods ─► RouterService
+//! counts    tower::Layer     hook's Err    srpc.list,         user methods
+//! every     (limits, logs)   = the reply   srpc.stats
+//! call
+//! ```
+//!
+//! Every service here is ready at once and cheap to clone (reference
+//! counts), so the stack costs a call no waiting and no lock.
+//!
+//! Not here: assembling the stack and dispatching to it (`stack.rs`).
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{ready, Either, Ready};
+use rpc_core::service::{ServiceDescription, LIST_METHOD};
+use rpc_core::stats::{CallCounters, StatsSnapshot, STATS_METHOD};
+use rpc_core::{codec, BoxFuture, CallContext, Status, StatusCode};
+use tower::{Layer, Service};
+
+use crate::call::Call;
+use crate::Router;
+
+/// Decides per call whether the peer may make it (see
+/// `ServerBuilder::authorize`).
+pub(crate) type AuthorizeHook = Arc<dyn Fn(&CallContext) -> Result<(), Status> + Send + Sync>;
+
+/// The router as a tower service: the innermost one of every stack.
+#[derive(Clone)]
+pub(crate) struct RouterService(pub(crate) Arc<Router>);
+
+impl Service<Call> for RouterService {
+    type Response = Bytes;
+    type Error = Status;
+    type Future = BoxFuture<Result<Bytes, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        use rpc_core::Dispatch;
+        self.0.dispatch(call.ctx, call.body)
+    }
+}
+
+/// Runs a hook before every call: the peer's address, certificate
+/// identity, method and metadata are in the call's context, and an `Err`
+/// is the call's reply (typically `PermissionDenied`). What
+/// `ServerBuilder::authorize` installs; usable as a layer of its own, to
+/// put it before other layers.
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    hook: AuthorizeHook,
+}
+
+impl AuthorizeLayer {
+    /// A layer running `hook` before each call.
+    pub fn new<F>(hook: F) -> Self
+    where
+        F: Fn(&CallContext) -> Result<(), Status> + Send + Sync + 'static,
+    {
+        AuthorizeLayer {
+            hook: Arc::new(hook),
+        }
+    }
+
+    pub(crate) fn from_hook(hook: AuthorizeHook) -> Self {
+        AuthorizeLayer { hook }
+    }
+}
+
+impl std::fmt::Debug for AuthorizeLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizeLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            hook: self.hook.clone(),
+        }
+    }
+}
+
+/// The service [`AuthorizeLayer`] makes.
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    hook: AuthorizeHook,
+}
+
+impl<S> std::fmt::Debug for Authorize<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorize").finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<Call> for Authorize<S>
+where
+    S: Service<Call, Response = Bytes, Error = Status>,
+{
+    type Response = Bytes;
+    type Error = Status;
+    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        match (self.hook)(&call.ctx) {
+            Ok(()) => Either::Right(self.inner.call(call)),
+            Err(status) => Either::Left(ready(Err(status))),
+        }
+    }
+}
+
+/// Where `srpc.stats` gets its figures.
+pub(crate) type Snapshot = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
+
+/// Answers the framework's reserved methods (`srpc.list`, `srpc.stats`);
+/// passes every other call on.
+#[derive(Clone)]
+pub(crate) struct ReservedMethods<S> {
+    pub(crate) inner: S,
+    pub(crate) list: Arc<Vec<ServiceDescription>>,
+    pub(crate) stats: Snapshot,
+}
+
+impl<S> Service<Call> for ReservedMethods<S>
+where
+    S: Service<Call, Response = Bytes, Error = Status>,
+{
+    type Response = Bytes;
+    type Error = Status;
+    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let reply = match call.ctx.method() {
+            LIST_METHOD => codec::encode(&*self.list, usize::MAX)
+                .map_err(|e| Status::internal(format!("listing did not encode: {e}"))),
+            STATS_METHOD => codec::encode(&(self.stats)(), usize::MAX)
+                .map_err(|e| Status::internal(format!("stats did not encode: {e}"))),
+            _ => return Either::Right(self.inner.call(call)),
+        };
+        Either::Left(ready(reply))
+    }
+}
+
+/// Counts every call that reaches the stack: started, and how it ended
+/// (answered, failed with a code, cancelled, past its deadline, panicked).
+#[derive(Clone)]
+pub(crate) struct Stats<S> {
+    pub(crate) inner: S,
+    pub(crate) counters: Arc<CallCounters>,
+}
+
+impl<S> Service<Call> for Stats<S>
+where
+    S: Service<Call, Response = Bytes, Error = Status>,
+    S::Future: Unpin,
+{
+    type Response = Bytes;
+    type Error = Status;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        let ready = self.inner.poll_ready(cx);
+        if let Poll::Ready(Err(status)) = &ready {
+            self.counters.failed(status.code);
+        }
+        ready
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        self.counters.started();
+        let deadline = call.ctx.deadline();
+        Counted {
+            inner: self.inner.call(call),
+            counters: Some(self.counters.clone()),
+            deadline,
+        }
+    }
+}
+
+/// A call's future that reports how it ended to the counters, once:
+/// when it completes, when it panics, or when it is dropped unfinished
+/// (cancelled by the caller or the connection's end, or stopped at its
+/// deadline).
+pub(crate) struct Counted<F> {
+    inner: F,
+    /// Taken when the outcome is reported.
+    counters: Option<Arc<CallCounters>>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl<F> Counted<F> {
+    fn report(&mut self, outcome: Result<(), StatusCode>) {
+        if let Some(counters) = self.counters.take() {
+            counters.finished(outcome);
+        }
+    }
+}
+
+impl<F> Future for Counted<F>
+where
+    F: Future<Output = Result<Bytes, Status>> + Unpin,
+{
+    type Output = Result<Bytes, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let polled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(&mut self.inner).poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => {
+                self.report(result.as_ref().map(|_| ()).map_err(|s| s.code));
+                Poll::Ready(result)
+            }
+            Err(panic) => {
+                // The driver answers a panicked handler with Internal.
+                self.report(Err(StatusCode::Internal));
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+impl<F> Drop for Counted<F> {
+    fn drop(&mut self) {
+        if self.counters.is_none() {
+            return;
+        }
+        let past_deadline = self
+            .deadline
+            .is_some_and(|d| d <= tokio::time::Instant::now());
+        self.report(Err(if past_deadline {
+            StatusCode::DeadlineExceeded
+        } else {
+            StatusCode::Cancelled
+        }));
+    }
+}
