@@ -27,6 +27,8 @@
 //! Not here: connecting and reconnecting (`endpoint.rs`); several
 //! endpoints and load balancing.
 
+use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,38 +221,81 @@ impl Client {
 
     /// Calls `method` with `args` and decodes the reply as `R`, with the
     /// client's defaults (timeout, metadata, fail-fast).
-    pub async fn call<A, R>(&self, method: &str, args: &A) -> Result<R, ClientError>
+    pub fn call<'a, A, R>(
+        &'a self,
+        method: &'a str,
+        args: &'a A,
+    ) -> impl Future<Output = Result<R, ClientError>> + 'a
     where
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
-        self.call_with(method, args, &CallOptions::new()).await
+        // Each method here returns `call_as`'s future itself rather than
+        // one wrapped around it: a call's future is moved whole (boxed,
+        // spawned), so every layer and every byte of it costs.
+        let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
+        let metadata = Cow::Borrowed(&self.defaults.metadata);
+        self.call_as(
+            method,
+            args,
+            self.default_timeout(),
+            wait_for_ready,
+            metadata,
+        )
     }
 
     /// Like [`call`](Client::call) with its own timeout, which covers waiting
     /// for a connection too and travels to the server as the call's deadline.
-    pub async fn call_with_timeout<A, R>(
-        &self,
-        method: &str,
-        args: &A,
+    pub fn call_with_timeout<'a, A, R>(
+        &'a self,
+        method: &'a str,
+        args: &'a A,
         timeout: Duration,
-    ) -> Result<R, ClientError>
+    ) -> impl Future<Output = Result<R, ClientError>> + 'a
     where
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
-        self.call_with(method, args, &CallOptions::new().timeout(timeout))
-            .await
+        let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
+        let metadata = Cow::Borrowed(&self.defaults.metadata);
+        self.call_as(method, args, timeout, wait_for_ready, metadata)
     }
 
     /// Like [`call`](Client::call) under `options`: its own timeout,
-    /// metadata (added to the client's) and wait-for-ready; unset fields
-    /// take the client's defaults.
-    pub async fn call_with<A, R>(
+    /// metadata (added to the client's; a call's entry wins on the same
+    /// key) and wait-for-ready; unset fields take the client's defaults.
+    pub fn call_with<'a, A, R>(
+        &'a self,
+        method: &'a str,
+        args: &'a A,
+        options: &'a CallOptions,
+    ) -> impl Future<Output = Result<R, ClientError>> + 'a
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned + 'static,
+    {
+        let defaults = &*self.defaults;
+        let timeout = options.timeout.unwrap_or_else(|| self.default_timeout());
+        let wait_for_ready = options
+            .wait_for_ready
+            .or(defaults.wait_for_ready)
+            .unwrap_or(false);
+        let metadata = match (options.metadata.is_empty(), defaults.metadata.is_empty()) {
+            (true, _) => Cow::Borrowed(&defaults.metadata),
+            (false, true) => Cow::Borrowed(&options.metadata),
+            (false, false) => Cow::Owned(options.or(defaults).metadata),
+        };
+        self.call_as(method, args, timeout, wait_for_ready, metadata)
+    }
+
+    /// A call: encode, get a connection (or fail fast), send, decode.
+    async fn call_as<A, R>(
         &self,
         method: &str,
         args: &A,
-        options: &CallOptions,
+        timeout: Duration,
+        wait_for_ready: bool,
+        metadata: Cow<'_, Metadata>,
     ) -> Result<R, ClientError>
     where
         A: Serialize + ?Sized,
@@ -262,20 +307,6 @@ impl Client {
                 method: method.to_owned(),
                 source,
             })
-        };
-        let timeout = options.timeout.unwrap_or_else(|| self.default_timeout());
-        let wait_for_ready = options
-            .wait_for_ready
-            .or(self.defaults.wait_for_ready)
-            .unwrap_or(false);
-        // The common call sets no metadata: nothing to merge or clone.
-        let metadata = match (
-            options.metadata.is_empty(),
-            self.defaults.metadata.is_empty(),
-        ) {
-            (true, true) => None,
-            (false, true) => Some(options.metadata.clone()),
-            _ => Some(options.or(&self.defaults).metadata),
         };
         // Encoded again for a second attempt rather than cloned for every
         // call: cloning the fresh buffer's `Bytes` allocates.
@@ -290,10 +321,10 @@ impl Client {
                 Some(body) => body,
                 None => encode()?,
             };
-            let sent = match &metadata {
-                None => conn.call(method, body, left).await,
-                Some(m) => conn.call_with_metadata(method, body, left, m.clone()).await,
-            };
+            // Cloning empty metadata (the common call) copies nothing.
+            let sent = conn
+                .call_with_metadata(method, body, left, metadata.as_ref().clone())
+                .await;
             match sent {
                 // The server refused the call unrun because it is draining,
                 // or its GoAway arrived as we sent: safe to send again, on
@@ -452,12 +483,12 @@ impl Client {
 impl rpc_core::service::Caller for Client {
     type Error = ClientError;
 
-    fn call_method<A, R>(
-        &self,
+    fn call_method<'a, A, R>(
+        &'a self,
         method: &'static str,
-        args: &A,
-        options: &CallOptions,
-    ) -> impl std::future::Future<Output = Result<R, ClientError>> + Send
+        args: &'a A,
+        options: &'a CallOptions,
+    ) -> impl Future<Output = Result<R, ClientError>> + Send + 'a
     where
         A: Serialize + Sync,
         R: DeserializeOwned + Send + 'static,

@@ -316,6 +316,35 @@ async fn list_prints_each_method_with_its_types() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_flags_reach_the_server_and_call_metadata_prints_them_sorted() {
+    let f = start_server().await;
+    let out = run(
+        &f.ca,
+        &f.addr,
+        &[
+            "--meta",
+            "tenant=blue",
+            "--meta",
+            "request-id=a=b",
+            "call",
+            "metadata",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "request-id=a=b\ntenant=blue\n");
+    // None sent: nothing printed.
+    let out = run(&f.ca, &f.addr, &["call", "metadata"]).await;
+    assert_eq!(stdout(&out), "", "{}", stderr(&out));
+    // A key the library refuses is a usage error, before any connection.
+    for bad in ["Tenant=x", "srpc-x=1", "novalue"] {
+        let out = run(&f.ca, &f.addr, &["--meta", bad, "call", "metadata"]).await;
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--meta"), "{bad}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn a_missing_ca_is_a_usage_error_with_exit_2() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rpc-client"))

@@ -188,9 +188,15 @@ impl Connection {
 
     /// Calls `method` with encoded arguments and waits for the encoded reply,
     /// at most `timeout`. The deadline travels with the request.
-    pub async fn call(&self, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Error> {
+    pub fn call<'a>(
+        &'a self,
+        method: &'a str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Bytes, Error>> + Send + 'a {
+        // The same future as `call_with_metadata`, not one wrapped around
+        // it: a call's future is moved whole, so every layer costs.
         self.call_with_metadata(method, body, timeout, Metadata::new())
-            .await
     }
 
     /// Like [`call`](Self::call), sending `metadata` with the request

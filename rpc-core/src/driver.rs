@@ -276,12 +276,12 @@ impl Driver {
                 metadata,
                 body,
             } => {
-                let served = self.served.as_ref();
-                let running = served.map_or(0, ServedCalls::running);
+                let (running, is_running) =
+                    self.served.as_ref().map_or((0, false), |s| s.running(id));
                 let stage = self.shared.stage();
-                let verdict = self.rules.request(stage, id, &metadata, running, |id| {
-                    served.is_some_and(|s| s.is_running(id))
-                });
+                let verdict = self
+                    .rules
+                    .request(stage, id, &metadata, running, |_| is_running);
                 // The rules refuse every request on a client.
                 let Some(served) = self.served.as_mut() else {
                     return Err(match verdict {

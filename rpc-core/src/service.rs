@@ -84,12 +84,12 @@ pub trait Caller: Send + Sync {
 
     /// Calls `method` with `args` under `options` (unset fields take the
     /// caller's defaults) and decodes the reply as `R`.
-    fn call_method<A, R>(
-        &self,
+    fn call_method<'a, A, R>(
+        &'a self,
         method: &'static str,
-        args: &A,
-        options: &CallOptions,
-    ) -> impl Future<Output = Result<R, Self::Error>> + Send
+        args: &'a A,
+        options: &'a CallOptions,
+    ) -> impl Future<Output = Result<R, Self::Error>> + Send + 'a
     where
         A: Serialize + Sync,
         R: DeserializeOwned + Send + 'static;

@@ -9,8 +9,9 @@
 //! call
 //! ```
 //!
-//! Every service here is ready at once and cheap to clone (reference
-//! counts), so the stack costs a call no waiting and no lock.
+//! Every service here is ready at once and keeps no per-call state, so
+//! besides `tower::Service` each can be called through a shared reference
+//! ([`SharedCall`]): without user layers, the stack is not cloned per call.
 //!
 //! Not here: assembling the stack and dispatching to it (`stack.rs`).
 
@@ -34,9 +35,26 @@ use crate::Router;
 /// `ServerBuilder::authorize`).
 pub(crate) type AuthorizeHook = Arc<dyn Fn(&CallContext) -> Result<(), Status> + Send + Sync>;
 
+/// A service that is always ready and keeps no per-call state, called
+/// through a shared reference (its `tower::Service::call` does the same).
+pub(crate) trait SharedCall {
+    type Future: Future<Output = Result<Bytes, Status>> + Unpin;
+
+    fn call_shared(&self, call: Call) -> Self::Future;
+}
+
 /// The router as a tower service: the innermost one of every stack.
 #[derive(Clone)]
 pub(crate) struct RouterService(pub(crate) Arc<Router>);
+
+impl SharedCall for RouterService {
+    type Future = BoxFuture<Result<Bytes, Status>>;
+
+    fn call_shared(&self, call: Call) -> Self::Future {
+        use rpc_core::Dispatch;
+        self.0.dispatch(call.ctx, call.body)
+    }
+}
 
 impl Service<Call> for RouterService {
     type Response = Bytes;
@@ -48,8 +66,7 @@ impl Service<Call> for RouterService {
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        use rpc_core::Dispatch;
-        self.0.dispatch(call.ctx, call.body)
+        self.call_shared(call)
     }
 }
 
@@ -122,10 +139,27 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        match (self.hook)(&call.ctx) {
-            Ok(()) => Either::Right(self.inner.call(call)),
-            Err(status) => Either::Left(ready(Err(status))),
-        }
+        let inner = &mut self.inner;
+        authorize(&self.hook, call, |call| inner.call(call))
+    }
+}
+
+impl<S: SharedCall> SharedCall for Authorize<S> {
+    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+
+    fn call_shared(&self, call: Call) -> Self::Future {
+        authorize(&self.hook, call, |call| self.inner.call_shared(call))
+    }
+}
+
+fn authorize<F>(
+    hook: &AuthorizeHook,
+    call: Call,
+    inner: impl FnOnce(Call) -> F,
+) -> Either<Ready<Result<Bytes, Status>>, F> {
+    match hook(&call.ctx) {
+        Ok(()) => Either::Right(inner(call)),
+        Err(status) => Either::Left(ready(Err(status))),
     }
 }
 
@@ -154,14 +188,34 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let reply = match call.ctx.method() {
+        match self.answer(&call) {
+            Some(reply) => Either::Left(ready(reply)),
+            None => Either::Right(self.inner.call(call)),
+        }
+    }
+}
+
+impl<S: SharedCall> SharedCall for ReservedMethods<S> {
+    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+
+    fn call_shared(&self, call: Call) -> Self::Future {
+        match self.answer(&call) {
+            Some(reply) => Either::Left(ready(reply)),
+            None => Either::Right(self.inner.call_shared(call)),
+        }
+    }
+}
+
+impl<S> ReservedMethods<S> {
+    /// The reply to a reserved method; `None` for any other.
+    fn answer(&self, call: &Call) -> Option<Result<Bytes, Status>> {
+        Some(match call.ctx.method() {
             LIST_METHOD => codec::encode(&*self.list, usize::MAX)
                 .map_err(|e| Status::internal(format!("listing did not encode: {e}"))),
             STATS_METHOD => codec::encode(&(self.stats)(), usize::MAX)
                 .map_err(|e| Status::internal(format!("stats did not encode: {e}"))),
-            _ => return Either::Right(self.inner.call(call)),
-        };
-        Either::Left(ready(reply))
+            _ => return None,
+        })
     }
 }
 
@@ -191,13 +245,26 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        self.counters.started();
-        let deadline = call.ctx.deadline();
-        Counted {
-            inner: self.inner.call(call),
-            counters: Some(self.counters.clone()),
-            deadline,
-        }
+        let inner = &mut self.inner;
+        count(&self.counters, call, |call| inner.call(call))
+    }
+}
+
+impl<S: SharedCall> SharedCall for Stats<S> {
+    type Future = Counted<S::Future>;
+
+    fn call_shared(&self, call: Call) -> Self::Future {
+        count(&self.counters, call, |call| self.inner.call_shared(call))
+    }
+}
+
+fn count<F>(counters: &Arc<CallCounters>, call: Call, inner: impl FnOnce(Call) -> F) -> Counted<F> {
+    counters.started();
+    let deadline = call.ctx.deadline();
+    Counted {
+        inner: inner(call),
+        counters: Some(counters.clone()),
+        deadline,
     }
 }
 

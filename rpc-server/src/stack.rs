@@ -11,9 +11,10 @@
 //!                  └─► call(Call) ─► future, polled inline by the driver
 //! ```
 //!
-//! Without user layers the stack is one concrete type, with no boxing
-//! beyond the router's future; with them, the user part is a
-//! `BoxCloneSyncService`. An error a user layer returns becomes the call's
+//! Without user layers the stack is one concrete type, called through a
+//! shared reference (its services are always ready), with one box for the
+//! whole call; with them, the user part is a `BoxCloneSyncService`, cloned
+//! and made ready per call as tower asks. An error a user layer returns becomes the call's
 //! [`Status`]: a `Status` as it is, tower's load-shed `Overloaded` as
 //! `Overloaded`, its timeout's `Elapsed` as `DeadlineExceeded`, anything
 //! else as `Internal`.
@@ -33,7 +34,8 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::call::{Call, CallService};
 use crate::connection_set::ConnectionSet;
 use crate::layers::{
-    Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, Snapshot, Stats,
+    Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, SharedCall, Snapshot,
+    Stats,
 };
 use crate::Router;
 
@@ -183,7 +185,8 @@ impl Dispatch for ServerDispatch {
     fn dispatch(&self, ctx: CallContext, body: Bytes) -> BoxFuture<Result<Bytes, Status>> {
         let call = Call { ctx, body };
         match &self.stack {
-            Stack::Builtin(stack) => call_when_ready(stack.clone(), call),
+            // Always ready, nothing to clone (see `SharedCall`).
+            Stack::Builtin(stack) => Box::pin(stack.call_shared(call)),
             Stack::Layered(stack) => call_when_ready(stack.clone(), call),
         }
     }

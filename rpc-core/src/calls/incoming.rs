@@ -98,17 +98,13 @@ impl ServedCalls {
         }
     }
 
-    /// Calls running as tasks now.
-    pub(crate) fn running(&self) -> usize {
-        lock(&self.running).len()
-    }
-
-    /// True when call `id` runs as a task. Handlers that finish when first
-    /// polled never become tasks, so the map is mostly empty: the id is
-    /// not hashed then.
-    pub(crate) fn is_running(&self, id: u64) -> bool {
+    /// Calls running as tasks now, and whether `id` is one of them, under
+    /// one lock. Handlers that finish when first polled never become
+    /// tasks, so the map is mostly empty: the id is not hashed then.
+    pub(crate) fn running(&self, id: u64) -> (usize, bool) {
         let running = lock(&self.running);
-        !running.is_empty() && running.contains_key(&id)
+        let n = running.len();
+        (n, n > 0 && running.contains_key(&id))
     }
 
     /// Stops call `id` if it runs (the peer's `Cancel`); false if not.
