@@ -126,6 +126,12 @@ impl TestServer {
             .router(router)
             .build()
             .unwrap();
+        TestServer::serve(certs, server).await
+    }
+
+    /// Serves a server built by the test (with layers, say); `certs` are
+    /// the ones its TLS config was made of.
+    pub async fn serve(certs: DevCerts, server: Server) -> TestServer {
         let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
