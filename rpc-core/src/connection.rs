@@ -201,30 +201,28 @@ impl Connection {
 
     /// Like [`call`](Self::call), sending `metadata` with the request
     /// (checked here: see [`crate::metadata`]).
-    pub async fn call_with_metadata(
-        &self,
-        method: &str,
+    pub fn call_with_metadata<'a>(
+        &'a self,
+        method: &'a str,
         body: Bytes,
         timeout: Duration,
         metadata: Metadata,
-    ) -> Result<Bytes, Error> {
-        if !metadata.is_empty() {
-            metadata.check().map_err(Error::Metadata)?;
-        }
+    ) -> impl Future<Output = Result<Bytes, Error>> + Send + 'a {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        if !debug_spans_wanted() {
-            return self.call_inner(id, method, body, timeout, metadata).await;
-        }
-        let span = tracing::debug_span!("call", method, id, peer = %self.shared.peer);
+        let call = self.call_inner(id, method, body, timeout, metadata);
         // A span no subscriber wants is not entered: entering and leaving it
         // on every poll still costs (more when a dependency turns on
-        // tracing's `log` feature, as tarpc does in the benchmark).
-        if span.is_disabled() {
-            self.call_inner(id, method, body, timeout, metadata).await
+        // tracing's `log` feature, as tarpc does in the benchmark). Either
+        // way the call's future is this one, not one wrapped around it.
+        let span = if debug_spans_wanted() {
+            tracing::debug_span!("call", method, id, peer = %self.shared.peer)
         } else {
-            self.call_inner(id, method, body, timeout, metadata)
-                .instrument(span)
-                .await
+            tracing::Span::none()
+        };
+        if span.is_disabled() {
+            futures_util::future::Either::Left(call)
+        } else {
+            futures_util::future::Either::Right(call.instrument(span))
         }
     }
 
@@ -236,6 +234,9 @@ impl Connection {
         timeout: Duration,
         metadata: Metadata,
     ) -> Result<Bytes, Error> {
+        if !metadata.is_empty() {
+            metadata.check().map_err(Error::Metadata)?;
+        }
         let deadline_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         // Exact sizing walks the whole frame; only requests near the limit
         // need it. Each metadata entry adds two lengths (at most 10 bytes).

@@ -30,17 +30,21 @@ pub const MAX_KEY_LEN: usize = 128;
 /// Keys under this prefix are the framework's.
 pub const RESERVED_PREFIX: &str = "srpc-";
 
-/// The metadata of one call. Cheap to clone while empty (the usual case).
+/// The metadata of one call. One pointer wide, and cheap to clone while
+/// empty (the usual case): every call's future and frame carry one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
-    entries: Vec<(String, Bytes)>,
+    /// `None` when empty, never `Some` of an empty list.
+    // Boxed so the field is one pointer wide in every frame and call
+    // future (a boxed slice would be two); the extra allocation is paid
+    // only by calls that carry metadata.
+    #[allow(clippy::box_collection)]
+    entries: Option<Box<Vec<(String, Bytes)>>>,
 }
 
 impl Metadata {
     /// No entries, as a constant.
-    pub const EMPTY: Metadata = Metadata {
-        entries: Vec::new(),
-    };
+    pub const EMPTY: Metadata = Metadata { entries: None };
 
     /// No entries.
     pub fn new() -> Self {
@@ -70,8 +74,9 @@ impl Metadata {
     fn insert_any(&mut self, key: &str, value: Bytes) -> Result<(), Error> {
         check_key(key).map_err(Error::Metadata)?;
         let mut next = self.clone();
-        next.entries.retain(|(k, _)| k != key);
-        next.entries.push((key.to_owned(), value));
+        let entries = next.entries.get_or_insert_with(Box::default);
+        entries.retain(|(k, _)| k != key);
+        entries.push((key.to_owned(), value));
         next.check().map_err(Error::Metadata)?;
         *self = next;
         Ok(())
@@ -79,7 +84,10 @@ impl Metadata {
 
     /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&Bytes> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.entries()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     /// The value of `key` as text, if set and UTF-8.
@@ -89,41 +97,44 @@ impl Metadata {
 
     /// The entries, in the order they were set.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        self.entries().iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// How many entries.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// True with no entries.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_none()
     }
 
     /// Keys plus values, in bytes.
     pub fn size(&self) -> usize {
-        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.entries().iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 
     /// Entries as they came off the wire, unchecked (the driver checks
     /// them with [`check`](Self::check) before a handler sees them).
     pub(crate) fn from_wire(entries: Vec<(String, Bytes)>) -> Self {
-        Metadata { entries }
+        Metadata {
+            entries: (!entries.is_empty()).then(|| Box::new(entries)),
+        }
     }
 
     pub(crate) fn entries(&self) -> &[(String, Bytes)] {
-        &self.entries
+        self.entries.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// `Err` naming the first rule broken: too many entries, too many
     /// bytes, a malformed or repeated key.
     pub fn check(&self) -> Result<(), String> {
-        if self.entries.len() > MAX_ENTRIES {
+        let entries = self.entries();
+        if entries.len() > MAX_ENTRIES {
             return Err(format!(
                 "call metadata has {} entries; the limit is {MAX_ENTRIES}",
-                self.entries.len()
+                entries.len()
             ));
         }
         let size = self.size();
@@ -132,9 +143,9 @@ impl Metadata {
                 "call metadata has {size} bytes of keys and values; the limit is {MAX_BYTES}"
             ));
         }
-        for (i, (key, _)) in self.entries.iter().enumerate() {
+        for (i, (key, _)) in entries.iter().enumerate() {
             check_key(key)?;
-            if self.entries[..i].iter().any(|(k, _)| k == key) {
+            if entries[..i].iter().any(|(k, _)| k == key) {
                 return Err(format!("call metadata repeats the key {key:?}"));
             }
         }
@@ -146,8 +157,9 @@ impl Metadata {
 impl serde::Serialize for Metadata {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.entries.len()))?;
-        for (key, value) in &self.entries {
+        let entries = self.entries();
+        let mut seq = s.serialize_seq(Some(entries.len()))?;
+        for (key, value) in entries {
             seq.serialize_element(&(key.as_str(), value))?;
         }
         seq.end()
@@ -210,6 +222,15 @@ mod tests {
         let err = m.insert("x", "y").unwrap_err().to_string();
         assert!(err.contains(&format!("limit is {MAX_BYTES}")), "{err}");
         assert_eq!(m.size(), MAX_BYTES);
+    }
+
+    #[test]
+    fn metadata_is_one_pointer_wide() {
+        assert_eq!(
+            std::mem::size_of::<Metadata>(),
+            std::mem::size_of::<usize>()
+        );
+        assert_eq!(Metadata::from_wire(Vec::new()), Metadata::new());
     }
 
     #[test]

@@ -41,6 +41,24 @@ fn body() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
 }
 
+/// Metadata within its rules: up to 4 entries of lowercase keys.
+fn metadata() -> impl Strategy<Value = rpc_core::Metadata> {
+    const KEY_BYTES: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789._-";
+    let key = proptest::collection::vec(0..KEY_BYTES.len(), 1..12).prop_map(|ix| {
+        ix.into_iter()
+            .map(|i| char::from(KEY_BYTES[i]))
+            .collect::<String>()
+    });
+    proptest::collection::vec((key, body()), 0..4).prop_map(|entries| {
+        let mut m = rpc_core::Metadata::new();
+        for (key, value) in entries {
+            // A reserved key is refused: that entry is left out.
+            let _ = m.insert(&key, value);
+        }
+        m
+    })
+}
+
 fn status() -> impl Strategy<Value = Status> {
     (0..StatusCode::ALL.len(), text(16)).prop_map(|(i, m)| Status::new(StatusCode::ALL[i], m))
 }
@@ -60,13 +78,14 @@ fn any_frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             text(16),
             proptest::option::of(any::<u32>()),
+            metadata(),
             body()
         )
-            .prop_map(|(id, method, deadline_ms, body)| Frame::Request {
+            .prop_map(|(id, method, deadline_ms, metadata, body)| Frame::Request {
                 id,
                 method,
                 deadline_ms,
-                metadata: rpc_core::Metadata::new(),
+                metadata,
                 body
             }),
         (

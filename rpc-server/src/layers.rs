@@ -77,7 +77,8 @@ impl Service<Call> for RouterService {
 /// put it before other layers.
 #[derive(Clone)]
 pub struct AuthorizeLayer {
-    hook: AuthorizeHook,
+    /// `None`: every call passes (the server's stack without a hook).
+    hook: Option<AuthorizeHook>,
 }
 
 impl AuthorizeLayer {
@@ -87,11 +88,11 @@ impl AuthorizeLayer {
         F: Fn(&CallContext) -> Result<(), Status> + Send + Sync + 'static,
     {
         AuthorizeLayer {
-            hook: Arc::new(hook),
+            hook: Some(Arc::new(hook)),
         }
     }
 
-    pub(crate) fn from_hook(hook: AuthorizeHook) -> Self {
+    pub(crate) fn from_hook(hook: Option<AuthorizeHook>) -> Self {
         AuthorizeLayer { hook }
     }
 }
@@ -117,7 +118,7 @@ impl<S> Layer<S> for AuthorizeLayer {
 #[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
-    hook: AuthorizeHook,
+    hook: Option<AuthorizeHook>,
 }
 
 impl<S> std::fmt::Debug for Authorize<S> {
@@ -144,22 +145,27 @@ where
     }
 }
 
-impl<S: SharedCall> SharedCall for Authorize<S> {
-    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+/// A refusal is boxed (rare); a call let through is the inner future
+/// itself, so the stack's future stays one box, whatever its depth.
+impl<S: SharedCall<Future = BoxFuture<Result<Bytes, Status>>>> SharedCall for Authorize<S> {
+    type Future = BoxFuture<Result<Bytes, Status>>;
 
     fn call_shared(&self, call: Call) -> Self::Future {
-        authorize(&self.hook, call, |call| self.inner.call_shared(call))
+        match authorize(&self.hook, call, |call| self.inner.call_shared(call)) {
+            Either::Right(through) => through,
+            Either::Left(refused) => Box::pin(refused),
+        }
     }
 }
 
 fn authorize<F>(
-    hook: &AuthorizeHook,
+    hook: &Option<AuthorizeHook>,
     call: Call,
     inner: impl FnOnce(Call) -> F,
 ) -> Either<Ready<Result<Bytes, Status>>, F> {
-    match hook(&call.ctx) {
-        Ok(()) => Either::Right(inner(call)),
-        Err(status) => Either::Left(ready(Err(status))),
+    match hook.as_ref().map(|hook| hook(&call.ctx)) {
+        None | Some(Ok(())) => Either::Right(inner(call)),
+        Some(Err(status)) => Either::Left(ready(Err(status))),
     }
 }
 
@@ -195,13 +201,14 @@ where
     }
 }
 
-impl<S: SharedCall> SharedCall for ReservedMethods<S> {
-    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+/// As for `Authorize`: an answer here is boxed, a call passed on is not.
+impl<S: SharedCall<Future = BoxFuture<Result<Bytes, Status>>>> SharedCall for ReservedMethods<S> {
+    type Future = BoxFuture<Result<Bytes, Status>>;
 
     fn call_shared(&self, call: Call) -> Self::Future {
         match self.answer(&call) {
-            Some(reply) => Either::Left(ready(reply)),
-            None => Either::Right(self.inner.call_shared(call)),
+            Some(reply) => Box::pin(ready(reply)),
+            None => self.inner.call_shared(call),
         }
     }
 }

@@ -105,8 +105,7 @@ impl ServerDispatch {
             let (counters, connections) = (counters.clone(), connections.clone());
             Arc::new(move || snapshot(&counters, &connections))
         };
-        let hook = authorize.unwrap_or_else(|| Arc::new(|_: &CallContext| Ok(())));
-        let inner = AuthorizeLayer::from_hook(hook).layer(ReservedMethods {
+        let inner = AuthorizeLayer::from_hook(authorize).layer(ReservedMethods {
             inner: RouterService(router.clone()),
             list: Arc::new(router.describe()),
             stats,

@@ -39,7 +39,10 @@
 //!
 //! What `#[service]` generates, what a method may look like, and how errors
 //! travel: see [`service`]. Handlers reach the call's peer address,
-//! certificate identity and deadline with [`context`].
+//! certificate identity, metadata and deadline with [`context`]. One call's
+//! timeout, metadata and wait-for-ready go in [`CallOptions`]
+//! (`calc.with_options(opts).add(2, 3)`); middleware is any `tower::Layer`
+//! over a server's [`Call`]s (`ServerBuilder::layer`).
 //!
 //! # Layout
 //!
@@ -60,6 +63,10 @@ pub use rpc_client::{Client, ClientBuilder, ClientError, ConnState};
 #[doc(inline)]
 pub use rpc_core::service::context;
 #[doc(inline)]
-pub use rpc_core::{tls, CallContext, ConnectionConfig, PeerIdentity, Status, StatusCode};
+pub use rpc_core::{
+    tls, CallContext, CallOptions, ConnectionConfig, Metadata, PeerIdentity, Status, StatusCode,
+};
 #[doc(inline)]
-pub use rpc_server::{devcerts, Router, Server, ServerBuilder, ServerOptions, TlsFiles};
+pub use rpc_server::{
+    devcerts, AuthorizeLayer, Call, Router, Server, ServerBuilder, ServerOptions, TlsFiles,
+};

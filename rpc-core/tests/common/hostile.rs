@@ -453,7 +453,18 @@ impl Plan {
                     id,
                     method: METHODS[usize::from(r.u8()) % METHODS.len()].into(),
                     deadline_ms: (r.u8() % 2 == 0).then(|| u32::from(r.u8()) * 10),
-                    metadata: rpc_core::Metadata::new(),
+                    // A Request with metadata one time in two.
+                    metadata: if op % 2 == 1 {
+                        let mut m = rpc_core::Metadata::new();
+                        for _ in 0..r.u8() % 4 {
+                            let key =
+                                ["tenant", "authorization", "x-trace.id"][usize::from(r.u8()) % 3];
+                            let _ = m.insert(key, r.bytes());
+                        }
+                        m
+                    } else {
+                        rpc_core::Metadata::new()
+                    },
                     body: Bytes::from(r.bytes()),
                 }),
                 2 => Step::Frame(Frame::Response {
