@@ -54,6 +54,7 @@ echo "== 3. calls (TLS 1.3, ALPN srpc/1, one connection per command)"
 client call echo "hello, world"
 client call add 2 3
 client call sleep 100
+client --meta tenant=demo --meta request-id=7 call metadata
 # This one must fail, with exit 1 and a deadline error: anything else stops
 # the demo.
 CODE=0
