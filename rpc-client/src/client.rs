@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
 use rpc_core::{codec, CallOptions, Connection, ConnectionConfig, Metadata};
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
@@ -427,6 +428,25 @@ impl Client {
     /// `srpc.stats`).
     pub async fn stats(&self) -> Result<rpc_core::stats::StatsSnapshot, ClientError> {
         self.call(rpc_core::stats::STATS_METHOD, &()).await
+    }
+
+    /// The server's health (`service` `""`) or one service's, as its
+    /// health service reports it (reserved method `srpc.health.Check`): a
+    /// draining server answers `NotServing`; an unknown service is a
+    /// `NotFound` status.
+    pub async fn health(&self, service: &str) -> Result<HealthStatus, ClientError> {
+        self.call(CHECK_METHOD, service).await
+    }
+
+    /// Waits until `service`'s health differs from `seen` (answers at
+    /// once without one), within the client's timeout (reserved method
+    /// `srpc.health.Watch`).
+    pub async fn watch_health(
+        &self,
+        service: &str,
+        seen: Option<HealthStatus>,
+    ) -> Result<HealthStatus, ClientError> {
+        self.call(WATCH_METHOD, &(service, seen)).await
     }
 
     /// The server's services and methods, with argument and reply type

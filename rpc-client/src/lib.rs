@@ -30,4 +30,5 @@ mod error;
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
 pub use endpoint::ConnState;
 pub use error::ClientError;
+pub use rpc_core::health::HealthStatus;
 pub use rpc_core::{CallOptions, Metadata, Status, StatusCode};

@@ -345,6 +345,39 @@ async fn meta_flags_reach_the_server_and_call_metadata_prints_them_sorted() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_prints_the_status_and_exits_0_only_when_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    devcerts::write_to(dir.path()).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let tls = rpc_core::tls::server_config(&p("server.pem"), &p("server.key"), None).unwrap();
+    let server = Server::builder(tls).router(demo::router()).build().unwrap();
+    let health = server.health();
+    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    let ca = p("ca.pem");
+
+    for service in [&[][..], &["Demo"][..]] {
+        let args: Vec<&str> = ["health"].iter().chain(service).copied().collect();
+        let out = run(&ca, &addr, &args).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "SERVING\n");
+    }
+    health.set("Demo", rpc_server::HealthStatus::NotServing);
+    let out = run(&ca, &addr, &["health", "Demo"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "NOT_SERVING\n");
+    // An unknown service is an error naming it, also exit 1.
+    let out = run(&ca, &addr, &["health", "Nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no service \"Nope\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn a_missing_ca_is_a_usage_error_with_exit_2() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rpc-client"))

@@ -281,7 +281,7 @@ impl Driver {
                 let stage = self.shared.stage();
                 let verdict = self
                     .rules
-                    .request(stage, id, &metadata, running, |_| is_running);
+                    .request(stage, id, &method, &metadata, running, |_| is_running);
                 // The rules refuse every request on a client.
                 let Some(served) = self.served.as_mut() else {
                     return Err(match verdict {

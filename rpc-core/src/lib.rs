@@ -30,6 +30,7 @@
 //! | `identity.rs` | the peer certificate's subject and SANs |
 //! | `service.rs` | what `#[service]` builds on: `Service`, `Caller`, context |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
+//! | `health.rs` | the health service's methods and statuses (`srpc.health`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
 //!
@@ -52,6 +53,7 @@ mod context;
 mod driver;
 pub mod error;
 pub mod frame;
+pub mod health;
 pub mod heartbeat;
 pub mod identity;
 mod lifecycle;

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `Hello` | first frame only (`transport.rs`) | `GoAway`, close |
 //! | `Request` | to a server; metadata within bounds; id not running | `GoAway`, close |
-//! | `Request` while draining / over `max_in_flight` | | `ShuttingDown` / `Overloaded` reply |
+//! | `Request` while draining (health checks aside) / over `max_in_flight` | | `ShuttingDown` / `Overloaded` reply |
 //! | `Response` | for a call this side made | `GoAway`, close (late ones are dropped) |
 //! | `Cancel` | for a request the peer made | `GoAway`, close (late ones are dropped) |
 //! | `Ping` | no more often than the `Hello` allows (`heartbeat.rs`) | `GoAway`, close |
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::calls::Side;
 use crate::error::{Status, StatusCode};
+use crate::health::is_health_method;
 use crate::lifecycle::Stage;
 use crate::metadata::Metadata;
 
@@ -61,6 +62,7 @@ impl Rules {
         &mut self,
         stage: Stage,
         id: u64,
+        method: &str,
         metadata: &Metadata,
         running: usize,
         is_running: impl FnOnce(u64) -> bool,
@@ -84,7 +86,9 @@ impl Rules {
                 "protocol violation: request id {id} is already in flight"
             ));
         }
-        if stage.draining() || stage.ending() {
+        // A draining server still answers health checks (NOT_SERVING), so
+        // a client on this connection learns why it should go elsewhere.
+        if stage.ending() || (stage.draining() && !is_health_method(method)) {
             return RequestVerdict::Refuse(Status::new(
                 StatusCode::ShuttingDown,
                 "server is shutting down",
@@ -176,7 +180,7 @@ mod tests {
     #[test]
     fn a_client_serves_no_calls() {
         let mut rules = Rules::new(Side::Client, 10);
-        let verdict = rules.request(open(), 1, &Metadata::new(), 0, never);
+        let verdict = rules.request(open(), 1, "m", &Metadata::new(), 0, never);
         assert!(matches!(verdict, RequestVerdict::Violation(r) if r.contains("serves no calls")));
     }
 
@@ -184,22 +188,30 @@ mod tests {
     fn requests_are_served_refused_or_violations() {
         let mut rules = Rules::new(Side::Server, 2);
         assert_eq!(
-            rules.request(open(), 1, &Metadata::new(), 0, never),
+            rules.request(open(), 1, "m", &Metadata::new(), 0, never),
             RequestVerdict::Serve
         );
         // Id 1 still runs: the same id again breaks the protocol.
-        let again = rules.request(open(), 1, &Metadata::new(), 1, |id| id == 1);
+        let again = rules.request(open(), 1, "m", &Metadata::new(), 1, |id| id == 1);
         assert!(matches!(again, RequestVerdict::Violation(r) if r.contains("already in flight")));
         assert_eq!(
-            rules.request(open(), 2, &Metadata::new(), 1, |id| id == 1),
+            rules.request(open(), 2, "m", &Metadata::new(), 1, |id| id == 1),
             RequestVerdict::Serve
         );
-        let full = rules.request(open(), 3, &Metadata::new(), 2, |_| false);
+        let full = rules.request(open(), 3, "m", &Metadata::new(), 2, |_| false);
         assert!(matches!(full, RequestVerdict::Refuse(s) if s.code == StatusCode::Overloaded));
         let mut draining = Lifecycle::Open;
         draining.drain();
-        let late = rules.request(draining.stage(false), 4, &Metadata::new(), 0, never);
+        let late = rules.request(draining.stage(false), 4, "m", &Metadata::new(), 0, never);
         assert!(matches!(late, RequestVerdict::Refuse(s) if s.code == StatusCode::ShuttingDown));
+        // Health checks are still answered while draining, not once closing.
+        let health = crate::health::CHECK_METHOD;
+        let check = rules.request(draining.stage(false), 5, health, &Metadata::new(), 0, never);
+        assert_eq!(check, RequestVerdict::Serve);
+        let mut closing = Lifecycle::Open;
+        closing.close(crate::lifecycle::CloseCause::ClosedHere);
+        let check = rules.request(closing.stage(false), 6, health, &Metadata::new(), 0, never);
+        assert!(matches!(check, RequestVerdict::Refuse(s) if s.code == StatusCode::ShuttingDown));
     }
 
     #[test]
@@ -208,13 +220,13 @@ mod tests {
         let entries = (0..=crate::metadata::MAX_ENTRIES)
             .map(|i| (format!("k{i}"), bytes::Bytes::new()))
             .collect();
-        let verdict = rules.request(open(), 1, &Metadata::from_wire(entries), 0, never);
+        let verdict = rules.request(open(), 1, "m", &Metadata::from_wire(entries), 0, never);
         let RequestVerdict::Violation(reason) = verdict else {
             panic!("{verdict:?}")
         };
         assert!(reason.contains("limit is 32"), "{reason}");
         let big = vec![("k".to_owned(), bytes::Bytes::from(vec![0u8; 9000]))];
-        let verdict = rules.request(open(), 2, &Metadata::from_wire(big), 0, never);
+        let verdict = rules.request(open(), 2, "m", &Metadata::from_wire(big), 0, never);
         assert!(matches!(verdict, RequestVerdict::Violation(r) if r.contains("limit is 8192")));
     }
 
@@ -225,7 +237,7 @@ mod tests {
         // A refused request counts as requested: its Cancel may cross the refusal.
         let mut draining = Lifecycle::Open;
         draining.drain();
-        let _ = rules.request(draining.stage(false), 5, &Metadata::new(), 0, never);
+        let _ = rules.request(draining.stage(false), 5, "m", &Metadata::new(), 0, never);
         assert!(rules.unmatched_cancel(5).is_ok());
         assert!(rules.unmatched_cancel(3).is_ok());
         assert!(rules

@@ -1,8 +1,9 @@
 //! Call counters, and the stats snapshot a server sends when asked.
 //!
-//! The connection driver updates a [`CallCounters`] (when its [`Dispatch`]
-//! offers one) as calls start, finish, fail or are refused; a server shares
-//! one set across all its connections. [`StatsSnapshot`] is what the reserved
+//! A server's counting layer updates a [`CallCounters`] as calls start,
+//! finish or fail, and its [`Dispatch`] counts the calls a connection
+//! refused before dispatching; a server shares one set across all its
+//! connections. [`StatsSnapshot`] is what the reserved
 //! method [`STATS_METHOD`] returns, encoded like any reply.
 //!
 //! Not here: collecting connections and RTTs (the server does that).

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! Stats ─► [user layers] ─► Authorize ─► ReservedMethods ─► RouterService
-//! counts    tower::Layer     hook's Err    srpc.list,         user methods
-//! every     (limits, logs)   = the reply   srpc.stats
+//! counts    tower::Layer     hook's Err    srpc.list, .stats, user methods
+//! every     (limits, logs)   = the reply   .health.Check/Watch
 //! call
 //! ```
 //!
@@ -23,12 +23,14 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::{ready, Either, Ready};
-use rpc_core::service::{ServiceDescription, LIST_METHOD};
-use rpc_core::stats::{CallCounters, StatsSnapshot, STATS_METHOD};
+use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
+use rpc_core::service::{decode_args, encode_reply, ServiceDescription, LIST_METHOD};
+use rpc_core::stats::{CallCounters, StatsSnapshot, RESERVED_PREFIX, STATS_METHOD};
 use rpc_core::{codec, BoxFuture, CallContext, Status, StatusCode};
 use tower::{Layer, Service};
 
 use crate::call::Call;
+use crate::health::Health;
 use crate::Router;
 
 /// Decides per call whether the peer may make it (see
@@ -172,13 +174,14 @@ fn authorize<F>(
 /// Where `srpc.stats` gets its figures.
 pub(crate) type Snapshot = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
 
-/// Answers the framework's reserved methods (`srpc.list`, `srpc.stats`);
-/// passes every other call on.
+/// Answers the framework's reserved methods (`srpc.list`, `srpc.stats`,
+/// `srpc.health.Check`, `srpc.health.Watch`); passes every other call on.
 #[derive(Clone)]
 pub(crate) struct ReservedMethods<S> {
     pub(crate) inner: S,
     pub(crate) list: Arc<Vec<ServiceDescription>>,
     pub(crate) stats: Snapshot,
+    pub(crate) health: Health,
 }
 
 impl<S> Service<Call> for ReservedMethods<S>
@@ -187,7 +190,7 @@ where
 {
     type Response = Bytes;
     type Error = Status;
-    type Future = Either<Ready<Result<Bytes, Status>>, S::Future>;
+    type Future = Either<BoxFuture<Result<Bytes, Status>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
         self.inner.poll_ready(cx)
@@ -195,7 +198,7 @@ where
 
     fn call(&mut self, call: Call) -> Self::Future {
         match self.answer(&call) {
-            Some(reply) => Either::Left(ready(reply)),
+            Some(reply) => Either::Left(reply),
             None => Either::Right(self.inner.call(call)),
         }
     }
@@ -207,7 +210,7 @@ impl<S: SharedCall<Future = BoxFuture<Result<Bytes, Status>>>> SharedCall for Re
 
     fn call_shared(&self, call: Call) -> Self::Future {
         match self.answer(&call) {
-            Some(reply) => Box::pin(ready(reply)),
+            Some(reply) => reply,
             None => self.inner.call_shared(call),
         }
     }
@@ -215,14 +218,32 @@ impl<S: SharedCall<Future = BoxFuture<Result<Bytes, Status>>>> SharedCall for Re
 
 impl<S> ReservedMethods<S> {
     /// The reply to a reserved method; `None` for any other.
-    fn answer(&self, call: &Call) -> Option<Result<Bytes, Status>> {
-        Some(match call.ctx.method() {
+    fn answer(&self, call: &Call) -> Option<BoxFuture<Result<Bytes, Status>>> {
+        let method = call.ctx.method();
+        if !method.starts_with(RESERVED_PREFIX) {
+            return None;
+        }
+        let reply = match method {
             LIST_METHOD => codec::encode(&*self.list, usize::MAX)
                 .map_err(|e| Status::internal(format!("listing did not encode: {e}"))),
             STATS_METHOD => codec::encode(&(self.stats)(), usize::MAX)
                 .map_err(|e| Status::internal(format!("stats did not encode: {e}"))),
+            CHECK_METHOD => decode_args::<String>(method, &call.ctx, &call.body)
+                .and_then(|service| self.health.check(&service))
+                .and_then(|status| encode_reply(method, &status)),
+            WATCH_METHOD => {
+                let args =
+                    decode_args::<(String, Option<HealthStatus>)>(method, &call.ctx, &call.body);
+                let health = self.health.clone();
+                return Some(Box::pin(async move {
+                    let (service, seen) = args?;
+                    let status = health.watch(&service, seen).await?;
+                    encode_reply(WATCH_METHOD, &status)
+                }));
+            }
             _ => return None,
-        })
+        };
+        Some(Box::pin(ready(reply)))
     }
 }
 

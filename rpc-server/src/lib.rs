@@ -22,6 +22,7 @@
 //! | `call.rs` | [`Call`]: one call as middleware sees it |
 //! | `stack.rs` | the tower stack every call goes through; user layers |
 //! | `layers.rs` | the server's own layers: counters, authorization, `srpc.*` |
+//! | `health.rs` | the statuses `srpc.health` reports; NOT_SERVING once draining |
 //! | `router.rs` | method name -> typed async handler |
 //! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
 //! | `devcerts.rs` | development CA and certificates (rcgen) |
@@ -37,6 +38,7 @@ mod connection_task;
 pub mod demo;
 pub mod devcerts;
 mod error;
+mod health;
 mod layers;
 mod router;
 mod server;
@@ -44,7 +46,9 @@ mod stack;
 
 pub use call::{Call, CallService};
 pub use error::ServerError;
+pub use health::Health;
 pub use layers::{Authorize, AuthorizeLayer};
 pub use router::Router;
+pub use rpc_core::health::HealthStatus;
 pub use rpc_core::{CallContext, Metadata, Status, StatusCode};
 pub use server::{Server, ServerBuilder, ServerOptions, TlsFiles, MAX_REFUSALS};

@@ -316,6 +316,14 @@ impl Server {
             .clone()
     }
 
+    /// The statuses the health service (`srpc.health.Check`/`Watch`)
+    /// reports: every service starts `Serving`; set one (or `""`, the
+    /// whole server) from code, e.g. while a dependency is down. Once
+    /// `serve` drains, everything is `NotServing` for good.
+    pub fn health(&self) -> crate::Health {
+        self.dispatch.health.clone()
+    }
+
     /// Connections, calls and errors so far: what the reserved method
     /// `srpc.stats` returns to clients.
     pub fn stats(&self) -> StatsSnapshot {
@@ -389,6 +397,8 @@ impl Server {
             Err(e) => return Err(ServerError::Accept(std::io::Error::other(e))),
         }
         tracker.close();
+        // Health checks on the connections still open answer NOT_SERVING.
+        self.dispatch.health.drain();
         info!(
             connections = tracker.len(),
             "shutting down: draining connections"

@@ -33,6 +33,7 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::call::{Call, CallService};
 use crate::connection_set::ConnectionSet;
+use crate::health::Health;
 use crate::layers::{
     Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, SharedCall, Snapshot,
     Stats,
@@ -90,6 +91,8 @@ pub(crate) struct ServerDispatch {
     /// Every live connection, for stats (`connection_task.rs` adds and
     /// removes).
     pub(crate) connections: Arc<ConnectionSet>,
+    /// What `srpc.health` reports.
+    pub(crate) health: Health,
 }
 
 impl ServerDispatch {
@@ -105,10 +108,17 @@ impl ServerDispatch {
             let (counters, connections) = (counters.clone(), connections.clone());
             Arc::new(move || snapshot(&counters, &connections))
         };
+        let list = router.describe();
+        let health = Health::new(
+            list.iter()
+                .map(|service| service.name.clone())
+                .filter(|name| !name.is_empty()),
+        );
         let inner = AuthorizeLayer::from_hook(authorize).layer(ReservedMethods {
             inner: RouterService(router.clone()),
-            list: Arc::new(router.describe()),
+            list: Arc::new(list),
             stats,
+            health: health.clone(),
         });
         let stack = if layers.is_empty() {
             Stack::Builtin(Stats {
@@ -132,6 +142,7 @@ impl ServerDispatch {
             router,
             counters,
             connections,
+            health,
         }
     }
 

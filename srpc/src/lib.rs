@@ -68,5 +68,6 @@ pub use rpc_core::{
 };
 #[doc(inline)]
 pub use rpc_server::{
-    devcerts, AuthorizeLayer, Call, Router, Server, ServerBuilder, ServerOptions, TlsFiles,
+    devcerts, AuthorizeLayer, Call, HealthStatus, Router, Server, ServerBuilder, ServerOptions,
+    TlsFiles,
 };

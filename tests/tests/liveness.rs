@@ -353,3 +353,38 @@ async fn ping_reports_a_round_trip_time() {
     );
     assert_eq!(client.rtt(), Some(rtt));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_while_a_reconnect_attempt_is_under_way_waits_for_it() {
+    let server = TestServer::demo().await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let client = client_via(&proxy, &server, ConnectionConfig::default()).await;
+    let mut states = client.state();
+    // The connection dies; the next attempt's TCP connect succeeds but its
+    // handshake stalls in the frozen proxy: an attempt under way.
+    let before = proxy.accepted();
+    proxy.freeze(true);
+    proxy.reset_all();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while proxy.accepted() == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("no new attempt");
+    assert_eq!(*states.borrow_and_update(), ConnState::Connecting);
+    // Not waiting for ready, yet the call waits for the attempt...
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_with_timeout::<_, String>("Demo.echo", "waited", Duration::from_secs(5))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!call.is_finished(), "the call did not wait for the attempt");
+    // ...which then succeeds, and so does the call.
+    proxy.freeze(false);
+    assert_eq!(call.await.unwrap().unwrap(), "waited");
+}

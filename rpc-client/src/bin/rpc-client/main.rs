@@ -22,6 +22,7 @@ Examples:
   rpc-client --ca certs/ca.pem --timeout 300ms call sleep 5000
   rpc-client --ca certs/ca.pem --heartbeat-interval 500ms ping --count 3
   rpc-client --ca certs/ca.pem stats
+  rpc-client --ca certs/ca.pem health         (exit 0: SERVING, 1: NOT_SERVING)
   rpc-client --ca certs/ca.pem list
   rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem --meta tenant=blue --meta request-id=42 call metadata
@@ -104,6 +105,14 @@ enum Command {
     /// The server's services and methods with argument and reply types,
     /// one method per line, e.g. "Demo.add(a: i64, b: i64) -> i64".
     List,
+    /// The server's health, or one service's: prints SERVING (exit 0) or
+    /// NOT_SERVING (exit 1); a draining server is NOT_SERVING. Usable as a
+    /// readiness probe.
+    Health {
+        /// The service, e.g. "Demo" [default: the whole server].
+        #[arg(default_value = "")]
+        service: String,
+    },
     /// The server's counters, one "key value" per line: connections,
     /// calls_in_flight, calls_served, errors.KIND, and "rtt ADDR MS" per
     /// connection ("unknown" until a heartbeat measured one).
@@ -181,7 +190,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::NotServing) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("rpc-client: error: {}", report(e.as_ref()));
             ExitCode::FAILURE
@@ -189,7 +199,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// How a command that ran ended.
+enum Outcome {
+    Done,
+    /// `health` found the server or service not serving: exit 1.
+    NotServing,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let Some(ca) = cli.ca.as_deref() else {
         anyhow::bail!("--ca is required: the CA certificate that signed the server's certificate (e.g. certs/ca.pem)");
     };
@@ -266,6 +283,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Health { service } => {
+            let status = client.health(&service).await?;
+            println!("{status}");
+            client.close();
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
+            return Ok(match status {
+                rpc_client::HealthStatus::Serving => Outcome::Done,
+                rpc_client::HealthStatus::NotServing => Outcome::NotServing,
+            });
+        }
         Command::Stats => {
             let stats = client.stats().await?;
             println!("connections {}", stats.connections);
@@ -286,7 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Close cleanly (TLS close_notify) rather than vanish at exit.
     client.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.closed()).await;
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 /// Colours in the log only on a terminal, and never when `NO_COLOR` is set
