@@ -141,11 +141,16 @@ impl Driver {
                         break CloseCause::ClosedHere;
                     }
                     if raised & DriverEvents::DRAIN != 0 {
-                        if let Some(served) = &self.served {
-                            served.handlers.close();
-                        }
                         self.send_control(Frame::GoAway { reason: "server shutting down".into() });
                         info!("draining: sent GoAway");
+                        match &self.served {
+                            // Closes once the calls it serves are done
+                            // (the branch below).
+                            Some(served) => {
+                                served.handlers.close();
+                            }
+                            None => break CloseCause::Drained,
+                        }
                     }
                     if raised & DriverEvents::PING != 0 {
                         let nonce = self.heartbeat.ping_now(Instant::now());
@@ -177,7 +182,9 @@ impl Driver {
                     self.reset_timer();
                     continue;
                 }
-                _ = drained(&self.served), if self.shared.stage().draining() => {
+                // Only once the tracker is closed, which the DRAIN event
+                // does after sending GoAway.
+                _ = drained(&self.served), if self.served.is_some() && self.shared.stage().draining() => {
                     break CloseCause::Drained;
                 }
                 // Reading pauses while this side's own replies exceed the

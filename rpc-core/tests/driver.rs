@@ -706,3 +706,18 @@ async fn a_peer_that_never_closes_holds_the_closing_side_for_the_close_timeout()
     );
     drop(peer);
 }
+
+#[tokio::test]
+async fn a_client_that_drains_says_goaway_first_then_closes() {
+    let p = pair(ConnectionConfig::default()).await;
+    p.client.drain();
+    tokio::time::timeout(Duration::from_secs(2), p.client.closed())
+        .await
+        .expect("the client's connection did not close");
+    assert_eq!(
+        p.client.close_reason().as_deref(),
+        Some("drained after GoAway")
+    );
+    // The server heard the GoAway before the close.
+    assert!(p.server.goaway_received());
+}
