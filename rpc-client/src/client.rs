@@ -19,10 +19,12 @@
 //!   while an attempt is under way waits for it. With wait-for-ready (per
 //!   call in [`CallOptions`], or per client) a call waits for a
 //!   connection instead, up to its own timeout.
-//! - Calls are never retried on a new connection when the server may have
-//!   run them; the one exception is a call a draining server refused unrun
-//!   (`ShuttingDown`, or its `GoAway` crossed the request), which goes out
-//!   again on the fresh connection, within its deadline.
+//! - A call a draining server refused unrun (`ShuttingDown`, or its
+//!   `GoAway` crossed the request) goes out again on the fresh connection,
+//!   within its deadline. A call the server may have run is sent again
+//!   only if it is idempotent (`#[idempotent]`, or
+//!   [`CallOptions::idempotent`]), at most 3 attempts in all, within its
+//!   deadline and the client's retry budget (`retry.rs`).
 //!
 //! Not here: connecting and reconnecting (`endpoint.rs`); several
 //! endpoints and load balancing.
@@ -44,6 +46,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::endpoint::{connect_then_supervise, host_of, ConnState, Endpoint, Owner};
+use crate::retry::{RetryPolicy, RetrySettings};
 use crate::ClientError;
 
 /// Default time a call waits for its reply.
@@ -59,6 +62,7 @@ pub struct ClientBuilder {
     backoff: (Duration, Duration),
     wait_for_ready: bool,
     metadata: Metadata,
+    retry: RetrySettings,
 }
 
 impl ClientBuilder {
@@ -72,6 +76,7 @@ impl ClientBuilder {
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             wait_for_ready: false,
             metadata: Metadata::new(),
+            retry: RetrySettings::default(),
         }
     }
 
@@ -94,6 +99,26 @@ impl ClientBuilder {
     /// A call's own [`CallOptions::wait_for_ready`] overrides it.
     pub fn wait_for_ready(mut self, wait: bool) -> Self {
         self.wait_for_ready = wait;
+        self
+    }
+
+    /// Attempts an idempotent call may take in all, the first included
+    /// (default 3), and its retry budget: retries are at most `percent` of
+    /// the idempotent calls of the last `ttl` (1-60 s), plus `min_per_sec`
+    /// a second (default 20 % over 10 s, plus 10 a second).
+    pub fn retries(
+        mut self,
+        max_attempts: u32,
+        ttl: Duration,
+        min_per_sec: u32,
+        percent: f32,
+    ) -> Self {
+        self.retry = RetrySettings {
+            max_attempts,
+            ttl,
+            min_per_sec,
+            percent,
+        };
         self
     }
 
@@ -171,6 +196,7 @@ impl ClientBuilder {
                         .metadata(self.metadata)
                         .wait_for_ready(self.wait_for_ready),
                 ),
+                retry: Arc::new(self.retry.policy()),
             }),
             Ok(Err(e)) => Err(e),
             // The task ends without answering only if it panicked or its
@@ -187,6 +213,8 @@ pub struct Client {
     owner: Arc<Owner>,
     /// The client's defaults, every field set.
     defaults: Arc<CallOptions>,
+    /// When idempotent calls are sent again, and the budget they share.
+    retry: Arc<RetryPolicy>,
 }
 
 impl std::fmt::Debug for Client {
@@ -236,13 +264,8 @@ impl Client {
         // spawned), so every layer and every byte of it costs.
         let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
         let metadata = Cow::Borrowed(&self.defaults.metadata);
-        self.call_as(
-            method,
-            args,
-            self.default_timeout(),
-            wait_for_ready,
-            metadata,
-        )
+        let timeout = self.default_timeout();
+        self.call_as(method, args, timeout, wait_for_ready, metadata, false)
     }
 
     /// Like [`call`](Client::call) with its own timeout, which covers waiting
@@ -259,12 +282,14 @@ impl Client {
     {
         let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
         let metadata = Cow::Borrowed(&self.defaults.metadata);
-        self.call_as(method, args, timeout, wait_for_ready, metadata)
+        self.call_as(method, args, timeout, wait_for_ready, metadata, false)
     }
 
     /// Like [`call`](Client::call) under `options`: its own timeout,
     /// metadata (added to the client's; a call's entry wins on the same
-    /// key) and wait-for-ready; unset fields take the client's defaults.
+    /// key), wait-for-ready, and whether it is idempotent (then retried
+    /// after a failure that leaves its outcome unknown; see `retry.rs`);
+    /// unset fields take the client's defaults.
     pub fn call_with<'a, A, R>(
         &'a self,
         method: &'a str,
@@ -286,7 +311,8 @@ impl Client {
             (false, true) => Cow::Borrowed(&options.metadata),
             (false, false) => Cow::Owned(options.or(defaults).metadata),
         };
-        self.call_as(method, args, timeout, wait_for_ready, metadata)
+        let idempotent = options.idempotent.unwrap_or(false);
+        self.call_as(method, args, timeout, wait_for_ready, metadata, idempotent)
     }
 
     /// A call: encode, get a connection (or fail fast), send, decode.
@@ -297,12 +323,17 @@ impl Client {
         timeout: Duration,
         wait_for_ready: bool,
         metadata: Cow<'_, Metadata>,
+        idempotent: bool,
     ) -> Result<R, ClientError>
     where
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
         let endpoint = self.endpoint();
+        if idempotent {
+            self.retry.deposit();
+        }
+        let mut attempt = 1;
         let encode = || {
             codec::encode(args, endpoint.config.max_frame).map_err(|source| ClientError::Encode {
                 method: method.to_owned(),
@@ -314,9 +345,19 @@ impl Client {
         let mut first = Some(encode()?);
         let deadline = Instant::now() + timeout;
         let reply = loop {
-            let conn = self
+            let conn = match self
                 .ready_connection(deadline, timeout, wait_for_ready)
-                .await?;
+                .await
+            {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Boxed, as every rare wait in a call's future.
+                    if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             let body = match first.take() {
                 Some(body) => body,
@@ -336,7 +377,14 @@ impl Client {
                     conn.unusable().await;
                     continue;
                 }
-                other => break other?,
+                Ok(reply) => break reply,
+                Err(e) => {
+                    let e = ClientError::Call(e);
+                    if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
+                        continue;
+                    }
+                    return Err(e);
+                }
             }
         };
         let max_depth = endpoint.config.max_depth;

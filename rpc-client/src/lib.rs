@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `client.rs` | [`Client`], [`ClientBuilder`]: calls, options, fail-fast |
 //! | `endpoint.rs` | one server address: connect, supervise, reconnect, state |
+//! | `retry.rs` | which failed calls go again, and the retry budget |
 //! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
 //! | `bin/rpc-client/main.rs` | the CLI (`call`, `bench`) |
@@ -26,9 +27,11 @@ mod backoff;
 mod client;
 mod endpoint;
 mod error;
+mod retry;
 
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
 pub use endpoint::ConnState;
 pub use error::ClientError;
+pub use retry::DEFAULT_MAX_ATTEMPTS;
 pub use rpc_core::health::HealthStatus;
 pub use rpc_core::{CallOptions, Metadata, Status, StatusCode};

@@ -8,7 +8,8 @@
 //! let opts = CallOptions::new()
 //!     .timeout(Duration::from_millis(250))
 //!     .meta("tenant", "blue")?
-//!     .wait_for_ready(true);
+//!     .wait_for_ready(true)
+//!     .idempotent(true);
 //! // calc.with_options(opts).add(2, 3).await?;
 //! # Ok::<(), rpc_core::Error>(())
 //! ```
@@ -37,6 +38,13 @@ pub struct CallOptions {
     /// timeout) for a connection instead of failing at once with
     /// `Unavailable`. Default: the client's setting (off, as in gRPC).
     pub wait_for_ready: Option<bool>,
+    /// `Some(true)`: the call is safe to run more than once, so the client
+    /// may send it again after a failure that leaves its outcome unknown
+    /// (its connection died after it was sent, or no server was
+    /// available), within its deadline and the client's retry budget.
+    /// Default: what `#[service]` says of the method (`#[idempotent]`),
+    /// else no.
+    pub idempotent: Option<bool>,
 }
 
 impl CallOptions {
@@ -71,6 +79,20 @@ impl CallOptions {
         self
     }
 
+    /// Marks the call idempotent (or not): see [`CallOptions::idempotent`].
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
+    /// Idempotent unless the options say otherwise (used by generated code
+    /// for `#[idempotent]` methods).
+    #[doc(hidden)]
+    pub fn idempotent_unless_set(mut self) -> Self {
+        self.idempotent.get_or_insert(true);
+        self
+    }
+
     /// These options with `self`'s unset fields taken from `defaults`
     /// (metadata: `defaults`' entries, then `self`'s, which win).
     pub fn or(&self, defaults: &CallOptions) -> CallOptions {
@@ -87,6 +109,7 @@ impl CallOptions {
             timeout: self.timeout.or(defaults.timeout),
             metadata,
             wait_for_ready: self.wait_for_ready.or(defaults.wait_for_ready),
+            idempotent: self.idempotent.or(defaults.idempotent),
         }
     }
 }

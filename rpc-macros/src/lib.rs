@@ -31,7 +31,9 @@ use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
 /// ```
 ///
 /// Implementations write `async fn add(&self, a: i64, b: i64) -> i64 { .. }`
-/// as usual. Per-call options (timeout, metadata, wait-for-ready) go
+/// as usual. A method marked `#[idempotent]` (safe to run twice: a read, a
+/// put of a whole value) may be retried by the client after a failure that
+/// leaves its outcome unknown; see `CallOptions::idempotent`. Per-call options (timeout, metadata, wait-for-ready) go
 /// through the client: `calc.with_options(opts).add(2, 3)` (see
 /// `CallOptions`). Methods travel as `Calculator.add` with the arguments as one
 /// tuple. A method returning `Result<T, Status>` fails *as a call* with that
@@ -93,6 +95,9 @@ struct Method {
     /// `T` when the return type is `Result<T, Status>`: the method fails as
     /// a call with that status, and a success sends `T`.
     ok_of_status: Option<Type>,
+    /// Marked `#[idempotent]`: safe to run more than once, so the client
+    /// may retry it after a failure that leaves the outcome unknown.
+    idempotent: bool,
     attrs: Vec<syn::Attribute>,
 }
 
@@ -245,11 +250,27 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
             ),
         ));
     }
-    let attrs = f.attrs.clone();
+    let is_idempotent = |a: &syn::Attribute| a.path().is_ident("idempotent");
+    let idempotent = f.attrs.iter().any(is_idempotent);
+    if let Some(attr) = f.attrs.iter().find(|a| is_idempotent(a)) {
+        if !matches!(attr.meta, syn::Meta::Path(_)) {
+            return Err(syn::Error::new(
+                attr.span(),
+                "srpc: `#[idempotent]` takes no arguments",
+            ));
+        }
+    }
+    let attrs = f
+        .attrs
+        .iter()
+        .filter(|a| !is_idempotent(a))
+        .cloned()
+        .collect();
     Ok(Method {
         name: sig.ident.clone(),
         args,
         ok_of_status: status_result(&ret),
+        idempotent,
         ret,
         attrs,
     })
@@ -299,11 +320,19 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
         let has_doc = attrs.iter().any(|a| a.path().is_ident("doc"));
         let fallback = format!("Calls `{wire}`.");
         let doc = (!has_doc).then(|| quote!(#[doc = #fallback]));
+        let call = if m.idempotent {
+            quote! {
+                let options = self.options.clone().idempotent_unless_set();
+                self.caller.call_method(#wire, &( #(#values,)* ), &options).await
+            }
+        } else {
+            quote!(self.caller.call_method(#wire, &( #(#values,)* ), &self.options).await)
+        };
         quote! {
             #doc
             #(#attrs)*
             pub async fn #name(&self, #(#params),*) -> ::core::result::Result<#ret, C::Error> {
-                self.caller.call_method(#wire, &( #(#values,)* ), &self.options).await
+                #call
             }
         }
     });
