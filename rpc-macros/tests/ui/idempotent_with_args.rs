@@ -1,0 +1,7 @@
+#[rpc_macros::service]
+pub trait Store {
+    #[idempotent(always)]
+    async fn get(&self, key: String) -> String;
+}
+
+fn main() {}
