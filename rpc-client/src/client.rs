@@ -262,10 +262,7 @@ impl Client {
         // Each method here returns `call_as`'s future itself rather than
         // one wrapped around it: a call's future is moved whole (boxed,
         // spawned), so every layer and every byte of it costs.
-        let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
-        let metadata = Cow::Borrowed(&self.defaults.metadata);
-        let timeout = self.default_timeout();
-        self.call_as(method, args, timeout, wait_for_ready, metadata, false)
+        self.call_with_timeout(method, args, self.default_timeout())
     }
 
     /// Like [`call`](Client::call) with its own timeout, which covers waiting

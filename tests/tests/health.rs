@@ -14,15 +14,20 @@ use rpc_server::{demo, devcerts, Server};
 use rpc_tests::{decode_frames, frame_bytes, hello_bytes, send, server_tls, TestServer};
 use tokio::io::AsyncReadExt;
 
-#[tokio::test]
-async fn every_service_starts_serving_and_code_can_change_it() {
+/// The demo server, and its health record.
+async fn demo_with_health() -> (TestServer, rpc_server::Health) {
     let certs = devcerts::generate().unwrap();
     let server = Server::builder(server_tls(&certs))
         .router(demo::router())
         .build()
         .unwrap();
     let health = server.health();
-    let test = TestServer::serve(certs, server).await;
+    (TestServer::serve(certs, server).await, health)
+}
+
+#[tokio::test]
+async fn every_service_starts_serving_and_code_can_change_it() {
+    let (test, health) = demo_with_health().await;
     let client = test.client().await;
 
     assert_eq!(client.health("").await.unwrap(), HealthStatus::Serving);
@@ -58,13 +63,7 @@ async fn every_service_starts_serving_and_code_can_change_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_server_answers_not_serving_on_the_connections_it_drains() {
-    let certs = devcerts::generate().unwrap();
-    let server = Server::builder(server_tls(&certs))
-        .router(demo::router())
-        .build()
-        .unwrap();
-    let health = server.health();
-    let test = TestServer::serve(certs, server).await;
+    let (test, health) = demo_with_health().await;
 
     // A connection with a long call in flight, so its drain takes a while.
     let mut tls = test.raw_tls().await;

@@ -234,8 +234,10 @@ async fn a_ping_flood_gets_goaway_too_many_pings() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeout() {
+/// A client connected through a proxy to a server that then stopped: the
+/// client's attempts fail and it backs off. The proxy and the server's
+/// certificates are for the server that comes back.
+async fn client_of_a_stopped_server() -> (Client, FaultProxy, rpc_server::devcerts::DevCerts) {
     let first = TestServer::demo().await;
     let certs = first.certs.clone();
     let proxy = FaultProxy::start(first.addr).await;
@@ -253,6 +255,12 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
     .await
     .expect("never backed off")
     .unwrap();
+    (client, proxy, certs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeout() {
+    let (client, proxy, certs) = client_of_a_stopped_server().await;
     // A call made meanwhile with wait-for-ready waits its own timeout,
     // then fails clearly.
     let started = Instant::now();
@@ -288,21 +296,7 @@ async fn a_server_that_comes_back_is_used_again_and_calls_wait_up_to_their_timeo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_server_reachable_a_call_fails_fast_unless_it_waits_for_ready() {
-    let first = TestServer::demo().await;
-    let certs = first.certs.clone();
-    let proxy = FaultProxy::start(first.addr).await;
-    let client = client_via(&proxy, &first, ConnectionConfig::default()).await;
-    let mut states = client.state();
-    let down = first.addr;
-    first.shutdown(Duration::from_secs(5)).await.unwrap();
-    proxy.set_upstream(down);
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        states.wait_for(|s| *s == ConnState::BackingOff),
-    )
-    .await
-    .expect("never backed off")
-    .unwrap();
+    let (client, proxy, certs) = client_of_a_stopped_server().await;
     // The default: Unavailable at once, naming the last error, though the
     // call could have waited 30 s.
     let started = Instant::now();
