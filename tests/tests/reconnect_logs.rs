@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use rpc_client::{Client, ConnState};
 use rpc_tests::{client_tls, still_served, FaultProxy, TestServer};
+use tokio::sync::watch;
 
 /// The log, as the CLI would print it.
 #[derive(Clone, Default)]
@@ -32,10 +33,10 @@ impl Log {
     }
 }
 
-/// Waits (at most 10 s) until the client has been in `state` `times` more
-/// times.
-async fn until_state(client: &Client, state: ConnState, times: usize) {
-    let mut states = client.state();
+/// Waits (at most 10 s) until `states` has been in `state` `times` more
+/// times. Subscribed before the change it waits for: a reconnect can be
+/// over before a subscription made after the cut.
+async fn until_state(states: &mut watch::Receiver<ConnState>, state: ConnState, times: usize) {
     tokio::time::timeout(Duration::from_secs(10), async {
         let mut seen = 0;
         while seen < times {
@@ -68,8 +69,9 @@ async fn a_quick_reconnect_prints_no_warning_and_an_outage_warns_once() {
         .unwrap();
 
     // Dropped, and back at the first try: no WARN line.
+    let mut states = client.state();
     proxy.reset_all();
-    until_state(&client, ConnState::Ready, 1).await;
+    until_state(&mut states, ConnState::Ready, 1).await;
     still_served(&client).await;
     let quick = log.take();
     assert!(!quick.contains("WARN"), "{quick}");
@@ -80,10 +82,11 @@ async fn a_quick_reconnect_prints_no_warning_and_an_outage_warns_once() {
     let nowhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     proxy.set_upstream(nowhere.local_addr().unwrap());
     drop(nowhere);
+    let mut states = client.state();
     proxy.reset_all();
-    until_state(&client, ConnState::BackingOff, 6).await;
+    until_state(&mut states, ConnState::BackingOff, 6).await;
     proxy.set_upstream(server.addr);
-    until_state(&client, ConnState::Ready, 1).await;
+    until_state(&mut states, ConnState::Ready, 1).await;
     still_served(&client).await;
     let outage = log.take();
     let count = |text: &str| outage.lines().filter(|l| l.contains(text)).count();
