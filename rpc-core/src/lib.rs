@@ -9,7 +9,8 @@
 //!
 //! | file | concept |
 //! |---|---|
-//! | `frame.rs` | the wire enum [`Frame`] and its framing ([`FrameCodec`]) |
+//! | `frame.rs` | the wire enum [`Frame`] and its encoding |
+//! | `framing.rs` | the length prefix on the stream: [`FrameCodec`] |
 //! | `codec.rs` | bincode 1.3.3 with limits: the only user of bincode |
 //! | `tls.rs` | PEM loading, rustls configs, the ALPN check |
 //! | `transport.rs` | TCP + TLS handshake + `Hello` exchange, both sides |
@@ -37,7 +38,7 @@
 //! ```text
 //!  socket (TcpStream, TCP_NODELAY)      transport.rs
 //!   └ TLS 1.3, ALPN srpc/1              tls.rs, transport.rs
-//!      └ u32 length || bincode(Frame)   frame.rs, codec.rs
+//!      └ u32 length || bincode(Frame)   framing.rs, frame.rs, codec.rs
 //!         └ connection driver           connection.rs, driver.rs
 //!            └ calls: ids, deadlines, cancel, Status as data
 //! ```
@@ -53,6 +54,7 @@ mod context;
 mod driver;
 pub mod error;
 pub mod frame;
+mod framing;
 pub mod health;
 pub mod heartbeat;
 pub mod identity;
@@ -75,7 +77,8 @@ pub use config::{ConnectionConfig, DEFAULT_MAX_FRAME};
 pub use connection::Connection;
 pub use context::CallContext;
 pub use error::{Error, Status, StatusCode};
-pub use frame::{Frame, FrameCodec, Hello, PROTOCOL_VERSION};
+pub use frame::{Frame, Hello, PROTOCOL_VERSION};
+pub use framing::FrameCodec;
 pub use identity::PeerIdentity;
 pub use metadata::Metadata;
 pub use options::CallOptions;

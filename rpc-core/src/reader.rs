@@ -24,7 +24,8 @@ use tokio_util::io::poll_read_buf;
 
 use crate::codec::pool::{Pool, MIN_BUFFER, POOL};
 use crate::error::Error;
-use crate::frame::{decode_frame, Frame, FrameCodec, LENGTH_PREFIX};
+use crate::frame::{decode_frame, Frame, LENGTH_PREFIX};
+use crate::framing::FrameCodec;
 
 /// Room the read buffer starts with, as `FramedRead`'s.
 const INITIAL_CAPACITY: usize = 8 * 1024;

@@ -43,9 +43,8 @@ use crate::codec;
 use crate::config::ConnectionConfig;
 use crate::connection::{self, Connection};
 use crate::error::{escape_peer_text, Error, MAX_PEER_REASON};
-use crate::frame::{
-    decode_frame, Frame, FrameCodec, Hello, FRAME_DEPTH, LENGTH_PREFIX, PROTOCOL_VERSION,
-};
+use crate::frame::{decode_frame, Frame, Hello, FRAME_DEPTH, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::framing::FrameCodec;
 use crate::metered::{ByteClocks, Metered};
 use crate::tls::{check_alpn, ALPN};
 

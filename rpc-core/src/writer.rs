@@ -34,7 +34,8 @@ use crate::calls::incoming::fitting_reply;
 use crate::calls::Side;
 use crate::codec::{self, pool::MIN_BUFFER};
 use crate::error::{Error, Status};
-use crate::frame::{frame_len, Frame, FrameCodec};
+use crate::frame::{frame_len, Frame};
+use crate::framing::FrameCodec;
 use crate::metered::ByteClocks;
 use crate::outbound::Outbound;
 
