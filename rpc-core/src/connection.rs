@@ -131,6 +131,11 @@ impl Connection {
         self.shared.stage().usable()
     }
 
+    /// Calls made here that have not been answered yet.
+    pub fn pending_calls(&self) -> usize {
+        self.shared.state().calls.len()
+    }
+
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<String> {
         self.shared.close_reason()
@@ -259,7 +264,7 @@ impl Connection {
         let (move_timer, unsent) = {
             let mut state = self.shared.state();
             if let Some(cause) = state.life.cause() {
-                return Err(cause.error());
+                return Err(not_sent(cause.error()));
             }
             if let Some(reason) = &state.peer_goaway {
                 return Err(Error::GoAway {
@@ -312,11 +317,11 @@ impl Connection {
                         // The semaphore is never closed: this waits or succeeds.
                         None => match self.shared.call_slots.acquire().await {
                             Ok(slot) => slot,
-                            Err(_) => return Err(self.shared.closed_error()),
+                            Err(_) => return Err(not_sent(self.shared.closed_error())),
                         },
                     };
                     if self.shared.outbound.send(frame).await.is_err() {
-                        return Err(self.shared.closed_error());
+                        return Err(not_sent(self.shared.closed_error()));
                     }
                     self.shared.state().calls.mark_sent(id);
                     debug!("request sent");
@@ -332,6 +337,13 @@ impl Connection {
             debug!(error = %e, "call failed");
         }
         result
+    }
+}
+
+/// A close error for a call whose request never entered the write queue.
+fn not_sent(error: Error) -> Error {
+    Error::NotSent {
+        reason: error.to_string(),
     }
 }
 

@@ -404,6 +404,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The call was not sent: the connection ended (or began to end)
+    /// before its request was queued for writing, so the peer never saw it
+    /// and it may go out again anywhere. The reason is the connection's.
+    #[error("call not sent: {reason}")]
+    NotSent {
+        /// Why the connection ended.
+        reason: String,
+    },
+
     /// The connection is closed; the reason says why.
     #[error("connection closed: {reason}")]
     Closed {

@@ -83,9 +83,12 @@ async fn pending_calls_fail_at_once_when_the_connection_closes() {
         .unwrap_err();
     assert!(matches!(err, Error::Closed { .. }), "{err}");
     p.client.closed().await;
-    // New calls on a closed connection fail immediately too.
+    // New calls on a closed connection fail immediately too, as not sent.
     let err = p.client.call("echo", Bytes::new(), T).await.unwrap_err();
-    assert!(matches!(err, Error::Closed { .. }), "{err}");
+    assert!(
+        matches!(&err, Error::NotSent { reason } if reason.starts_with("connection closed")),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -95,6 +95,11 @@ impl CallTable {
         }
     }
 
+    /// How many calls wait for their `Response`.
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Takes call `id` out, if it still waits.
     pub(crate) fn remove(&mut self, id: u64) -> Option<PendingCall> {
         let call = self.pending.remove(&id)?;
