@@ -40,14 +40,20 @@ use rpc_core::{codec, CallOptions, Connection, ConnectionConfig, Metadata};
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use crate::endpoint::{connect_then_supervise, host_of, ConnState, Endpoint, Owner};
+use crate::discovery::{self, Discover, Target};
+use crate::endpoint::{ConnState, Endpoint};
+use crate::outlier::OutlierSettings;
+use crate::pool::{counts_against_server, Balance, EndpointStatus, Picked, Pool, Settings};
 use crate::retry::{RetryPolicy, RetrySettings};
 use crate::ClientError;
+
+/// Times a call that no server ran is sent again (within its deadline).
+const MAX_UNSENT: u32 = 8;
 
 /// Default time a call waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,6 +69,8 @@ pub struct ClientBuilder {
     wait_for_ready: bool,
     metadata: Metadata,
     retry: RetrySettings,
+    balance: Balance,
+    outlier: OutlierSettings,
 }
 
 impl ClientBuilder {
@@ -77,6 +85,8 @@ impl ClientBuilder {
             wait_for_ready: false,
             metadata: Metadata::new(),
             retry: RetrySettings::default(),
+            balance: Balance::default(),
+            outlier: OutlierSettings::default(),
         }
     }
 
@@ -149,9 +159,71 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects to `addr` (`host:port`), trying each resolved address in
-    /// turn, and completes the TLS handshake and `Hello`. Fails at once if
-    /// that first connection cannot be made.
+    /// How calls are spread over several servers (default
+    /// [`Balance::PeakEwma`]).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// Outlier ejection: `consecutive` failed calls in a row (connection
+    /// lost, `Unavailable`, `Internal`, `DataLoss`) take a server out of
+    /// the pick set for `base` × its ejections so far, at most `max`, and
+    /// never more than `max_percent` of the servers (at least one) at once
+    /// (default 5, 30 s, 300 s, 10 %; `consecutive` 0 turns it off).
+    pub fn outlier_ejection(
+        mut self,
+        consecutive: u32,
+        base: Duration,
+        max: Duration,
+        max_percent: u32,
+    ) -> Self {
+        self.outlier = OutlierSettings {
+            consecutive,
+            base,
+            max: max.max(base),
+            max_percent: max_percent.min(100),
+        };
+        self
+    }
+
+    fn settings(&self) -> Result<Settings, ClientError> {
+        let server_name = match &self.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|_| ClientError::ServerName(name.clone()))?,
+            ),
+            None => None,
+        };
+        Ok(Settings {
+            connector: TlsConnector::from(self.tls.clone()),
+            config: self.config.clone(),
+            backoff: self.backoff,
+            server_name,
+            balance: self.balance,
+            outlier: self.outlier,
+        })
+    }
+
+    fn client(&self, pool: Arc<Pool>) -> Client {
+        Client {
+            owner: Arc::new(Owner { pool }),
+            defaults: Arc::new(
+                CallOptions::new()
+                    .timeout(self.timeout)
+                    .metadata(self.metadata.clone())
+                    .wait_for_ready(self.wait_for_ready),
+            ),
+            retry: Arc::new(self.retry.policy()),
+        }
+    }
+
+    /// Connects to the servers at `addr`: one `host:port`, or several
+    /// separated by commas. A name that resolves to several addresses
+    /// gives a server per address; names are looked up again as their DNS
+    /// answers expire (see `discovery.rs`). Completes the TLS handshake
+    /// and `Hello` with at least one server, and fails at once if none
+    /// can be reached (naming why).
     pub async fn connect(self, addr: &str) -> Result<Client, ClientError> {
         self.config
             .validate()
@@ -159,55 +231,81 @@ impl ClientBuilder {
                 addr: addr.to_owned(),
                 source,
             })?;
-        let host = host_of(addr).ok_or_else(|| ClientError::Resolve {
-            addr: addr.to_owned(),
-            reason: "expected host:port".into(),
-        })?;
-        let name = self.server_name.clone().unwrap_or_else(|| host.to_owned());
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| ClientError::ServerName(name))?;
-        let endpoint = Arc::new(Endpoint::new(
-            addr.to_owned(),
-            server_name,
-            TlsConnector::from(self.tls),
-            self.config,
-            self.backoff,
-        ));
-        // The first connection is made in the task that then supervises it,
-        // so the handshake runs on the runtime worker that sees each of its
-        // socket events. Made in this future instead, a caller in
-        // `block_on` (as in `#[tokio::main]`) had every step of it handed
-        // from a worker to its thread, and then the connection to a worker.
-        let (reply, first) = oneshot::channel();
-        let owner = Owner {
-            endpoint: endpoint.clone(),
-        };
-        tokio::spawn(connect_then_supervise(
-            endpoint,
-            reply,
-            tracing::Span::current(),
-        ));
-        match first.await {
-            Ok(Ok(())) => Ok(Client {
-                owner: Arc::new(owner),
-                defaults: Arc::new(
-                    CallOptions::new()
-                        .timeout(self.timeout)
-                        .metadata(self.metadata)
-                        .wait_for_ready(self.wait_for_ready),
-                ),
-                retry: Arc::new(self.retry.policy()),
-            }),
-            Ok(Err(e)) => Err(e),
-            // The task ends without answering only if it panicked or its
-            // runtime is shutting down.
-            Err(_) => Err(ClientError::Closed),
+        let targets = addr
+            .split(',')
+            .filter(|item| !item.trim().is_empty())
+            .map(|item| {
+                Target::parse(item).ok_or_else(|| ClientError::Resolve {
+                    addr: item.trim().to_owned(),
+                    reason: "expected host:port".into(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if targets.is_empty() {
+            return Err(ClientError::Resolve {
+                addr: addr.to_owned(),
+                reason: "expected host:port".into(),
+            });
         }
+        let lookup = discovery::system_lookup();
+        let (first, next) = discovery::resolve_all(&targets, lookup.as_ref())
+            .await
+            .map_err(|(addr, reason)| ClientError::Resolve { addr, reason })?;
+        let pool = Pool::new(addr.to_owned(), self.settings()?);
+        // Dropped (closing every connection) if this future is.
+        let client = self.client(pool.clone());
+        // The first connections are made in the tasks that then supervise
+        // them, so each handshake runs on the runtime worker that sees its
+        // socket events (and, for a caller in `block_on`, not handed from a
+        // worker to its thread at each step); they run in this span.
+        for (addr, name) in &first {
+            pool.insert(*addr, name, tracing::Span::current())?;
+        }
+        if targets.iter().any(|t| t.ip().is_none()) {
+            let (changes, source) = discovery::channel();
+            tokio::spawn(discovery::keep_resolved(
+                targets,
+                lookup,
+                first,
+                next,
+                changes,
+                pool.refresh_signal(),
+                pool.closed.clone(),
+            ));
+            pool.follow(source);
+        }
+        let mut states = pool.subscribe();
+        let state = states
+            .wait_for(|s| matches!(s, ConnState::Ready | ConnState::BackingOff))
+            .await
+            .map(|s| *s);
+        match state {
+            Ok(ConnState::Ready) => Ok(client),
+            _ => Err(pool.take_first_failure().unwrap_or(ClientError::Closed)),
+        }
+    }
+
+    /// A client over the servers `source` names (see
+    /// [`discovery`](crate::discovery)): each [`Change::Insert`](crate::discovery::Change::Insert) is
+    /// connected at once, each `Remove` drained. Returns at once (within a
+    /// Tokio runtime); calls made before a server is ready wait for one
+    /// within their timeout.
+    pub fn discover(self, source: impl Discover) -> Result<Client, ClientError> {
+        self.config
+            .validate()
+            .map_err(|source| ClientError::Connect {
+                addr: "(discovered)".to_owned(),
+                source,
+            })?;
+        let pool = Pool::new("(discovered servers)".to_owned(), self.settings()?);
+        let client = self.client(pool.clone());
+        pool.follow(source);
+        Ok(client)
     }
 }
 
-/// A client of an srpc server. Clone it freely; clones share the connection
-/// and its reconnects.
+/// A client of one or several srpc servers. Clone it freely; clones share
+/// the connections, their reconnects and the retry budget.
 #[derive(Clone)]
 pub struct Client {
     owner: Arc<Owner>,
@@ -217,11 +315,22 @@ pub struct Client {
     retry: Arc<RetryPolicy>,
 }
 
+/// Owns the pool for the clients: closes it when the last clone goes.
+struct Owner {
+    pool: Arc<Pool>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.pool.close();
+    }
+}
+
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.endpoint().addr)
-            .field("state", &*self.endpoint().state.borrow())
+            .field("target", &self.pool().target)
+            .field("state", &self.pool().state())
             .finish()
     }
 }
@@ -240,8 +349,8 @@ impl Client {
         ClientBuilder::new(tls)
     }
 
-    fn endpoint(&self) -> &Endpoint {
-        &self.owner.endpoint
+    fn pool(&self) -> &Pool {
+        &self.owner.pool
     }
 
     fn default_timeout(&self) -> Duration {
@@ -312,7 +421,8 @@ impl Client {
         self.call_as(method, args, timeout, wait_for_ready, metadata, idempotent)
     }
 
-    /// A call: encode, get a connection (or fail fast), send, decode.
+    /// A call: encode, pick a server and its connection (or fail fast),
+    /// send, decode; sent again where that is safe.
     async fn call_as<A, R>(
         &self,
         method: &str,
@@ -326,13 +436,15 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
-        let endpoint = self.endpoint();
+        let pool = self.pool();
+        let config = &pool.settings.config;
         if idempotent {
             self.retry.deposit();
         }
         let mut attempt = 1;
+        let mut unsent = 0;
         let encode = || {
-            codec::encode(args, endpoint.config.max_frame).map_err(|source| ClientError::Encode {
+            codec::encode(args, config.max_frame).map_err(|source| ClientError::Encode {
                 method: method.to_owned(),
                 source,
             })
@@ -341,12 +453,14 @@ impl Client {
         // call: cloning the fresh buffer's `Bytes` allocates.
         let mut first = Some(encode()?);
         let deadline = Instant::now() + timeout;
+        // Where the last attempt failed: the next goes elsewhere if it can.
+        let mut avoid: Option<Arc<Endpoint>> = None;
         let reply = loop {
-            let conn = match self
-                .ready_connection(deadline, timeout, wait_for_ready)
+            let picked = match self
+                .ready_connection(avoid.as_deref(), deadline, timeout, wait_for_ready)
                 .await
             {
-                Ok(conn) => conn,
+                Ok(picked) => picked,
                 Err(e) => {
                     // Boxed, as every rare wait in a call's future.
                     if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
@@ -360,31 +474,53 @@ impl Client {
                 Some(body) => body,
                 None => encode()?,
             };
+            let started = picked.measured.then(|| {
+                picked.endpoint.load.start();
+                Instant::now()
+            });
             // Cloning empty metadata (the common call) copies nothing.
-            let sent = conn
+            let sent = picked
+                .conn
                 .call_with_metadata(method, body, left, metadata.as_ref().clone())
                 .await;
+            pool.finished(&picked, started, counts_against_server(&sent));
             match sent {
-                // The server refused the call unrun because it is draining,
-                // or its GoAway arrived as we sent: safe to send again, on
-                // the fresh connection the endpoint is making.
-                Err(rpc_core::Error::GoAway { .. }) => continue,
-                Err(rpc_core::Error::Status(s)) if s.code == rpc_core::StatusCode::ShuttingDown => {
-                    debug!(method, "server draining; sending the call again");
-                    conn.unusable().await;
-                    continue;
-                }
                 Ok(reply) => break reply,
+                // Never reached a handler: the server refused it unrun
+                // (draining), its GoAway crossed the request, or the
+                // connection ended before the request was queued. Safe to
+                // send again, elsewhere if there is an elsewhere, within the
+                // deadline (and a bound, against a loop).
+                Err(e @ (rpc_core::Error::GoAway { .. } | rpc_core::Error::NotSent { .. }))
+                    if unsent < MAX_UNSENT =>
+                {
+                    debug!(method, error = %e, "call not run; sending it again");
+                    unsent += 1;
+                    avoid = Some(picked.endpoint);
+                }
+                Err(rpc_core::Error::Status(s))
+                    if s.code == rpc_core::StatusCode::ShuttingDown && unsent < MAX_UNSENT =>
+                {
+                    debug!(method, "server draining; sending the call again");
+                    unsent += 1;
+                    if !pool.has_alternative(&picked.endpoint) {
+                        // Its GoAway follows at once; then the endpoint
+                        // reconnects.
+                        let _ = tokio::time::timeout_at(deadline, picked.conn.unusable()).await;
+                    }
+                    avoid = Some(picked.endpoint);
+                }
                 Err(e) => {
                     let e = ClientError::Call(e);
                     if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
+                        avoid = Some(picked.endpoint);
                         continue;
                     }
-                    return Err(e);
+                    return Err(e.sent(method));
                 }
             }
         };
-        let max_depth = endpoint.config.max_depth;
+        let max_depth = config.max_depth;
         codec::decode_owned::<R>(&reply, reply.len(), max_depth).map_err(|source| {
             ClientError::Decode {
                 method: method.to_owned(),
@@ -394,17 +530,19 @@ impl Client {
         })
     }
 
-    /// The current connection once usable. Without one: fails at once if
-    /// the last attempt failed (unless `wait_for_ready`), and otherwise
-    /// waits for the endpoint's next connection until `deadline`.
+    /// A server and its connection for a call, avoiding `avoid` if another
+    /// is ready. With none ready: fails at once if every server's last
+    /// attempt failed (unless `wait_for_ready`), and otherwise waits for
+    /// one until `deadline`.
     async fn ready_connection(
         &self,
+        avoid: Option<&Endpoint>,
         deadline: Instant,
         timeout: Duration,
         wait_for_ready: bool,
-    ) -> Result<Connection, ClientError> {
-        if let Some(conn) = self.endpoint().current().as_ref().filter(|c| c.is_usable()) {
-            return Ok(conn.clone());
+    ) -> Result<Picked, ClientError> {
+        if let Some(picked) = self.pool().pick(avoid) {
+            return Ok(picked);
         }
         // Boxed: its waits would otherwise make every call's future larger.
         Box::pin(self.wait_for_connection(deadline, timeout, wait_for_ready)).await
@@ -417,29 +555,29 @@ impl Client {
         deadline: Instant,
         timeout: Duration,
         wait_for_ready: bool,
-    ) -> Result<Connection, ClientError> {
-        let endpoint = self.endpoint();
+    ) -> Result<Picked, ClientError> {
+        let pool = self.pool();
         let started = Instant::now();
         let unavailable = |waited| ClientError::Unavailable {
-            addr: endpoint.addr.clone(),
+            addr: pool.target.clone(),
             waited,
-            last_error: endpoint.last_error().clone(),
+            last_error: pool.last_error(),
         };
         // Subscribed before looking again, so a change in between is seen.
-        let mut states = endpoint.state.subscribe();
+        let mut states = pool.subscribe();
         loop {
-            if let Some(conn) = endpoint.current().as_ref().filter(|c| c.is_usable()) {
-                return Ok(conn.clone());
+            if let Some(picked) = pool.pick(None) {
+                return Ok(picked);
             }
-            if endpoint.closed.is_cancelled() {
+            if pool.closed.is_cancelled() {
                 return Err(ClientError::Closed);
             }
-            // The last attempt failed and the endpoint is waiting to try
+            // Every server's last attempt failed and each is waiting to try
             // again: fail fast rather than wait out the deadline.
             if !wait_for_ready && *states.borrow_and_update() == ConnState::BackingOff {
                 let error = unavailable(started.elapsed());
                 // A caller that retries in a loop would never yield
-                // otherwise, and could starve the task that reconnects.
+                // otherwise, and could starve the tasks that reconnect.
                 tokio::task::consume_budget().await;
                 return Err(error);
             }
@@ -459,10 +597,10 @@ impl Client {
         let timeout = self.default_timeout();
         let deadline = Instant::now() + timeout;
         let wait_for_ready = self.defaults.wait_for_ready.unwrap_or(false);
-        let conn = self
-            .ready_connection(deadline, timeout, wait_for_ready)
+        let picked = self
+            .ready_connection(None, deadline, timeout, wait_for_ready)
             .await?;
-        tokio::time::timeout_at(deadline, conn.ping())
+        tokio::time::timeout_at(deadline, picked.conn.ping())
             .await
             .map_err(|_| ClientError::Call(rpc_core::Error::DeadlineExceeded(timeout)))?
             .map_err(ClientError::Call)
@@ -500,45 +638,57 @@ impl Client {
         self.call(rpc_core::service::LIST_METHOD, &()).await
     }
 
-    /// The latest heartbeat round-trip time on the current connection.
+    /// The latest heartbeat round-trip time (to one of the servers, when
+    /// there are several).
     pub fn rtt(&self) -> Option<Duration> {
-        self.endpoint().current().as_ref().and_then(Connection::rtt)
+        self.pool()
+            .any_connection()
+            .as_ref()
+            .and_then(Connection::rtt)
     }
 
     /// The interval heartbeats go at: the larger of this side's and the
     /// server's announced one.
     pub fn heartbeat_interval(&self) -> Duration {
-        self.endpoint().current().as_ref().map_or(
-            self.endpoint().config.heartbeat_interval,
+        self.pool().any_connection().as_ref().map_or(
+            self.pool().settings.config.heartbeat_interval,
             Connection::heartbeat_interval,
         )
     }
 
-    /// Watches the connection state; `changed().await` on it to wait.
+    /// Watches the client's state: `Ready` while any server is,
+    /// `Connecting` while an attempt is under way, `BackingOff` when every
+    /// server's last attempt failed. `changed().await` on it to wait.
     pub fn state(&self) -> watch::Receiver<ConnState> {
-        self.endpoint().state.subscribe()
+        self.pool().subscribe()
     }
 
-    /// The server's address, while connected.
+    /// Each server's address, state and calls.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.pool().statuses()
+    }
+
+    /// The server's address, while connected (one of them, when there
+    /// are several).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.endpoint()
-            .current()
+        self.pool()
+            .any_connection()
             .as_ref()
             .map(Connection::peer_addr)
     }
 
     /// True once the client is closed.
     pub fn is_closed(&self) -> bool {
-        *self.endpoint().state.borrow() == ConnState::Closed
+        self.pool().state() == ConnState::Closed
     }
 
-    /// Closes the client for every clone: the connection closes, pending calls
-    /// fail at once, and no reconnect follows.
+    /// Closes the client for every clone: the connections close, pending
+    /// calls fail at once, and no reconnect follows.
     pub fn close(&self) {
-        self.endpoint().close();
+        self.pool().close();
     }
 
-    /// Waits until the client is closed and its connection is gone.
+    /// Waits until the client is closed and its connections are gone.
     pub async fn closed(&self) {
         let mut states = self.state();
         let _ = states.wait_for(|s| *s == ConnState::Closed).await;

@@ -1,44 +1,58 @@
 //! An endpoint: one server address, the connection to it, and the task
 //! that keeps that connection up (connect, supervise, reconnect with
-//! backoff), with its state for callers to watch.
+//! backoff), with what the picker reads about it.
 //!
 //! ```text
-//!  Endpoint ◄── supervisor task: runs the connection's driver; when the
-//!   current       connection ends (or GoAway) reconnects, backing off
-//!   state ──►     Connecting / Ready / BackingOff / Closed
-//!   last_error    (100 ms doubling up to 10 s, full jitter)
+//!  Endpoint ◄── supervisor task: connects at once, runs the connection's
+//!   state         driver; when the connection ends reconnects, backing off
+//!   load          Connecting → Ready → (GoAway) Draining → Connecting ...
+//!   outlier                    └─ (lost) Connecting / BackingOff (100 ms
+//!   calls                          doubling up to 10 s, full jitter)
 //! ```
 //!
-//! The supervisor also runs the current connection's driver, so a
-//! connection costs one task, and closing it wakes only that task. When the
-//! server sends `GoAway`, the old driver moves to a task of its own to
-//! finish its calls while the supervisor reconnects. The supervisor is
-//! owned by the clients ([`Owner`]): when the last one is dropped, or the
-//! client is closed, the connection closes and the supervisor ends.
+//! - Only a `Ready` endpoint is picked: one that is reconnecting, backing
+//!   off or whose server sent `GoAway` is never offered a call.
+//! - The supervisor runs the current connection's driver, so a connection
+//!   costs one task. After a `GoAway` the old driver moves to a task of its
+//!   own to finish its calls while the supervisor reconnects.
+//! - A removed endpoint (discovery dropped its address) is *retired*: it
+//!   leaves the pick set, calls in flight on it finish, then it closes. A
+//!   closed client closes every endpoint at once.
+//! - A failed attempt or a `GoAway` asks discovery to look names up again
+//!   soon ([`Pool::refresh`](crate::pool::Pool)).
 //!
-//! Not here: making calls over the endpoint (`client.rs`).
+//! Not here: the set of endpoints and picking (`pool.rs`).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
 use rpc_core::error::report;
-use rpc_core::{transport, Connection, ConnectionConfig};
+use rpc_core::{transport, Connection};
 use rustls::pki_types::ServerName;
-use tokio::sync::{oneshot, watch};
-use tokio_rustls::TlsConnector;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::load::Load;
+use crate::outlier::Outlier;
+use crate::pool::Pool;
 use crate::ClientError;
 
-/// Failed reconnects in a row after which the client logs a warning (once
-/// per outage).
+/// Failed reconnects in a row after which an endpoint logs a warning
+/// (once per outage).
 const OUTAGE_AFTER: u32 = 3;
 
-/// Where the client's connection stands.
+/// How long a retired endpoint waits for its calls in flight to finish
+/// before it closes anyway.
+const RETIRE_GRACE: Duration = Duration::from_secs(60);
+
+/// Where a connection (or, for the client as a whole, the best of its
+/// endpoints) stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConnState {
@@ -50,297 +64,267 @@ pub enum ConnState {
     BackingOff,
     /// The client was closed; no more connections.
     Closed,
+    /// The server sent `GoAway`: calls in flight finish there, new ones
+    /// wait for the reconnect (or go to another endpoint).
+    Draining,
 }
 
-/// Makes the first connection, tells `reply` how that went, and on success
-/// supervises it. Stops as soon as `reply`'s receiver is dropped (the
-/// caller gave up on `connect`); a connection made after that is closed by
-/// the dropped [`Owner`].
-pub(crate) async fn connect_then_supervise(
-    endpoint: Arc<Endpoint>,
-    mut reply: oneshot::Sender<Result<(), ClientError>>,
-    span: tracing::Span,
-) {
-    // Boxed, as in `supervise`: this task may live as long as the client.
-    // The attempt runs in the caller's span, as when `connect` made it.
-    let attempt = tokio::select! {
-        attempt = Box::pin(endpoint.connect_once().instrument(span)) => attempt,
-        _ = reply.closed() => return,
-    };
-    match attempt {
-        Ok((conn, driver)) => {
-            *endpoint.current() = Some(conn.clone());
-            endpoint.state.send_replace(ConnState::Ready);
-            // If the caller is gone, its handle closed the client (and a
-            // connection installed after that is closed by `supervise`).
-            let _ = reply.send(Ok(()));
-            supervise(endpoint, (conn, driver)).await;
-        }
-        Err(e) => {
-            let _ = reply.send(Err(e));
+impl ConnState {
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(n: u8) -> ConnState {
+        match n {
+            0 => ConnState::Connecting,
+            1 => ConnState::Ready,
+            2 => ConnState::BackingOff,
+            3 => ConnState::Closed,
+            _ => ConnState::Draining,
         }
     }
 }
 
-/// The host part of `host:port` or `[v6]:port`.
-pub(crate) fn host_of(addr: &str) -> Option<&str> {
-    let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    (!host.is_empty()).then_some(host)
-}
-
 /// One server address: its connection, the task that keeps it up, and
-/// where it stands. What the clients and the supervisor share.
+/// what the picker reads. Shared by the pool, the supervisor and the calls
+/// made on it.
 pub(crate) struct Endpoint {
-    pub(crate) addr: String,
+    pub(crate) addr: SocketAddr,
     pub(crate) server_name: ServerName<'static>,
-    pub(crate) connector: TlsConnector,
-    pub(crate) config: ConnectionConfig,
-    pub(crate) backoff: (Duration, Duration),
-    pub(crate) current: Mutex<Option<Connection>>,
-    pub(crate) last_error: Mutex<Option<String>>,
-    pub(crate) state: watch::Sender<ConnState>,
-    /// Fires when the client is closed (or its last clone dropped).
+    state: AtomicU8,
+    current: Mutex<Option<Connection>>,
+    last_error: Mutex<Option<String>>,
+    /// Fires when the client is closed or this endpoint retired (the
+    /// pool's token's child).
     pub(crate) closed: CancellationToken,
+    pub(crate) load: Load,
+    pub(crate) outlier: Outlier,
+    /// Calls answered here (successes and failures).
+    pub(crate) calls: AtomicU64,
 }
 
 impl Endpoint {
-    /// An endpoint for `addr`, not connected yet (see
-    /// [`connect_then_supervise`]).
     pub(crate) fn new(
-        addr: String,
+        addr: SocketAddr,
         server_name: ServerName<'static>,
-        connector: TlsConnector,
-        config: ConnectionConfig,
-        backoff: (Duration, Duration),
+        closed: CancellationToken,
     ) -> Self {
         Endpoint {
             addr,
             server_name,
-            connector,
-            config,
-            backoff,
+            state: AtomicU8::new(ConnState::Connecting.to_u8()),
             current: Mutex::new(None),
             last_error: Mutex::new(None),
-            state: watch::channel(ConnState::Connecting).0,
-            closed: CancellationToken::new(),
+            closed: closed.child_token(),
+            load: Load::new(Instant::now()),
+            outlier: Outlier::default(),
+            calls: AtomicU64::new(0),
         }
     }
 
-    pub(crate) fn current(&self) -> MutexGuard<'_, Option<Connection>> {
+    pub(crate) fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ConnState::Ready.to_u8()
+    }
+
+    fn set_state(&self, pool: &Pool, state: ConnState) {
+        self.state.store(state.to_u8(), Ordering::Release);
+        pool.update_state();
+    }
+
+    fn current(&self) -> MutexGuard<'_, Option<Connection>> {
         // Holds an Option only; a poisoned lock still holds a valid value.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn last_error(&self) -> MutexGuard<'_, Option<String>> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner())
+    /// The current connection, if new calls may go out on it.
+    pub(crate) fn usable_connection(&self) -> Option<Connection> {
+        self.current().as_ref().filter(|c| c.is_usable()).cloned()
     }
 
-    /// Closes the client: no more connections, and the current one ends
-    /// now (its driver, in the supervisor's task, then ends too).
-    pub(crate) fn close(&self) {
-        // Cancelled first: a connection the supervisor installs after the
-        // look below sees the cancellation (see `supervise`).
-        self.closed.cancel();
+    /// The current connection, usable or not.
+    pub(crate) fn connection(&self) -> Option<Connection> {
+        self.current().clone()
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Closes this endpoint's current connection now (the client is
+    /// closing; the supervisor, which sees `closed`, then ends).
+    pub(crate) fn close_now(&self) {
         if let Some(conn) = self.current().as_ref() {
             conn.close();
         }
     }
 
-    /// One attempt: resolve, then each address in turn until one connects.
-    /// Returns the connection and its driver, which the caller runs.
-    async fn connect_once(&self) -> Result<transport::Started, ClientError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.addr.as_str())
-            .await
-            .map_err(|e| ClientError::Resolve {
-                addr: self.addr.clone(),
-                reason: e.to_string(),
-            })?
-            .collect();
-        let mut last = None;
-        for sa in &addrs {
-            match transport::connect(*sa, self.server_name.clone(), &self.connector, &self.config)
-                .await
-            {
-                Ok(started) => {
-                    debug!(addr = %sa, "connected");
-                    return Ok(started);
-                }
-                Err(e) => last = Some((sa.to_string(), e)),
-            }
-        }
-        Err(match last {
-            Some((addr, source)) => ClientError::Connect { addr, source },
-            None => ClientError::Resolve {
-                addr: self.addr.clone(),
-                reason: "no addresses found".into(),
-            },
+    /// One attempt: TCP, TLS, `Hello`. Returns the connection and its
+    /// driver, which the caller runs.
+    async fn connect_once(&self, pool: &Pool) -> Result<transport::Started, ClientError> {
+        transport::connect(
+            self.addr,
+            self.server_name.clone(),
+            &pool.settings.connector,
+            &pool.settings.config,
+        )
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: self.addr.to_string(),
+            source,
         })
     }
 }
 
-/// Keeps a connection up until the client is closed, running the current
-/// connection's driver.
-async fn supervise(endpoint: Arc<Endpoint>, first: transport::Started) {
-    let mut backoff = Backoff::new(endpoint.backoff.0, endpoint.backoff.1);
-    let mut next = Some(first);
+/// Keeps `endpoint` connected until it is retired or the client closed:
+/// the endpoint's one task. The first attempt runs in `span` (the caller
+/// of `connect`'s).
+pub(crate) async fn supervise(pool: Arc<Pool>, endpoint: Arc<Endpoint>, span: tracing::Span) {
+    let mut backoff = Backoff::new(pool.settings.backoff.0, pool.settings.backoff.1);
+    let mut failures: u32 = 0;
+    let mut first = true;
     'outer: loop {
-        if let Some((conn, mut driver)) = next.take() {
-            // A client closed between installing this connection and here
-            // closed the one before; this one is closed here (and the loop
-            // below then finishes it).
-            if endpoint.closed.is_cancelled() {
-                conn.close();
-            }
-            // The driver runs in this poll, so a GoAway it reads, or its
-            // starting to close, is seen right after, with no wake-up and no
-            // lock (two atomic loads per poll).
-            let done = std::future::poll_fn(|cx| match driver.as_mut().poll(cx) {
-                Poll::Ready(_) => Poll::Ready(true),
-                Poll::Pending if conn.goaway_received() || conn.is_ending() => Poll::Ready(false),
-                Poll::Pending => Poll::Pending,
-            })
-            .await;
-            if endpoint.closed.is_cancelled() {
-                // Closed by the client: finish closing here.
-                if !done {
-                    driver.await;
-                }
-                break 'outer;
-            }
-            if !done {
-                // Calls in flight finish on the old connection (GoAway), or
-                // its last frames go out (closing, bounded by its close
-                // timeout), while the next connection is made.
-                tokio::spawn(driver);
-            }
-            let why = conn
-                .close_reason()
-                .unwrap_or_else(|| "peer sent GoAway".into());
-            info!(addr = %endpoint.addr, reason = %why, "connection lost; reconnecting");
-        }
-        let mut failures: u32 = 0;
-        loop {
-            endpoint.state.send_replace(ConnState::Connecting);
+        // Connect, backing off after each failure.
+        let (conn, mut driver) = loop {
             // Boxed: an attempt holds a TLS handshake in progress (a few
-            // KiB), and this task lives as long as the client; inline, that
-            // would stay in the task for a path taken only on reconnects.
+            // KiB), and this task lives as long as the endpoint.
+            let attempt = Box::pin(tracing::Instrument::instrument(
+                endpoint.connect_once(&pool),
+                if first {
+                    span.clone()
+                } else {
+                    tracing::Span::current()
+                },
+            ));
             let attempt = tokio::select! {
-                r = Box::pin(endpoint.connect_once()) => r,
+                r = attempt => r,
                 _ = endpoint.closed.cancelled() => break 'outer,
             };
             match attempt {
-                Ok((conn, driver)) => {
-                    *endpoint.current() = Some(conn.clone());
-                    *endpoint.last_error() = None;
-                    backoff.reset();
-                    endpoint.state.send_replace(ConnState::Ready);
-                    info!(addr = %endpoint.addr, failures, "reconnected");
-                    next = Some((conn, driver));
-                    break;
-                }
+                Ok(started) => break started,
                 Err(e) => {
                     let wait = backoff.next_wait();
                     let text = report(&e);
                     failures += 1;
                     // One line per outage at each level: the first failure
                     // is news, a third in a row is an outage worth a
-                    // warning, the rest would only repeat them. A command
-                    // that reconnects at its second try prints no warning.
+                    // warning (when no other endpoint is serving), the rest
+                    // would only repeat them.
+                    let alone = pool.ready_count() == 0;
                     match failures {
                         1 => {
-                            info!(addr = %endpoint.addr, error = %text, ?wait, "reconnect failed; retrying")
+                            info!(addr = %endpoint.addr, error = %text, ?wait, "connection attempt failed; retrying")
                         }
-                        OUTAGE_AFTER => {
+                        OUTAGE_AFTER if alone => {
                             warn!(addr = %endpoint.addr, error = %text, failures, "server unreachable; still retrying")
                         }
                         _ => {
-                            debug!(addr = %endpoint.addr, error = %text, ?wait, "reconnect failed")
+                            debug!(addr = %endpoint.addr, error = %text, ?wait, "connection attempt failed")
                         }
                     }
-                    *endpoint.last_error() = Some(text);
-                    endpoint.state.send_replace(ConnState::BackingOff);
+                    endpoint.set_last_error(Some(text));
+                    pool.first_failure(e);
+                    endpoint.set_state(&pool, ConnState::BackingOff);
+                    pool.refresh();
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = endpoint.closed.cancelled() => break 'outer,
                     }
+                    endpoint.set_state(&pool, ConnState::Connecting);
                 }
             }
+        };
+        *endpoint.current() = Some(conn.clone());
+        endpoint.set_last_error(None);
+        // A closed client, or a retired endpoint, that this connection came
+        // up after: `close_now` missed it.
+        if endpoint.closed.is_cancelled() {
+            conn.close();
         }
+        endpoint.set_state(&pool, ConnState::Ready);
+        if !first {
+            info!(addr = %endpoint.addr, failures, "reconnected");
+        } else if failures > 0 {
+            info!(addr = %endpoint.addr, failures, "connected");
+        } else {
+            debug!(addr = %endpoint.addr, "connected");
+        }
+        backoff.reset();
+        failures = 0;
+        first = false;
+        // The driver runs in this poll, so a GoAway it reads, or its
+        // starting to close, is seen right after, with no wake-up and no
+        // lock (two atomic loads per poll).
+        let done = {
+            let retired = endpoint.closed.cancelled();
+            tokio::pin!(retired);
+            std::future::poll_fn(|cx| match driver.as_mut().poll(cx) {
+                Poll::Ready(_) => Poll::Ready(true),
+                Poll::Pending if conn.goaway_received() || conn.is_ending() => Poll::Ready(false),
+                Poll::Pending if retired.as_mut().poll(cx).is_ready() => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            })
+            .await
+        };
+        if endpoint.closed.is_cancelled() {
+            if !pool.closed.is_cancelled() {
+                // Retired: calls in flight finish first (bounded), then the
+                // connection closes. Nothing new is sent here meanwhile:
+                // the endpoint left the pick set before it was retired.
+                endpoint.set_state(&pool, ConnState::Draining);
+                let calls_done = async {
+                    let mut waited = Duration::ZERO;
+                    while conn.pending_calls() > 0 && waited < RETIRE_GRACE {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        waited += Duration::from_millis(20);
+                    }
+                };
+                if !done {
+                    tokio::select! {
+                        _ = calls_done => {}
+                        _ = &mut driver => {}
+                    }
+                }
+                conn.close();
+            } else {
+                conn.close();
+            }
+            if !done {
+                driver.await;
+            }
+            break 'outer;
+        }
+        let why = conn
+            .close_reason()
+            .unwrap_or_else(|| "peer sent GoAway".into());
+        if done || conn.is_ending() {
+            endpoint.set_state(&pool, ConnState::Connecting);
+        } else {
+            endpoint.set_state(&pool, ConnState::Draining);
+        }
+        if !done {
+            // Calls in flight finish on the old connection (GoAway), or
+            // its last frames go out (closing, bounded by its close
+            // timeout), while the next connection is made.
+            tokio::spawn(driver);
+        }
+        info!(addr = %endpoint.addr, reason = %why, "connection lost; reconnecting");
+        pool.refresh();
     }
     let last = endpoint.current().take();
     if let Some(conn) = last {
         conn.close();
         conn.closed().await;
     }
-    endpoint.state.send_replace(ConnState::Closed);
-}
-
-/// Owns an endpoint for the clients: closes it when the last clone goes.
-pub(crate) struct Owner {
-    pub(crate) endpoint: Arc<Endpoint>,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        self.endpoint.close();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_supervisor_task_stays_small() {
-        // Every client keeps one task (`connect_then_supervise`, which runs
-        // `supervise`) for its whole life; a reconnect attempt held inline
-        // made it 4,808 bytes.
-        let (io, _peer) = tokio::io::duplex(64);
-        let config = ConnectionConfig::default();
-        let hello = transport::hello_for(&config);
-        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-        let (conn, driver) = rpc_core::connection::start(io, &config, peer, hello, None);
-        let tls = rustls::ClientConfig::builder_with_provider(rpc_core::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3 is supported")
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let (state, _) = watch::channel(ConnState::Ready);
-        let endpoint = Arc::new(Endpoint {
-            addr: "127.0.0.1:1".into(),
-            server_name: ServerName::try_from("localhost").expect("a valid name"),
-            connector: TlsConnector::from(Arc::new(tls)),
-            config,
-            backoff: (Duration::from_millis(100), Duration::from_secs(1)),
-            current: Mutex::new(None),
-            last_error: Mutex::new(None),
-            state,
-            closed: CancellationToken::new(),
-        });
-        let first = connect_then_supervise(
-            endpoint.clone(),
-            oneshot::channel().0,
-            tracing::Span::none(),
-        );
-        let size = std::mem::size_of_val(&first);
-        assert!(size <= 1024, "the first connection's task is {size} bytes");
-        let task = supervise(endpoint, (conn, Box::pin(driver)));
-        let size = std::mem::size_of_val(&task);
-        assert!(size <= 1024, "the supervisor task is {size} bytes");
-    }
-
-    #[test]
-    fn host_part_of_addresses() {
-        assert_eq!(host_of("localhost:7443"), Some("localhost"));
-        assert_eq!(host_of("127.0.0.1:1"), Some("127.0.0.1"));
-        assert_eq!(host_of("[::1]:7443"), Some("::1"));
-        assert_eq!(host_of("localhost"), None);
-        assert_eq!(host_of(":7443"), None);
-        assert_eq!(host_of("h:notaport"), None);
-    }
+    endpoint.set_state(&pool, ConnState::Closed);
 }

@@ -36,6 +36,17 @@ pub enum ClientError {
     /// connection.
     #[error(transparent)]
     Call(#[from] rpc_core::Error),
+    /// The call was sent, and then its connection was lost: the server may
+    /// or may not have run it. It was not sent again because it is not
+    /// idempotent (or its retries ran out).
+    #[error("call to {method:?} was sent, then {source}; whether the server ran it is unknown (not retried: not idempotent, or its retries ran out)")]
+    OutcomeUnknown {
+        /// The method.
+        method: String,
+        /// How the connection was lost.
+        #[source]
+        source: rpc_core::Error,
+    },
     /// No usable connection: the last attempt failed and the call does not
     /// wait for ready (it failed at once), or none came up within the
     /// call's timeout (it waited). The client keeps reconnecting.
@@ -84,6 +95,24 @@ impl ClientError {
         }
     }
 
+    /// The error of a call that was sent: a lost connection becomes
+    /// [`ClientError::OutcomeUnknown`].
+    pub(crate) fn sent(self, method: &str) -> ClientError {
+        use rpc_core::Error;
+        match self {
+            ClientError::Call(
+                source @ (Error::Closed { .. }
+                | Error::PeerUnresponsive(_)
+                | Error::WriteStalled(_)
+                | Error::Io(_)),
+            ) => ClientError::OutcomeUnknown {
+                method: method.to_owned(),
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// The server's status, when the call failed with one.
     pub fn status(&self) -> Option<&Status> {
         match self {
@@ -125,7 +154,7 @@ fn unavailable(addr: &str, waited: std::time::Duration, last_error: Option<&str>
         // Failed fast: the call did not wait.
         Some(e) if waited < std::time::Duration::from_millis(1) => format!(
             "no connection to {addr}: last connection attempt failed: {e} (reconnecting; \
-             the call failed at once: set wait_for_ready to wait for the server)"
+             the call failed at once: set wait_for_ready to wait for a server)"
         ),
         Some(e) => {
             format!("no connection to {addr} within {waited:?} (reconnecting; last error: {e})")

@@ -13,8 +13,12 @@
 //!
 //! | file | concept |
 //! |---|---|
-//! | `client.rs` | [`Client`], [`ClientBuilder`]: calls, options, fail-fast |
+//! | `client.rs` | [`Client`], [`ClientBuilder`]: calls, options, fail-fast, failover |
+//! | `pool.rs` | the client's servers, its state, the picker |
 //! | `endpoint.rs` | one server address: connect, supervise, reconnect, state |
+//! | `discovery.rs` | which servers: DNS with TTLs, or your own [`discovery::Change`]s |
+//! | `load.rs` | Peak-EWMA latency × calls in flight |
+//! | `outlier.rs` | ejecting a server after failures in a row |
 //! | `retry.rs` | which failed calls go again, and the retry budget |
 //! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
@@ -25,13 +29,18 @@
 
 mod backoff;
 mod client;
+pub mod discovery;
 mod endpoint;
 mod error;
+mod load;
+mod outlier;
+mod pool;
 mod retry;
 
 pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
 pub use endpoint::ConnState;
 pub use error::ClientError;
+pub use pool::{Balance, EndpointStatus};
 pub use retry::DEFAULT_MAX_ATTEMPTS;
 pub use rpc_core::health::HealthStatus;
 pub use rpc_core::{CallOptions, Metadata, Status, StatusCode};

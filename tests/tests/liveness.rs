@@ -68,7 +68,13 @@ async fn a_frozen_link_fails_the_pending_call_and_the_server_drops_its_side() {
         .unwrap_err();
     let detected = frozen_at.elapsed();
     assert!(
-        matches!(err, ClientError::Call(rpc_core::Error::PeerUnresponsive(_))),
+        matches!(
+            err,
+            ClientError::OutcomeUnknown {
+                source: rpc_core::Error::PeerUnresponsive(_),
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("peer unresponsive"), "{err}");

@@ -92,5 +92,5 @@ async fn a_quick_reconnect_prints_no_warning_and_an_outage_warns_once() {
     let count = |text: &str| outage.lines().filter(|l| l.contains(text)).count();
     assert_eq!(count("WARN"), 1, "{outage}");
     assert_eq!(count("server unreachable; still retrying"), 1, "{outage}");
-    assert_eq!(count("reconnect failed; retrying"), 1, "{outage}");
+    assert_eq!(count("connection attempt failed; retrying"), 1, "{outage}");
 }

@@ -102,7 +102,7 @@ async fn a_call_not_marked_idempotent_is_not_sent_twice() {
     until_runs(&counts, 1).await;
     proxy.reset_all();
     let err = call.await.unwrap().unwrap_err();
-    assert!(matches!(err, ClientError::Call(_)), "{err}");
+    assert!(matches!(err, ClientError::OutcomeUnknown { .. }), "{err}");
     // Marked idempotent = false, a method marked #[idempotent] is not
     // retried either: the call's own word wins.
     let counter = CounterClient::new(client).with_options(CallOptions::new().idempotent(false));

@@ -1,4 +1,5 @@
-//! `rpc-client bench`: N concurrent callers over one connection.
+//! `rpc-client bench`: N concurrent callers over the client's connections
+//! (one per server).
 //!
 //! Each caller sends `echo` with a payload of the given size, checks the reply
 //! and records its latency in an HDR histogram (microseconds). When the
@@ -123,6 +124,12 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
     let calls = counters.calls.load(Ordering::Relaxed);
     let errors = counters.errors.load(Ordering::Relaxed);
     let rate = calls as f64 / seconds;
+    // Calls each server answered (failures included).
+    let endpoints: serde_json::Map<String, serde_json::Value> = client
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.addr.to_string(), e.calls.into()))
+        .collect();
     if args.json {
         let report = serde_json::json!({
             "calls": calls,
@@ -135,6 +142,7 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
             "errors": errors,
             "concurrency": args.concurrency,
             "payload_bytes": args.payload,
+            "endpoints": endpoints,
         });
         println!("{report}");
     } else {
@@ -149,6 +157,11 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
             hist.max()
         );
         println!("errors {errors}");
+        if endpoints.len() > 1 {
+            for (addr, calls) in &endpoints {
+                println!("endpoint {addr} calls {calls}");
+            }
+        }
     }
     if let Some(e) = first_error {
         eprintln!("rpc-client: first error: {e}");

@@ -27,6 +27,8 @@ Examples:
   rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem --meta tenant=blue --meta request-id=42 call metadata
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
+  rpc-client --ca certs/ca.pem --server-name localhost \
+      --connect 127.0.0.1:7443,127.0.0.1:7444,127.0.0.1:7445 bench --duration 5s
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.";
 
@@ -34,7 +36,8 @@ Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more."
 #[derive(Parser, Debug)]
 #[command(name = "rpc-client", version, after_help = EXAMPLES)]
 struct Cli {
-    /// Server address, host:port.
+    /// Server address(es), host:port[,host:port...]; a name with several
+    /// addresses is a server per address, and calls are spread over them.
     #[arg(
         long,
         value_name = "ADDR",
