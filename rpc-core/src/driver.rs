@@ -71,6 +71,8 @@ pub(crate) struct Driver {
     frames_decoded: u64,
     partial: PartialFrameWatch,
     write_stall_timeout: Duration,
+    /// The highest request id received, for the `Drain` frame.
+    last_request_id: u64,
 }
 
 impl Driver {
@@ -100,6 +102,7 @@ impl Driver {
                 since: None,
             },
             write_stall_timeout: config.write_stall_timeout,
+            last_request_id: 0,
         }
     }
 
@@ -141,8 +144,15 @@ impl Driver {
                         break CloseCause::ClosedHere;
                     }
                     if raised & DriverEvents::DRAIN != 0 {
-                        self.send_control(Frame::GoAway { reason: "server shutting down".into() });
-                        info!("draining: sent GoAway");
+                        // Requests above `last_id` were not taken: the
+                        // ones still coming are refused (`ShuttingDown`)
+                        // and any not read before the close may go
+                        // elsewhere.
+                        self.send_control(Frame::Drain {
+                            last_id: self.last_request_id,
+                            reason: "server shutting down".into(),
+                        });
+                        info!(last_id = self.last_request_id, "draining: sent Drain (a graceful GoAway)");
                         match &self.served {
                             // Closes once the calls it serves are done
                             // (the branch below).
@@ -283,6 +293,7 @@ impl Driver {
                 metadata,
                 body,
             } => {
+                self.last_request_id = self.last_request_id.max(id);
                 let (running, is_running) =
                     self.served.as_ref().map_or((0, false), |s| s.running(id));
                 let stage = self.shared.stage();
@@ -354,6 +365,10 @@ impl Driver {
                     None => debug!(nonce, "pong for no ping in flight: ignored"),
                 }
                 Ok(())
+            }
+            Frame::Drain { last_id, reason } => {
+                self.shared.peer_drain(last_id);
+                self.on_frame(Frame::GoAway { reason })
             }
             Frame::GoAway { reason } => {
                 let reason = escape_peer_text(&reason, MAX_PEER_REASON);

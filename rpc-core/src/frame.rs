@@ -30,8 +30,8 @@ use crate::metadata::{Metadata, MAX_ENTRIES};
 
 /// The protocol version this crate speaks.
 ///
-/// Version 2 added call metadata to `Request`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added call metadata to `Request`; version 3 the `Drain` frame.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -97,6 +97,16 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// A graceful `GoAway`: no new calls on this connection, and none of
+    /// the sender's peer's requests with an id above `last_id` was run, so
+    /// those may go elsewhere (HTTP/2's last-stream-id). Requests up to
+    /// `last_id` are answered before the connection closes.
+    Drain {
+        /// The highest request id the sender had received.
+        last_id: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -110,6 +120,7 @@ impl Frame {
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
             Frame::GoAway { .. } => "GoAway",
+            Frame::Drain { .. } => "Drain",
         }
     }
 }
@@ -142,6 +153,10 @@ enum WireFrame<'a> {
         nonce: u64,
     },
     GoAway {
+        reason: String,
+    },
+    Drain {
+        last_id: u64,
         reason: String,
     },
 }
@@ -193,6 +208,7 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
         WireFrame::Ping { nonce } => Frame::Ping { nonce },
         WireFrame::Pong { nonce } => Frame::Pong { nonce },
         WireFrame::GoAway { reason } => Frame::GoAway { reason },
+        WireFrame::Drain { last_id, reason } => Frame::Drain { last_id, reason },
     })
 }
 
@@ -349,6 +365,10 @@ mod tests {
             Frame::Pong { nonce: u64::MAX },
             Frame::GoAway {
                 reason: "bye".into(),
+            },
+            Frame::Drain {
+                last_id: 41,
+                reason: "draining".into(),
             },
         ]
     }

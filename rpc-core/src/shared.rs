@@ -78,6 +78,8 @@ pub(crate) struct ConnectionState {
     pub(crate) life: Lifecycle,
     /// The reason in the peer's `GoAway`, once it sent one.
     pub(crate) peer_goaway: Option<String>,
+    /// The peer drained: it ran none of this side's requests above this id.
+    pub(crate) peer_last_id: Option<u64>,
     pub(crate) calls: CallTable,
 }
 
@@ -213,6 +215,12 @@ impl Shared {
         first
     }
 
+    /// The peer drained, having taken this side's requests up to
+    /// `last_id`.
+    pub(crate) fn peer_drain(&self, last_id: u64) {
+        self.state().peer_last_id = Some(last_id);
+    }
+
     /// The driver has finished: the connection is closed.
     pub(crate) fn finish(&self) {
         let mut state = self.state();
@@ -222,17 +230,25 @@ impl Shared {
 
     /// Fails every pending call with the cause the connection ends with.
     pub(crate) fn fail_all(&self) {
-        let (pending, error) = {
+        let (pending, error, last_id) = {
             let mut state = self.state();
             let cause = state
                 .life
                 .cause()
                 .cloned()
                 .unwrap_or(CloseCause::ClosedHere);
-            (state.calls.take_all(), cause)
+            (state.calls.take_all(), cause, state.peer_last_id)
         };
-        for (_, call) in pending {
-            let _ = call.tx.send(Err(error.error()));
+        for (id, call) in pending {
+            let error = match last_id {
+                // The peer drained and never took this request: it may go
+                // elsewhere.
+                Some(last) if id > last => Error::NotSent {
+                    reason: format!("the peer drained before taking it; {}", error.error()),
+                },
+                _ => error.error(),
+            };
+            let _ = call.tx.send(Err(error));
         }
         self.ping_waiters().clear();
     }
