@@ -166,8 +166,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Outlier ejection: `consecutive` failed calls in a row (connection
-    /// lost, `Unavailable`, `Internal`, `DataLoss`) take a server out of
+    /// Outlier ejection: `consecutive` calls in a row answered
+    /// `Unavailable`, `Internal` or `DataLoss` take a server out of
     /// the pick set for `base` × its ejections so far, at most `max`, and
     /// never more than `max_percent` of the servers (at least one) at once
     /// (default 5, 30 s, 300 s, 10 %; `consecutive` 0 turns it off).

@@ -3,7 +3,7 @@
 //! the pick set for a while, longer each time.
 //!
 //! ```text
-//!  call fails (connection lost, Unavailable, Internal, DataLoss)
+//!  call fails (Unavailable, Internal, DataLoss from the server)
 //!    └► 5th in a row? and fewer than max(1, 10 % of endpoints) ejected?
 //!         └► ejected for 30 s × ejections (at most 300 s), then rejoins
 //!  call succeeds → the count starts again from 0
@@ -14,6 +14,10 @@
 //! - A refused call (`Overloaded`, `ShuttingDown`, a bad argument) is the
 //!   server working as meant and does not count; neither does a deadline,
 //!   which the latency estimate already steers around.
+//! - Nor does a lost connection: the endpoint leaves the pick set while it
+//!   reconnects, and rejoins as soon as it is back (`endpoint.rs`). A
+//!   server restarted after a crash must get calls again at once, not
+//!   after an ejection earned by the calls the crash failed.
 //! - When every endpoint is ejected or the cap is reached, the picker still
 //!   picks among them (`pool.rs`): better a server that may fail than no
 //!   call at all.
@@ -80,6 +84,11 @@ impl Outlier {
     fn ejection(&self) -> std::sync::MutexGuard<'_, Ejection> {
         // Plain values: a poisoned lock still holds valid ones.
         self.ejection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection: failures on the old one do not count against it.
+    pub(crate) fn reconnected(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
     }
 
     /// A call succeeded. (Written only when there was a count to clear, so

@@ -87,6 +87,9 @@ pub struct EndpointStatus {
     pub calls: u64,
     /// Calls in flight there now, when several endpoints are measured.
     pub in_flight: u32,
+    /// The picker's latency estimate (Peak-EWMA), once a call has been
+    /// measured there with several endpoints.
+    pub latency: Option<Duration>,
     /// Whether outlier ejection has taken it out of the pick set for now.
     pub ejected: bool,
     /// Why its last connection attempt failed, while it is failing.
@@ -323,6 +326,7 @@ impl Pool {
                 state: e.state(),
                 calls: e.calls.load(Ordering::Relaxed),
                 in_flight: e.load.in_flight(),
+                latency: e.load.latency(now),
                 ejected: e.outlier.is_ejected(now),
                 last_error: e.last_error(),
             })
@@ -472,22 +476,16 @@ impl Pool {
     }
 }
 
-/// Whether a call's failure counts against the server it went to: its
-/// connection was lost, or the server said it is unavailable or broken.
+/// Whether a call's failure counts against the server it went to: the
+/// server said it is unavailable or broken. (A lost connection is the
+/// endpoint's state's business; see `outlier.rs`.)
 pub(crate) fn counts_against_server(result: &Result<bytes::Bytes, rpc_core::Error>) -> bool {
     use rpc_core::{Error, StatusCode};
     match result {
-        Ok(_) => false,
-        Err(
-            Error::Closed { .. }
-            | Error::PeerUnresponsive(_)
-            | Error::WriteStalled(_)
-            | Error::Io(_),
-        ) => true,
         Err(Error::Status(s)) => matches!(
             s.code,
             StatusCode::Unavailable | StatusCode::Internal | StatusCode::DataLoss
         ),
-        Err(_) => false,
+        _ => false,
     }
 }

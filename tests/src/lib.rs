@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod proxy;
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
