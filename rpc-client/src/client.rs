@@ -474,16 +474,14 @@ impl Client {
                 Some(body) => body,
                 None => encode()?,
             };
-            let started = picked.measured.then(|| {
-                picked.endpoint.load.start();
-                Instant::now()
-            });
+            // Dropped with the call if the caller gives up on it.
+            let in_flight = picked.start();
             // Cloning empty metadata (the common call) copies nothing.
             let sent = picked
                 .conn
                 .call_with_metadata(method, body, left, metadata.as_ref().clone())
                 .await;
-            pool.finished(&picked, started, counts_against_server(&sent));
+            pool.finished(&picked, in_flight, counts_against_server(&sent));
             match sent {
                 Ok(reply) => break reply,
                 // Never reached a handler: the server refused it unrun

@@ -15,12 +15,11 @@
 //!   that was slow is tried again within seconds of going quiet.
 //! - Unlike Finagle's, each lower sample moves the estimate at least 5 %
 //!   of the way toward it. With a purely time-based weight, an endpoint
-//!   answering thousands of calls a second keeps one hiccup (10 ms on a
-//!   loaded machine) in its estimate for many seconds, and the in-flight
-//!   factor multiplies it: in `tests/tests/steering.rs` a server 20 ms
-//!   slower than three others then got 1-2.6 % of the calls, enough to put
-//!   it in the p99. With the 5 % step a peak fades within tens of samples
-//!   and the slow server got 0.25-0.56 % (see `docs/balancing.md`).
+//!   answering thousands of calls a second keeps one hiccup (several ms on
+//!   a loaded machine) in its estimate for seconds, and the in-flight
+//!   factor multiplies it, so a slow endpoint looks no worse. With the step
+//!   a peak fades within tens of samples; a rise still counts at once
+//!   (figures in `docs/balancing.md`).
 //! - Before its first reply an endpoint's estimate is its connection's
 //!   heartbeat RTT, or 1 ms before a `Pong` has come back.
 //! - The in-flight factor reacts within a call: an endpoint that holds
@@ -89,6 +88,12 @@ impl Load {
     /// A call starts on this endpoint.
     pub(crate) fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call started with [`start`](Load::start) was given up before it
+    /// ended: no longer in flight, and nothing learnt.
+    pub(crate) fn abandon(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A call started with [`start`](Load::start) ended after `latency`

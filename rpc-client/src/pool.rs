@@ -75,6 +75,37 @@ pub(crate) struct Picked {
     pub(crate) measured: bool,
 }
 
+/// A measured call on its endpoint: counted in flight from
+/// [`Picked::start`] until [`Pool::finished`] records it, or until it is
+/// dropped (the caller gave up on the call), which only uncounts it.
+pub(crate) struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.endpoint.load.abandon();
+        }
+    }
+}
+
+impl Picked {
+    /// The call starts: counted in flight when measured.
+    pub(crate) fn start(&self) -> Option<InFlight> {
+        self.measured.then(|| {
+            self.endpoint.load.start();
+            InFlight {
+                endpoint: self.endpoint.clone(),
+                started: Instant::now(),
+                recorded: false,
+            }
+        })
+    }
+}
+
 /// What [`Client::endpoints`](crate::Client::endpoints) reports of one.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -431,17 +462,20 @@ impl Pool {
         }
     }
 
-    /// A call on `picked` ended after it started at `started`; `failed`
+    /// A call on `picked` ended (`in_flight`: it was measured); `failed`
     /// when it failed in a way that counts against the server (see
     /// `outlier.rs`).
-    pub(crate) fn finished(&self, picked: &Picked, started: Option<Instant>, failed: bool) {
+    pub(crate) fn finished(&self, picked: &Picked, in_flight: Option<InFlight>, failed: bool) {
         let endpoint = &picked.endpoint;
         endpoint.calls.fetch_add(1, Ordering::Relaxed);
-        let Some(started) = started else { return };
+        let Some(mut in_flight) = in_flight else {
+            return;
+        };
+        in_flight.recorded = true;
         let now = Instant::now();
         endpoint
             .load
-            .finish(now.saturating_duration_since(started), now);
+            .finish(now.saturating_duration_since(in_flight.started), now);
         if !failed {
             endpoint.outlier.success();
         } else if endpoint.outlier.failure(&self.settings.outlier) {

@@ -348,6 +348,31 @@ async fn a_failing_server_is_ejected_and_idempotent_calls_go_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_by_their_callers_leave_no_load_behind() {
+    let r = replicas(&[0, 0]).await;
+    let client = builder(&r.certs)
+        .connect(&list(r.servers.iter().map(|s| s.addr)))
+        .await
+        .unwrap();
+    until(Duration::from_secs(5), "two servers ready", || {
+        client
+            .endpoints()
+            .iter()
+            .all(|e| e.state == ConnState::Ready)
+    })
+    .await;
+    let replica = ReplicaClient::new(client.clone());
+    for _ in 0..10 {
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), replica.hold(5_000)).await;
+        assert!(gave_up.is_err());
+    }
+    // Each dropped call stopped counting in flight, or the picker would
+    // see those servers as loaded for good.
+    let in_flight: Vec<u32> = client.endpoints().iter().map(|e| e.in_flight).collect();
+    assert_eq!(in_flight, vec![0, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_resolves_to_its_addresses() {
     let r = replicas(&[0]).await;
     let port = r.servers[0].addr.port();
