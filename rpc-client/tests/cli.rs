@@ -17,18 +17,27 @@ struct Fixture {
 }
 
 async fn start_server() -> Fixture {
+    start_servers(1).await
+}
+
+/// `n` demo servers with one certificate; `addr` lists them all
+/// (`a,b,c`).
+async fn start_servers(n: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     devcerts::write_to(dir.path()).unwrap();
     let p = |n: &str| dir.path().join(n);
-    let tls = rpc_core::tls::server_config(&p("server.pem"), &p("server.key"), None).unwrap();
-    let server = Server::builder(tls).router(demo::router()).build().unwrap();
-    let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    let mut addrs = vec![];
+    for _ in 0..n {
+        let tls = rpc_core::tls::server_config(&p("server.pem"), &p("server.key"), None).unwrap();
+        let server = Server::builder(tls).router(demo::router()).build().unwrap();
+        let listener = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        addrs.push(listener.local_addr().unwrap().to_string());
+        tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    }
     Fixture {
         ca: p("ca.pem"),
         _dir: dir,
-        addr,
+        addr: addrs.join(","),
     }
 }
 
@@ -151,6 +160,47 @@ async fn bench_json_reports_calls_rate_latency_and_errors() {
         report["p99_us"].as_u64().unwrap(),
     );
     assert!(p50 > 0 && p50 <= p99, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_three_servers_reports_the_calls_each_answered() {
+    let f = start_servers(3).await;
+    let args = [
+        "bench",
+        "--concurrency",
+        "8",
+        "--duration",
+        "500ms",
+        "--json",
+    ];
+    let out = run(&f.ca, &f.addr, &args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    let endpoints = report["endpoints"].as_object().unwrap();
+    let mut listed: Vec<&str> = endpoints.keys().map(String::as_str).collect();
+    listed.sort();
+    let mut given: Vec<&str> = f.addr.split(',').collect();
+    given.sort();
+    assert_eq!(listed, given, "{report}");
+    let each: Vec<u64> = endpoints.values().map(|v| v.as_u64().unwrap()).collect();
+    assert!(
+        each.iter().all(|n| *n > 0),
+        "a server got no call: {report}"
+    );
+    assert_eq!(
+        each.iter().sum::<u64>(),
+        report["calls"].as_u64().unwrap(),
+        "{report}"
+    );
+    // The text report lists them too.
+    let out = run(&f.ca, &f.addr, &["bench", "--duration", "200ms"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("endpoint "))
+        .count();
+    assert_eq!(lines, 3, "{}", stdout(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
