@@ -456,7 +456,7 @@ impl Client {
         // Where the last attempt failed: the next goes elsewhere if it can.
         let mut avoid: Option<Arc<Endpoint>> = None;
         let reply = loop {
-            let picked = match self
+            let mut picked = match self
                 .ready_connection(avoid.as_deref(), deadline, timeout, wait_for_ready)
                 .await
             {
@@ -474,14 +474,14 @@ impl Client {
                 Some(body) => body,
                 None => encode()?,
             };
-            // Dropped with the call if the caller gives up on it.
-            let in_flight = picked.start();
+            // Uncounted when dropped with the call, if the caller gives up.
+            picked.start();
             // Cloning empty metadata (the common call) copies nothing.
             let sent = picked
                 .conn
                 .call_with_metadata(method, body, left, metadata.as_ref().clone())
                 .await;
-            pool.finished(&picked, in_flight, counts_against_server(&sent));
+            pool.finished(&mut picked, counts_against_server(&sent));
             match sent {
                 Ok(reply) => break reply,
                 // Never reached a handler: the server refused it unrun
@@ -494,7 +494,7 @@ impl Client {
                 {
                     debug!(method, error = %e, "call not run; sending it again");
                     unsent += 1;
-                    avoid = Some(picked.endpoint);
+                    avoid = Some(picked.endpoint.clone());
                 }
                 Err(rpc_core::Error::Status(s))
                     if s.code == rpc_core::StatusCode::ShuttingDown && unsent < MAX_UNSENT =>
@@ -504,14 +504,16 @@ impl Client {
                     if !pool.has_alternative(&picked.endpoint) {
                         // Its GoAway follows at once; then the endpoint
                         // reconnects.
-                        let _ = tokio::time::timeout_at(deadline, picked.conn.unusable()).await;
+                        // Boxed, as every rare wait in a call's future.
+                        let wait = tokio::time::timeout_at(deadline, picked.conn.unusable());
+                        let _ = Box::pin(wait).await;
                     }
-                    avoid = Some(picked.endpoint);
+                    avoid = Some(picked.endpoint.clone());
                 }
                 Err(e) => {
                     let e = ClientError::Call(e);
                     if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
-                        avoid = Some(picked.endpoint);
+                        avoid = Some(picked.endpoint.clone());
                         continue;
                     }
                     return Err(e.sent(method));

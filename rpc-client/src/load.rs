@@ -28,8 +28,7 @@
 //!
 //! Not here: choosing between endpoints (`pool.rs`).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,11 +42,18 @@ pub(crate) const MIN_STEP: f64 = 0.05;
 /// The estimate of an endpoint nothing has been measured on yet.
 pub(crate) const DEFAULT_RTT: Duration = Duration::from_millis(1);
 
-/// One endpoint's calls in flight and latency estimate.
+/// One endpoint's calls in flight and latency estimate, in atomics: the
+/// picker reads two endpoints' on every call. Two calls ending at once may
+/// each write the estimate from the same old one, so one of the two
+/// samples is lost; an estimate of recent latency can afford that.
 #[derive(Debug)]
 pub(crate) struct Load {
     in_flight: AtomicU32,
-    estimate: Mutex<Estimate>,
+    /// The estimate in nanoseconds (`f64` bits); 0 until the first sample.
+    nanos: AtomicU64,
+    /// When it was last written, in nanoseconds since `epoch`.
+    at: AtomicU64,
+    epoch: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,16 +79,24 @@ impl Load {
     pub(crate) fn new(now: Instant) -> Self {
         Load {
             in_flight: AtomicU32::new(0),
-            estimate: Mutex::new(Estimate {
-                nanos: 0.0,
-                at: now,
-            }),
+            nanos: AtomicU64::new(0.0f64.to_bits()),
+            at: AtomicU64::new(0),
+            epoch: now,
         }
     }
 
-    fn estimate(&self) -> std::sync::MutexGuard<'_, Estimate> {
-        // Plain numbers: a poisoned lock still holds a valid value.
-        self.estimate.lock().unwrap_or_else(|e| e.into_inner())
+    fn estimate(&self) -> Estimate {
+        Estimate {
+            nanos: f64::from_bits(self.nanos.load(Ordering::Relaxed)),
+            at: self.epoch + Duration::from_nanos(self.at.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn set_estimate(&self, nanos: f64, at: Instant) {
+        let since =
+            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.store(nanos.to_bits(), Ordering::Relaxed);
+        self.at.store(since, Ordering::Relaxed);
     }
 
     /// A call starts on this endpoint.
@@ -101,26 +115,26 @@ impl Load {
     pub(crate) fn finish(&self, latency: Duration, now: Instant) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let sample = latency.as_nanos() as f64;
-        let mut estimate = self.estimate();
-        if estimate.nanos == 0.0 || sample > estimate.nanos {
-            estimate.nanos = sample;
+        let old = self.estimate();
+        let next = if old.nanos == 0.0 || sample > old.nanos {
+            sample
         } else {
-            let w = weight(now.saturating_duration_since(estimate.at)).min(1.0 - MIN_STEP);
-            estimate.nanos = estimate.nanos * w + sample * (1.0 - w);
-        }
-        estimate.at = now;
+            let w = weight(now.saturating_duration_since(old.at)).min(1.0 - MIN_STEP);
+            old.nanos * w + sample * (1.0 - w)
+        };
+        self.set_estimate(next, now);
     }
 
     /// The latency estimate at `now`, once a call has been measured.
     pub(crate) fn latency(&self, now: Instant) -> Option<Duration> {
-        let estimate = *self.estimate();
+        let estimate = self.estimate();
         (estimate.nanos != 0.0).then(|| Duration::from_nanos(estimate.at(now) as u64))
     }
 
     /// Forgets the latency measured (a new connection: perhaps a new
     /// server process); calls still in flight keep counting.
     pub(crate) fn forget_latency(&self) {
-        self.estimate().nanos = 0.0;
+        self.nanos.store(0.0f64.to_bits(), Ordering::Relaxed);
     }
 
     /// Calls in flight now.
@@ -131,7 +145,7 @@ impl Load {
     /// The load at `now`; `rtt` (the connection's heartbeat RTT) stands in
     /// for the estimate until a call has been measured.
     pub(crate) fn cost(&self, now: Instant, rtt: impl FnOnce() -> Option<Duration>) -> f64 {
-        let estimate = *self.estimate();
+        let estimate = self.estimate();
         let latency = if estimate.nanos == 0.0 {
             rtt().unwrap_or(DEFAULT_RTT).as_nanos() as f64
         } else {

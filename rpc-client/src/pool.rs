@@ -73,36 +73,27 @@ pub(crate) struct Picked {
     /// Whether the call's latency and outcome are recorded (several
     /// endpoints).
     pub(crate) measured: bool,
+    /// When the call started, while it is counted in flight.
+    started: Option<Instant>,
 }
 
-/// A measured call on its endpoint: counted in flight from
-/// [`Picked::start`] until [`Pool::finished`] records it, or until it is
-/// dropped (the caller gave up on the call), which only uncounts it.
-pub(crate) struct InFlight {
-    endpoint: Arc<Endpoint>,
-    started: Instant,
-    recorded: bool,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if !self.recorded {
-            self.endpoint.load.abandon();
+impl Picked {
+    /// The call starts: counted in flight on its endpoint when measured,
+    /// until [`Pool::finished`] records it, or until this is dropped (the
+    /// caller gave up on the call), which only uncounts it.
+    pub(crate) fn start(&mut self) {
+        if self.measured {
+            self.endpoint.load.start();
+            self.started = Some(Instant::now());
         }
     }
 }
 
-impl Picked {
-    /// The call starts: counted in flight when measured.
-    pub(crate) fn start(&self) -> Option<InFlight> {
-        self.measured.then(|| {
-            self.endpoint.load.start();
-            InFlight {
-                endpoint: self.endpoint.clone(),
-                started: Instant::now(),
-                recorded: false,
-            }
-        })
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if self.started.is_some() {
+            self.endpoint.load.abandon();
+        }
     }
 }
 
@@ -393,6 +384,7 @@ impl Pool {
                 endpoint: only.clone(),
                 conn,
                 measured: false,
+                started: None,
             });
         }
         let now = Instant::now();
@@ -405,6 +397,7 @@ impl Pool {
                     endpoint: endpoint.clone(),
                     conn,
                     measured: true,
+                    started: None,
                 });
             }
         }
@@ -462,20 +455,19 @@ impl Pool {
         }
     }
 
-    /// A call on `picked` ended (`in_flight`: it was measured); `failed`
+    /// A call on `picked` ended; `failed`
     /// when it failed in a way that counts against the server (see
     /// `outlier.rs`).
-    pub(crate) fn finished(&self, picked: &Picked, in_flight: Option<InFlight>, failed: bool) {
+    pub(crate) fn finished(&self, picked: &mut Picked, failed: bool) {
         let endpoint = &picked.endpoint;
         endpoint.calls.fetch_add(1, Ordering::Relaxed);
-        let Some(mut in_flight) = in_flight else {
+        let Some(started) = picked.started.take() else {
             return;
         };
-        in_flight.recorded = true;
         let now = Instant::now();
         endpoint
             .load
-            .finish(now.saturating_duration_since(in_flight.started), now);
+            .finish(now.saturating_duration_since(started), now);
         if !failed {
             endpoint.outlier.success();
         } else if endpoint.outlier.failure(&self.settings.outlier) {
