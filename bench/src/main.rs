@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod balance;
 mod contenders;
 mod pair;
 mod report;
@@ -48,6 +49,9 @@ enum Cmd {
     /// the median ratio of their figures: both see the same machine, so
     /// small gaps show through the VM's noise.
     Pair(pair::PairArgs),
+    /// srpc over several servers: three servers vs one, and one slow
+    /// server among four with Peak-EWMA vs round robin.
+    Balance(balance::BalanceArgs),
     /// Serves one contender on 127.0.0.1 (started by `run`). Exits when
     /// its stdin reaches end of file, as when the run closes it: started
     /// by hand, keep stdin open (not `< /dev/null`).
@@ -131,6 +135,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve { stack, certs } => runtime.block_on(serve(stack, &certs)),
         Cmd::Run(args) => runtime.block_on(run(args)),
         Cmd::Pair(args) => pair::pair(&args),
+        Cmd::Balance(args) => runtime.block_on(async {
+            let (dir, certs) = throwaway_certs()?;
+            balance::balance(args, dir.path(), &certs).await
+        }),
     }
 }
 
@@ -152,6 +160,17 @@ async fn serve(stack: Stack, dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Fresh certificates in a temporary folder, for the server processes.
+fn throwaway_certs() -> anyhow::Result<(tempfile::TempDir, Certs)> {
+    let dir = tempfile::tempdir()?;
+    let dev = srpc::server::devcerts::generate()?;
+    std::fs::write(dir.path().join("ca.pem"), &dev.ca_pem)?;
+    std::fs::write(dir.path().join("server.pem"), &dev.server_pem)?;
+    std::fs::write(dir.path().join("server.key"), &dev.server_key)?;
+    let certs = read_certs(dir.path())?;
+    Ok((dir, certs))
+}
+
 fn read_certs(dir: &Path) -> anyhow::Result<Certs> {
     Ok(Certs {
         ca: std::fs::read_to_string(dir.join("ca.pem"))?,
@@ -161,13 +180,13 @@ fn read_certs(dir: &Path) -> anyhow::Result<Certs> {
 }
 
 /// A contender's server process; killed when dropped.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl ServerProcess {
-    fn start(stack: Stack, certs: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(stack: Stack, certs: &Path) -> anyhow::Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--stack", stack.name(), "--certs"])
             .arg(certs)
@@ -215,12 +234,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.only.clone()
     };
-    let dir = tempfile::tempdir()?;
-    let dev = srpc::server::devcerts::generate()?;
-    std::fs::write(dir.path().join("ca.pem"), &dev.ca_pem)?;
-    std::fs::write(dir.path().join("server.pem"), &dev.server_pem)?;
-    std::fs::write(dir.path().join("server.key"), &dev.server_key)?;
-    let certs = read_certs(dir.path())?;
+    let (dir, certs) = throwaway_certs()?;
 
     // Held until the run ends: closing the file withdraws the request.
     let _poll_idle = args.poll_idle.then(request_polling_idle).transpose()?;

@@ -59,7 +59,9 @@ pub use rpc_macros::service;
 pub use rpc_server as server;
 
 #[doc(inline)]
-pub use rpc_client::{Client, ClientBuilder, ClientError, ConnState};
+pub use rpc_client::{
+    discovery, Balance, Client, ClientBuilder, ClientError, ConnState, EndpointStatus,
+};
 #[doc(inline)]
 pub use rpc_core::service::context;
 #[doc(inline)]

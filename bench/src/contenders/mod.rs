@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 
 mod raw;
-mod srpc_stack;
+pub(crate) mod srpc_stack;
 mod tarpc_stack;
 mod tonic_stack;
 
@@ -318,4 +318,4 @@ impl ServerCertVerifier for CountingVerifier {
 }
 
 /// The name every client checks the server certificate against.
-const SERVER_NAME: &str = "localhost";
+pub(crate) const SERVER_NAME: &str = "localhost";

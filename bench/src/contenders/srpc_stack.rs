@@ -71,6 +71,26 @@ impl Dialer {
     }
 }
 
+/// An srpc client over `addrs` (`a,b,c`) with `balance`, for the
+/// balancing benchmark: the caller, and the client for its endpoint counts.
+pub(crate) async fn caller_over(
+    addrs: &str,
+    certs: &Certs,
+    balance: srpc::Balance,
+) -> anyhow::Result<(Arc<dyn Caller>, Client)> {
+    let ca = rpc_core::tls::certs_from_pem(&certs.ca)?;
+    let tls = rpc_core::tls::client_config_from_der(ca, None)?;
+    let client = Client::builder(tls)
+        .server_name(SERVER_NAME)
+        .balance(balance)
+        .connect(addrs)
+        .await?;
+    Ok((
+        Arc::new(SrpcCaller(EchoClient::new(client.clone()))),
+        client,
+    ))
+}
+
 pub(super) struct SrpcCaller(EchoClient<Client>);
 
 impl Caller for SrpcCaller {
