@@ -348,6 +348,43 @@ async fn a_failing_server_is_ejected_and_idempotent_calls_go_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_server_ejected_calls_still_go_to_them() {
+    let r = replicas(&[0, 0]).await;
+    // Any share may be ejected here, so both can be.
+    let client = builder(&r.certs)
+        .outlier_ejection(2, Duration::from_secs(60), Duration::from_secs(60), 100)
+        .connect(&list(r.servers.iter().map(|s| s.addr)))
+        .await
+        .unwrap();
+    until(Duration::from_secs(5), "two servers ready", || {
+        client
+            .endpoints()
+            .iter()
+            .all(|e| e.state == ConnState::Ready)
+    })
+    .await;
+    for node in &r.nodes {
+        node.failing.store(true, Ordering::Relaxed);
+    }
+    let replica = ReplicaClient::new(client.clone());
+    for _ in 0..20 {
+        let err = replica.tally(1).await.unwrap_err();
+        assert_eq!(err.code(), Some(rpc_core::StatusCode::Unavailable), "{err}");
+    }
+    assert!(
+        client.endpoints().iter().all(|e| e.ejected),
+        "{:?}",
+        client.endpoints()
+    );
+    // Both ejected for a minute, yet calls reach them (panic mode): once
+    // they recover, calls succeed at once.
+    for node in &r.nodes {
+        node.failing.store(false, Ordering::Relaxed);
+    }
+    assert_eq!(replica.tally(7).await.unwrap(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_by_their_callers_leave_no_load_behind() {
     let r = replicas(&[0, 0]).await;
     let client = builder(&r.certs)
