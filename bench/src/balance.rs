@@ -73,6 +73,14 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// 64 B calls through `caller` for the run's warm-up and measure time;
+/// any failed call fails the run.
+async fn measure(caller: Arc<dyn Caller>, args: &BalanceArgs) -> anyhow::Result<scenario::Load> {
+    let load = scenario::load(caller, args.in_flight, 64, args.warmup, args.measure).await?;
+    anyhow::ensure!(load.errors == 0, "{} calls failed", load.errors);
+    Ok(load)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -89,7 +97,6 @@ pub(crate) async fn balance(args: BalanceArgs, dir: &Path, certs: &Certs) -> any
         .map(|_| ServerProcess::start(Stack::Srpc, dir))
         .collect::<anyhow::Result<_>>()?;
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
-    let payload = 64;
 
     // Informative: one server over three connections, calls dealt out in
     // turn, to tell what splitting the calls over connections costs from
@@ -106,15 +113,7 @@ pub(crate) async fn balance(args: BalanceArgs, dir: &Path, certs: &Certs) -> any
                 );
             }
             let turns = Arc::new(Turns(callers, AtomicUsize::new(0)));
-            let load = scenario::load(
-                turns.clone(),
-                args.in_flight,
-                payload,
-                args.warmup,
-                args.measure,
-            )
-            .await?;
-            rates.push(load.calls_per_sec);
+            rates.push(measure(turns.clone(), &args).await?.calls_per_sec);
             turns.close();
         }
         median(rates)
@@ -140,16 +139,8 @@ pub(crate) async fn balance(args: BalanceArgs, dir: &Path, certs: &Certs) -> any
             };
             let (caller, client) = caller_over(&target, certs, balance).await?;
             let cpu_before = cpu_time();
-            let load = scenario::load(
-                caller.clone(),
-                args.in_flight,
-                payload,
-                args.warmup,
-                args.measure,
-            )
-            .await?;
+            let load = measure(caller.clone(), &args).await?;
             let cpu = cpu_time().saturating_sub(cpu_before);
-            anyhow::ensure!(load.errors == 0, "{} calls failed", load.errors);
             rates[which] = load.calls_per_sec;
             // Warm-up included in the CPU time: per call of the whole run.
             let whole = load.calls_per_sec * (args.warmup + args.measure).as_secs_f64();
@@ -228,15 +219,7 @@ pub(crate) async fn balance(args: BalanceArgs, dir: &Path, certs: &Certs) -> any
         let (mut rate, mut p50, mut p99, mut share) = (vec![], vec![], vec![], vec![]);
         for round in 0..args.rounds {
             let (caller, client) = caller_over(&target, certs, balance).await?;
-            let load = scenario::load(
-                caller.clone(),
-                args.in_flight,
-                payload,
-                args.warmup,
-                args.measure,
-            )
-            .await?;
-            anyhow::ensure!(load.errors == 0, "{} calls failed", load.errors);
+            let load = measure(caller.clone(), &args).await?;
             let endpoints = client.endpoints();
             let total: u64 = endpoints.iter().map(|e| e.calls).sum();
             let fourth_addr = target.rsplit(',').next().unwrap_or_default();

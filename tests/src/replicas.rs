@@ -111,6 +111,23 @@ pub fn builder(certs: &DevCerts) -> ClientBuilder {
         .connection_config(config)
 }
 
+/// A client from `builder` over `addrs`, once every one of them is ready
+/// (at most 5 s).
+pub async fn connected(
+    builder: ClientBuilder,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+) -> Client {
+    let client = builder.connect(&list(addrs)).await.unwrap();
+    until(Duration::from_secs(5), "every server ready", || {
+        client
+            .endpoints()
+            .iter()
+            .all(|e| e.state == rpc_client::ConnState::Ready)
+    })
+    .await;
+    client
+}
+
 /// `a,b,c` for `connect`.
 pub fn list(addrs: impl IntoIterator<Item = SocketAddr>) -> String {
     addrs

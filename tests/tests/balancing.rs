@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rpc_client::{discovery, Balance, Client, ClientError, ConnState};
-use rpc_tests::replicas::{builder, calls_at, list, replicas, until, ReplicaClient};
+use rpc_tests::replicas::{builder, calls_at, connected, list, replicas, until, ReplicaClient};
 use rpc_tests::FaultProxy;
 
 /// Callers in a loop until `stop`: each returns (calls, errors, first
@@ -95,17 +95,7 @@ async fn a_killed_server_costs_at_most_its_calls_in_flight_and_gets_calls_again_
         FaultProxy::start(r.servers[1].addr).await,
         FaultProxy::start(r.servers[2].addr).await,
     ];
-    let client = builder(&r.certs)
-        .connect(&list(proxies.iter().map(|p| p.addr)))
-        .await
-        .unwrap();
-    until(Duration::from_secs(5), "three servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
-    .await;
+    let client = connected(builder(&r.certs), proxies.iter().map(|p| p.addr)).await;
     let plain = Load::start(&client, 4, false);
     let idempotent = Load::start(&client, 4, true);
     plain.until_more(300).await;
@@ -151,14 +141,7 @@ async fn a_frozen_server_is_left_within_the_heartbeat_timeout() {
     let r = replicas(&[0, 0, 0]).await;
     let frozen = FaultProxy::start(r.servers[0].addr).await;
     let addrs = [frozen.addr, r.servers[1].addr, r.servers[2].addr];
-    let client = builder(&r.certs).connect(&list(addrs)).await.unwrap();
-    until(Duration::from_secs(5), "three servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
-    .await;
+    let client = connected(builder(&r.certs), addrs).await;
     let load = Load::start(&client, 8, true);
     load.until_more(300).await;
     frozen.freeze(true);
@@ -185,15 +168,7 @@ async fn a_frozen_server_is_left_within_the_heartbeat_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_one_of_three_servers_costs_no_call() {
     let mut r = replicas(&[0, 0, 0]).await;
-    let addrs = list(r.servers.iter().map(|s| s.addr));
-    let client = builder(&r.certs).connect(&addrs).await.unwrap();
-    until(Duration::from_secs(5), "three servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
-    .await;
+    let client = connected(builder(&r.certs), r.servers.iter().map(|s| s.addr)).await;
     let load = Load::start(&client, 8, false);
     load.until_more(300).await;
     let drained = r.servers.remove(0);
@@ -309,20 +284,12 @@ async fn retries_stop_at_the_budget_when_every_server_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_server_is_ejected_and_idempotent_calls_go_elsewhere() {
     let r = replicas(&[0, 0, 0]).await;
-    let addrs = list(r.servers.iter().map(|s| s.addr));
     // Round robin, so the failing server is offered every third call
     // (Peak-EWMA would offer it fewer, by its latency).
-    let client = builder(&r.certs)
-        .balance(Balance::RoundRobin)
-        .connect(&addrs)
-        .await
-        .unwrap();
-    until(Duration::from_secs(5), "three servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
+    let client = connected(
+        builder(&r.certs).balance(Balance::RoundRobin),
+        r.servers.iter().map(|s| s.addr),
+    )
     .await;
     r.nodes[0].failing.store(true, Ordering::Relaxed);
     let replica = ReplicaClient::new(client.clone());
@@ -351,17 +318,15 @@ async fn a_failing_server_is_ejected_and_idempotent_calls_go_elsewhere() {
 async fn with_every_server_ejected_calls_still_go_to_them() {
     let r = replicas(&[0, 0]).await;
     // Any share may be ejected here, so both can be.
-    let client = builder(&r.certs)
-        .outlier_ejection(2, Duration::from_secs(60), Duration::from_secs(60), 100)
-        .connect(&list(r.servers.iter().map(|s| s.addr)))
-        .await
-        .unwrap();
-    until(Duration::from_secs(5), "two servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
+    let client = connected(
+        builder(&r.certs).outlier_ejection(
+            2,
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            100,
+        ),
+        r.servers.iter().map(|s| s.addr),
+    )
     .await;
     for node in &r.nodes {
         node.failing.store(true, Ordering::Relaxed);
@@ -387,17 +352,7 @@ async fn with_every_server_ejected_calls_still_go_to_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_by_their_callers_leave_no_load_behind() {
     let r = replicas(&[0, 0]).await;
-    let client = builder(&r.certs)
-        .connect(&list(r.servers.iter().map(|s| s.addr)))
-        .await
-        .unwrap();
-    until(Duration::from_secs(5), "two servers ready", || {
-        client
-            .endpoints()
-            .iter()
-            .all(|e| e.state == ConnState::Ready)
-    })
-    .await;
+    let client = connected(builder(&r.certs), r.servers.iter().map(|s| s.addr)).await;
     let replica = ReplicaClient::new(client.clone());
     for _ in 0..10 {
         let gave_up = tokio::time::timeout(Duration::from_millis(20), replica.hold(5_000)).await;

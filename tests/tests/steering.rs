@@ -9,8 +9,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rpc_client::{Balance, Client, ConnState};
-use rpc_tests::replicas::{builder, calls_at, list, replicas, until, ReplicaClient};
+use rpc_client::{Balance, Client};
+use rpc_tests::replicas::{builder, calls_at, connected, replicas, ReplicaClient};
 
 /// p50 and p99 of `calls` echo calls from `callers` concurrent callers.
 async fn latencies(client: &Client, callers: usize, calls: usize) -> (Duration, Duration) {
@@ -40,7 +40,6 @@ async fn latencies(client: &Client, callers: usize, calls: usize) -> (Duration, 
 async fn a_slow_server_is_steered_around_where_round_robin_is_not() {
     const CALLS: usize = 3200;
     let r = replicas(&[0, 0, 0, 0]).await;
-    let addrs = list(r.servers.iter().map(|s| s.addr));
     let slow = r.servers[3].addr;
     let mut runs = vec![];
     for (balance, delay) in [
@@ -49,18 +48,8 @@ async fn a_slow_server_is_steered_around_where_round_robin_is_not() {
         (Balance::RoundRobin, 20),
     ] {
         r.nodes[3].delay_ms.store(delay, Ordering::Relaxed);
-        let client = builder(&r.certs)
-            .balance(balance)
-            .connect(&addrs)
-            .await
-            .unwrap();
-        until(Duration::from_secs(5), "four servers ready", || {
-            client
-                .endpoints()
-                .iter()
-                .all(|e| e.state == ConnState::Ready)
-        })
-        .await;
+        let addrs = r.servers.iter().map(|s| s.addr);
+        let client = connected(builder(&r.certs).balance(balance), addrs).await;
         let (p50, p99) = latencies(&client, 8, CALLS).await;
         let share = calls_at(&client, slow) as f64 / CALLS as f64;
         eprintln!(
