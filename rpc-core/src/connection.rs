@@ -213,14 +213,14 @@ impl Connection {
         timeout: Duration,
         metadata: Metadata,
     ) -> impl Future<Output = Result<Bytes, Error>> + Send + 'a {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let call = self.call_inner(id, method, body, timeout, metadata);
+        let call = self.call_inner(method, body, timeout, metadata);
         // A span no subscriber wants is not entered: entering and leaving it
         // on every poll still costs (more when a dependency turns on
         // tracing's `log` feature, as tarpc does in the benchmark). Either
         // way the call's future is this one, not one wrapped around it.
         let span = if debug_spans_wanted() {
-            tracing::debug_span!("call", method, id, peer = %self.shared.peer)
+            // The id is recorded once taken (under the connection's lock).
+            tracing::debug_span!("call", method, id = tracing::field::Empty, peer = %self.shared.peer)
         } else {
             tracing::Span::none()
         };
@@ -233,7 +233,6 @@ impl Connection {
 
     async fn call_inner(
         &self,
-        id: u64,
         method: &str,
         body: Bytes,
         timeout: Duration,
@@ -248,8 +247,14 @@ impl Connection {
         let near_limit =
             body.len() + method.len() + metadata.size() + 10 * metadata.len() + REQUEST_OVERHEAD
                 > self.shared.max_send;
-        let frame = Frame::Request {
-            id,
+        // The id is taken under the lock, where the request is queued: ids
+        // then reach the peer in increasing order, which a `Drain`'s
+        // `last_id` relies on (a call waiting for a slot is the exception:
+        // see `Error::NotSent`).
+        let mut frame = Frame::Request {
+            // The largest id until then, so the size check below is never
+            // short (ids are variable-length on the wire).
+            id: u64::MAX,
             method: method.to_owned(),
             deadline_ms: Some(deadline_ms),
             metadata,
@@ -261,7 +266,7 @@ impl Connection {
         let deadline = Instant::now() + timeout;
         let slot = self.shared.call_slots.try_acquire().ok();
         let (tx, rx) = oneshot::channel();
-        let (move_timer, unsent) = {
+        let (id, move_timer, unsent) = {
             let mut state = self.shared.state();
             if let Some(cause) = state.life.cause() {
                 return Err(not_sent(cause.error()));
@@ -270,6 +275,10 @@ impl Connection {
                 return Err(Error::GoAway {
                     reason: reason.clone(),
                 });
+            }
+            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            if let Frame::Request { id: slot, .. } = &mut frame {
+                *slot = id;
             }
             // Fast path: a free call slot and room in the queue. The request
             // is queued here, and the driver's timer keeps the deadline. Its
@@ -285,8 +294,11 @@ impl Connection {
             let move_timer = state
                 .calls
                 .insert(id, tx, deadline, timeout, unsent.is_none());
-            (move_timer, unsent)
+            (id, move_timer, unsent)
         };
+        if debug_spans_wanted() {
+            tracing::Span::current().record("id", id);
+        }
         if move_timer {
             self.shared.events.raise(DriverEvents::DEADLINE);
         }
