@@ -71,6 +71,7 @@ pub struct ClientBuilder {
     retry: RetrySettings,
     balance: Balance,
     outlier: OutlierSettings,
+    health_check: Option<String>,
 }
 
 impl ClientBuilder {
@@ -87,6 +88,7 @@ impl ClientBuilder {
             retry: RetrySettings::default(),
             balance: Balance::default(),
             outlier: OutlierSettings::default(),
+            health_check: None,
         }
     }
 
@@ -187,6 +189,20 @@ impl ClientBuilder {
         self
     }
 
+    /// Client-side health checking (gRPC's A17): follow each server's
+    /// health of `service` (`""`: the whole server) with
+    /// `srpc.health.Watch`, one long-lived call per connection, and send
+    /// calls only to servers that answer `SERVING` (a server just
+    /// connected gets none until it has). A server without the health
+    /// service counts as serving; when none is serving, calls go to them
+    /// anyway. Off by default: a draining server is left through its
+    /// `Drain` frame and a dead one through heartbeats either way; this is
+    /// for servers whose code sets `NOT_SERVING`.
+    pub fn health_check(mut self, service: impl Into<String>) -> Self {
+        self.health_check = Some(service.into());
+        self
+    }
+
     fn settings(&self) -> Result<Settings, ClientError> {
         let server_name = match &self.server_name {
             Some(name) => Some(
@@ -202,6 +218,7 @@ impl ClientBuilder {
             server_name,
             balance: self.balance,
             outlier: self.outlier,
+            health_check: self.health_check.clone(),
         })
     }
 

@@ -25,7 +25,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
@@ -101,6 +101,9 @@ pub(crate) struct Endpoint {
     pub(crate) outlier: Outlier,
     /// Calls answered here (successes and failures).
     pub(crate) calls: AtomicU64,
+    /// What the server's health service last said (true without health
+    /// checks): see [`watch_health`].
+    pub(crate) serving: AtomicBool,
 }
 
 impl Endpoint {
@@ -119,6 +122,7 @@ impl Endpoint {
             load: Load::new(Instant::now()),
             outlier: Outlier::default(),
             calls: AtomicU64::new(0),
+            serving: AtomicBool::new(true),
         }
     }
 
@@ -186,6 +190,65 @@ impl Endpoint {
     }
 }
 
+/// How long one `srpc.health.Watch` call waits for a change before it is
+/// made again.
+const WATCH_FOR: Duration = Duration::from_secs(30);
+
+/// Client-side health checking (gRPC's A17): follows the health of
+/// `service` (`""`: the whole server) on `conn` with `srpc.health.Watch`,
+/// keeping `endpoint.serving` up to date, until the connection ends or
+/// stops taking calls. A server without the health service counts as
+/// serving; a service it does not know, as not serving.
+async fn watch_health(
+    endpoint: Arc<Endpoint>,
+    conn: Connection,
+    service: String,
+    max_frame: usize,
+) {
+    use rpc_core::health::{HealthStatus, WATCH_METHOD};
+    let mut seen: Option<HealthStatus> = None;
+    // Ends with the connection: every call below fails at once then.
+    while conn.is_usable() {
+        let Ok(args) = rpc_core::codec::encode(&(&service, seen), max_frame) else {
+            return;
+        };
+        match conn.call(WATCH_METHOD, args, WATCH_FOR).await {
+            Ok(reply) => {
+                let Ok(status) =
+                    rpc_core::codec::decode_owned::<HealthStatus>(&reply, reply.len(), 8)
+                else {
+                    warn!(addr = %endpoint.addr, "health answer did not decode; counting the server as serving");
+                    endpoint.serving.store(true, Ordering::Relaxed);
+                    return;
+                };
+                if seen.is_some() || status != HealthStatus::Serving {
+                    info!(addr = %endpoint.addr, service = %service, status = status.as_str(), "health changed");
+                }
+                endpoint
+                    .serving
+                    .store(status == HealthStatus::Serving, Ordering::Relaxed);
+                seen = Some(status);
+            }
+            // No change within the wait: ask again.
+            Err(rpc_core::Error::DeadlineExceeded(_)) => {}
+            Err(rpc_core::Error::Status(s)) if s.code == rpc_core::StatusCode::UnknownMethod => {
+                debug!(addr = %endpoint.addr, "no health service; counting the server as serving");
+                endpoint.serving.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(rpc_core::Error::Status(s)) => {
+                // NotFound (an unknown service) or another refusal: not
+                // serving, asked again after a pause.
+                debug!(addr = %endpoint.addr, status = %s, "health check refused");
+                endpoint.serving.store(false, Ordering::Relaxed);
+                seen = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// Keeps `endpoint` connected until it is retired or the client closed:
 /// the endpoint's one task. The first attempt runs in `span` (the caller
 /// of `connect`'s).
@@ -250,6 +313,16 @@ pub(crate) async fn supervise(pool: Arc<Pool>, endpoint: Arc<Endpoint>, span: tr
         // failures and latency of the old one are not its own.
         endpoint.load.forget_latency();
         endpoint.outlier.reconnected();
+        if let Some(service) = &pool.settings.health_check {
+            // Not serving until the server says it is (A17).
+            endpoint.serving.store(false, Ordering::Relaxed);
+            tokio::spawn(watch_health(
+                endpoint.clone(),
+                conn.clone(),
+                service.clone(),
+                pool.settings.config.max_frame,
+            ));
+        }
         // A closed client, or a retired endpoint, that this connection came
         // up after: `close_now` missed it.
         if endpoint.closed.is_cancelled() {
@@ -358,6 +431,7 @@ mod tests {
                 server_name: None,
                 balance: Balance::default(),
                 outlier: crate::outlier::OutlierSettings::default(),
+                health_check: None,
             },
         );
         let endpoint = Arc::new(Endpoint::new(

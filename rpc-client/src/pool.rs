@@ -4,7 +4,7 @@
 //! ```text
 //!  discovery ──Insert/Remove──► endpoints (copy-on-write list; a call
 //!                                 reads it with one atomic load)
-//!  call ──pick──► healthy: Ready and not ejected
+//!  call ──pick──► healthy: Ready, not ejected, serving (with health checks)
 //!                   ├─ none? panic mode: Ready, ejected or not
 //!                   └─ power of two choices on Peak-EWMA × (in flight + 1)
 //!                      (or round robin)
@@ -64,6 +64,9 @@ pub(crate) struct Settings {
     pub(crate) server_name: Option<ServerName<'static>>,
     pub(crate) balance: Balance,
     pub(crate) outlier: OutlierSettings,
+    /// The service whose health decides whether a server gets calls
+    /// (`ClientBuilder::health_check`), if any.
+    pub(crate) health_check: Option<String>,
 }
 
 /// A picked endpoint and its connection.
@@ -114,6 +117,9 @@ pub struct EndpointStatus {
     pub latency: Option<Duration>,
     /// Whether outlier ejection has taken it out of the pick set for now.
     pub ejected: bool,
+    /// What its health service last said, with health checks on
+    /// (`ClientBuilder::health_check`); always true without them.
+    pub serving: bool,
     /// Why its last connection attempt failed, while it is failing.
     pub last_error: Option<String>,
 }
@@ -350,6 +356,7 @@ impl Pool {
                 in_flight: e.load.in_flight(),
                 latency: e.load.latency(now),
                 ejected: e.outlier.is_ejected(now),
+                serving: e.serving.load(Ordering::Relaxed),
                 last_error: e.last_error(),
             })
             .collect()
@@ -411,12 +418,17 @@ impl Pool {
         now: Instant,
     ) -> Option<&'a Arc<Endpoint>> {
         let avoided = |e: &Endpoint| avoid.is_some_and(|a| std::ptr::eq(a, e));
-        let healthy = |e: &Endpoint| e.is_ready() && !avoided(e) && !e.outlier.is_ejected(now);
+        let healthy = |e: &Endpoint| {
+            e.is_ready()
+                && !avoided(e)
+                && e.serving.load(Ordering::Relaxed)
+                && !e.outlier.is_ejected(now)
+        };
         if let Some(e) = self.among(endpoints, healthy, now) {
             return Some(e);
         }
-        // Panic mode: every ready endpoint is ejected; better one of them
-        // than no call at all.
+        // Panic mode: every ready endpoint is ejected or not serving;
+        // better one of them than no call at all.
         let ready = |e: &Endpoint| e.is_ready() && !avoided(e);
         if let Some(e) = self.among(endpoints, ready, now) {
             return Some(e);

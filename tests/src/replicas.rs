@@ -74,6 +74,8 @@ pub struct Replicas {
     pub servers: Vec<TestServer>,
     /// Each one's behaviour and counts.
     pub nodes: Vec<Node>,
+    /// Each one's health service, to set from the test.
+    pub health: Vec<rpc_server::Health>,
     /// Their certificates.
     pub certs: DevCerts,
 }
@@ -83,18 +85,23 @@ pub async fn replicas(delays: &[u64]) -> Replicas {
     let certs = rpc_server::devcerts::generate().unwrap();
     let mut servers = vec![];
     let mut nodes = vec![];
+    let mut health = vec![];
     for ms in delays {
         let node = Node::default();
         node.delay_ms.store(*ms, Ordering::Relaxed);
-        let router = rpc_server::Router::new().service(ReplicaServer::new(node.clone()));
-        servers.push(
-            TestServer::start_with_certs(certs.clone(), router, ServerOptions::default()).await,
-        );
+        let server = rpc_server::Server::builder(crate::server_tls(&certs))
+            .options(ServerOptions::default())
+            .add_service(ReplicaServer::new(node.clone()))
+            .build()
+            .unwrap();
+        health.push(server.health());
+        servers.push(TestServer::serve(certs.clone(), server).await);
         nodes.push(node);
     }
     Replicas {
         servers,
         nodes,
+        health,
         certs,
     }
 }

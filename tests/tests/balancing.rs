@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_client::{discovery, Balance, Client, ClientError, ConnState};
+use rpc_client::{discovery, Balance, Client, ClientError, ConnState, HealthStatus};
 use rpc_tests::replicas::{builder, calls_at, connected, list, replicas, until, ReplicaClient};
 use rpc_tests::FaultProxy;
 
@@ -167,13 +167,30 @@ async fn a_frozen_server_is_left_within_the_heartbeat_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_one_of_three_servers_costs_no_call() {
+    drain_one_of_three(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_with_health_checks_costs_no_call_and_no_wait() {
+    // The client's long-lived health Watch must not hold the drain.
+    drain_one_of_three(true).await;
+}
+
+async fn drain_one_of_three(health_checks: bool) {
     let mut r = replicas(&[0, 0, 0]).await;
-    let client = connected(builder(&r.certs), r.servers.iter().map(|s| s.addr)).await;
+    let builder = match health_checks {
+        true => builder(&r.certs).health_check(""),
+        false => builder(&r.certs),
+    };
+    let client = connected(builder, r.servers.iter().map(|s| s.addr)).await;
     let load = Load::start(&client, 8, false);
     load.until_more(300).await;
     let drained = r.servers.remove(0);
     let drained_addr = drained.addr;
+    let started = std::time::Instant::now();
     drained.shutdown(Duration::from_secs(5)).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "the drain took {took:?}");
     load.until_more(1000).await;
     let (calls, errors, first) = load.finish().await;
     assert_eq!(errors, 0, "{errors} of {calls} failed: {first:?}");
@@ -347,6 +364,51 @@ async fn with_every_server_ejected_calls_still_go_to_them() {
         node.failing.store(false, Ordering::Relaxed);
     }
     assert_eq!(replica.tally(7).await.unwrap(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_health_checks_a_server_set_not_serving_gets_no_calls() {
+    let r = replicas(&[0, 0]).await;
+    let client = connected(
+        builder(&r.certs).health_check(""),
+        r.servers.iter().map(|s| s.addr),
+    )
+    .await;
+    let (a, b) = (r.servers[0].addr, r.servers[1].addr);
+    let serving = |addr| {
+        client
+            .endpoints()
+            .iter()
+            .any(|e| e.addr == addr && e.serving)
+    };
+    until(Duration::from_secs(5), "both serving", || {
+        serving(a) && serving(b)
+    })
+    .await;
+    r.health[0].set("", HealthStatus::NotServing);
+    until(Duration::from_secs(5), "the first not serving", || {
+        !serving(a)
+    })
+    .await;
+    let load = Load::start(&client, 4, false);
+    load.until_more(300).await;
+    let (calls, errors, first) = load.finish().await;
+    assert_eq!(errors, 0, "{errors} of {calls} failed: {first:?}");
+    assert_eq!(
+        r.nodes[0].runs.load(Ordering::Relaxed),
+        0,
+        "calls went to a server not serving"
+    );
+    // Serving again: it gets calls again.
+    r.health[0].set("", HealthStatus::Serving);
+    until(Duration::from_secs(5), "the first serving again", || {
+        serving(a)
+    })
+    .await;
+    let load = Load::start(&client, 4, false);
+    load.until_more(300).await;
+    load.finish().await;
+    assert!(r.nodes[0].runs.load(Ordering::Relaxed) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
