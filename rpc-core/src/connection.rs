@@ -276,7 +276,8 @@ impl Connection {
                     reason: reason.clone(),
                 });
             }
-            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = state.next_id;
+            state.next_id += 1;
             if let Frame::Request { id: slot, .. } = &mut frame {
                 *slot = id;
             }

@@ -330,7 +330,7 @@ impl Driver {
                         let _ = call.tx.send(result.map_err(Error::Status));
                     }
                     None => {
-                        let next_id = self.shared.next_id.load(Ordering::Relaxed);
+                        let next_id = self.shared.state().next_id;
                         self.rules.unmatched_response(id, next_id)?;
                         debug!(id, "late response ignored");
                     }

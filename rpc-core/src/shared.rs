@@ -73,13 +73,15 @@ impl DriverEvents {
 /// the calls waiting for replies. A call is registered only while the
 /// connection takes new calls, under the same lock that closes it, so no
 /// call is left waiting on a connection that has ended.
-#[derive(Default)]
 pub(crate) struct ConnectionState {
     pub(crate) life: Lifecycle,
     /// The reason in the peer's `GoAway`, once it sent one.
     pub(crate) peer_goaway: Option<String>,
     /// The peer drained: it ran none of this side's requests above this id.
     pub(crate) peer_last_id: Option<u64>,
+    /// The id the next call takes. Under the lock, where requests are
+    /// queued, so ids reach the peer in increasing order.
+    pub(crate) next_id: u64,
     pub(crate) calls: CallTable,
 }
 
@@ -91,7 +93,6 @@ pub(crate) struct Shared {
     stage: AtomicU8,
     /// Woken on every change of `stage`.
     stage_changed: Notify,
-    pub(crate) next_id: AtomicU64,
     /// What the driver is asked to do: close, drain, ping, re-arm its timer.
     pub(crate) events: DriverEvents,
     pub(crate) peer: SocketAddr,
@@ -119,10 +120,15 @@ impl Shared {
         Shared {
             outbound: std::sync::Arc::new(outbound),
             control: std::sync::Arc::new(control),
-            state: Mutex::new(ConnectionState::default()),
+            state: Mutex::new(ConnectionState {
+                life: Lifecycle::Open,
+                peer_goaway: None,
+                peer_last_id: None,
+                next_id: 1,
+                calls: CallTable::default(),
+            }),
             stage: AtomicU8::new(Lifecycle::Open.stage(false).0),
             stage_changed: Notify::new(),
-            next_id: AtomicU64::new(1),
             events: DriverEvents::default(),
             peer,
             identity,
