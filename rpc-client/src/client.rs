@@ -35,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
 use rpc_core::{codec, CallOptions, Connection, ConnectionConfig, Metadata};
 use rustls::pki_types::ServerName;
@@ -453,22 +454,18 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned + 'static,
     {
-        let pool = self.pool();
-        let config = &pool.settings.config;
+        // Few locals live across the call's await, and no closure holding
+        // copies of the arguments: the benchmark boxes each call's future,
+        // and past 1,032 bytes glibc's malloc leaves its per-thread cache
+        // (tests/examples/future_size; bench/RESULTS.md).
         if idempotent {
             self.retry.deposit();
         }
         let mut attempt = 1;
         let mut unsent = 0;
-        let encode = || {
-            codec::encode(args, config.max_frame).map_err(|source| ClientError::Encode {
-                method: method.to_owned(),
-                source,
-            })
-        };
         // Encoded again for a second attempt rather than cloned for every
         // call: cloning the fresh buffer's `Bytes` allocates.
-        let mut first = Some(encode()?);
+        let mut first = Some(self.encode(method, args)?);
         let deadline = Instant::now() + timeout;
         // Where the last attempt failed: the next goes elsewhere if it can.
         let mut avoid: Option<Arc<Endpoint>> = None;
@@ -489,16 +486,15 @@ impl Client {
             let left = deadline.saturating_duration_since(Instant::now());
             let body = match first.take() {
                 Some(body) => body,
-                None => encode()?,
+                None => self.encode(method, args)?,
             };
-            // Uncounted when dropped with the call, if the caller gives up.
-            picked.start();
             // Cloning empty metadata (the common call) copies nothing.
             let sent = picked
                 .conn
                 .call_with_metadata(method, body, left, metadata.as_ref().clone())
                 .await;
-            pool.finished(&mut picked, counts_against_server(&sent));
+            self.pool()
+                .finished(&mut picked, counts_against_server(&sent));
             match sent {
                 Ok(reply) => break reply,
                 // Never reached a handler: the server refused it unrun
@@ -518,7 +514,7 @@ impl Client {
                 {
                     debug!(method, "server draining; sending the call again");
                     unsent += 1;
-                    if !pool.has_alternative(&picked.endpoint) {
+                    if !self.pool().has_alternative(&picked.endpoint) {
                         // Its GoAway follows at once; then the endpoint
                         // reconnects.
                         // Boxed, as every rare wait in a call's future.
@@ -537,13 +533,22 @@ impl Client {
                 }
             }
         };
-        let max_depth = config.max_depth;
+        let max_depth = self.pool().settings.config.max_depth;
         codec::decode_owned::<R>(&reply, reply.len(), max_depth).map_err(|source| {
             ClientError::Decode {
                 method: method.to_owned(),
                 expected: std::any::type_name::<R>(),
                 source,
             }
+        })
+    }
+
+    /// A call's arguments, encoded.
+    fn encode<A: Serialize + ?Sized>(&self, method: &str, args: &A) -> Result<Bytes, ClientError> {
+        let max_frame = self.pool().settings.config.max_frame;
+        codec::encode(args, max_frame).map_err(|source| ClientError::Encode {
+            method: method.to_owned(),
+            source,
         })
     }
 

@@ -73,23 +73,10 @@ pub(crate) struct Settings {
 pub(crate) struct Picked {
     pub(crate) endpoint: Arc<Endpoint>,
     pub(crate) conn: Connection,
-    /// Whether the call's latency and outcome are recorded (several
-    /// endpoints).
-    pub(crate) measured: bool,
-    /// When the call started, while it is counted in flight.
+    /// When it was picked, if the call's latency and outcome are recorded
+    /// (several endpoints); while set, the call counts in flight there
+    /// (and dropping this uncounts it: the caller gave up).
     started: Option<Instant>,
-}
-
-impl Picked {
-    /// The call starts: counted in flight on its endpoint when measured,
-    /// until [`Pool::finished`] records it, or until this is dropped (the
-    /// caller gave up on the call), which only uncounts it.
-    pub(crate) fn start(&mut self) {
-        if self.measured {
-            self.endpoint.load.start();
-            self.started = Some(Instant::now());
-        }
-    }
 }
 
 impl Drop for Picked {
@@ -390,7 +377,6 @@ impl Pool {
             return only.usable_connection().map(|conn| Picked {
                 endpoint: only.clone(),
                 conn,
-                measured: false,
                 started: None,
             });
         }
@@ -400,11 +386,11 @@ impl Pool {
         for _ in 0..endpoints.len() {
             let endpoint = self.choose(&endpoints, avoid, now)?;
             if let Some(conn) = endpoint.usable_connection() {
+                endpoint.load.start();
                 return Some(Picked {
                     endpoint: endpoint.clone(),
                     conn,
-                    measured: true,
-                    started: None,
+                    started: Some(now),
                 });
             }
         }
