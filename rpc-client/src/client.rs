@@ -1,33 +1,31 @@
-//! The client: typed and untyped calls over an endpoint's connection,
-//! with per-call options, fail-fast and the one safe retry.
+//! The client: typed and untyped calls over the pool's servers, with
+//! per-call options, fail-fast and failover.
 //!
 //! ```text
-//! Client (clone freely) ──call──► endpoint's current Connection ──► server
-//!   defaults: timeout,            (endpoint.rs keeps it up, reconnecting)
-//!   metadata, wait_for_ready
+//! Client (clone freely) ──call──► pool.pick ──► endpoint's Connection ──► server
+//!   defaults: timeout,            (pool.rs, endpoint.rs: servers, picking,
+//!   metadata, wait_for_ready       reconnects)
 //! ```
 //!
-//! - Every clone shares the endpoint's connection, so thousands of
-//!   concurrent calls go out over one TLS session and each waits for its
-//!   own reply. Calls beyond the server's announced in-flight limit wait for
-//!   a slot.
-//! - `connect` waits for the first connection, so a wrong address, CA or
-//!   name is reported at once.
-//! - **Fail fast** (gRPC's default): a call made while there is no
-//!   connection and the last attempt failed gets
-//!   [`ClientError::Unavailable`] at once, naming that error. A call made
-//!   while an attempt is under way waits for it. With wait-for-ready (per
-//!   call in [`CallOptions`], or per client) a call waits for a
-//!   connection instead, up to its own timeout.
-//! - A call a draining server refused unrun (`ShuttingDown`, or its
-//!   `GoAway` crossed the request) goes out again on the fresh connection,
-//!   within its deadline. A call the server may have run is sent again
-//!   only if it is idempotent (`#[idempotent]`, or
-//!   [`CallOptions::idempotent`]), at most 3 attempts in all, within its
-//!   deadline and the client's retry budget (`retry.rs`).
+//! - Every clone shares the connections, so thousands of concurrent calls
+//!   go out over one TLS session per server and each waits for its own
+//!   reply. Calls beyond a server's announced in-flight limit wait for a
+//!   slot.
+//! - **Fail fast** (gRPC's default): a call made while no server is ready
+//!   and every last attempt failed gets [`ClientError::Unavailable`] at
+//!   once, naming that error. A call made while an attempt is under way
+//!   waits for it. With wait-for-ready (per call in [`CallOptions`], or
+//!   per client) a call waits for a server instead, up to its own timeout.
+//! - A call that never ran (refused unrun by a draining server, crossed by
+//!   a `GoAway`, above a `Drain`'s `last_id`, or never queued) goes out
+//!   again, elsewhere when it can, within its deadline. A call the server
+//!   may have run is sent again only if it is idempotent (`#[idempotent]`,
+//!   or [`CallOptions::idempotent`]), at most 3 attempts in all, within
+//!   its deadline and the client's retry budget (`retry.rs`); otherwise it
+//!   fails with [`ClientError::OutcomeUnknown`].
 //!
-//! Not here: connecting and reconnecting (`endpoint.rs`); several
-//! endpoints and load balancing.
+//! Not here: a client's settings (`builder.rs`); the servers and picking
+//! (`pool.rs`); connecting and reconnecting (`endpoint.rs`).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -37,203 +35,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
-use rpc_core::{codec, CallOptions, Connection, ConnectionConfig, Metadata};
-use rustls::pki_types::ServerName;
+use rpc_core::{codec, CallOptions, Connection, Metadata};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 use tracing::debug;
 
+use crate::builder::{ClientBuilder, DEFAULT_TIMEOUT};
 use crate::discovery::{self, Discover, Target};
 use crate::endpoint::{ConnState, Endpoint};
-use crate::outlier::OutlierSettings;
-use crate::pool::{counts_against_server, Balance, EndpointStatus, Picked, Pool, Settings};
-use crate::retry::{RetryPolicy, RetrySettings};
+use crate::pool::{counts_against_server, EndpointStatus, Picked, Pool};
+use crate::retry::RetryPolicy;
 use crate::ClientError;
 
 /// Times a call that no server ran is sent again (within its deadline).
 const MAX_UNSENT: u32 = 8;
 
-/// Default time a call waits for its reply.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Builds a [`Client`]: TLS config, server name, limits, timeouts, backoff.
-#[derive(Debug, Clone)]
-pub struct ClientBuilder {
-    tls: Arc<rustls::ClientConfig>,
-    server_name: Option<String>,
-    config: ConnectionConfig,
-    timeout: Duration,
-    backoff: (Duration, Duration),
-    wait_for_ready: bool,
-    metadata: Metadata,
-    retry: RetrySettings,
-    balance: Balance,
-    outlier: OutlierSettings,
-    health_check: Option<String>,
-}
-
+/// Making a client: its pool, from a list of servers or a discovery source.
 impl ClientBuilder {
-    /// Starts from a TLS config (see `rpc_core::tls::client_config`).
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        ClientBuilder {
-            tls,
-            server_name: None,
-            config: ConnectionConfig::default(),
-            timeout: DEFAULT_TIMEOUT,
-            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-            wait_for_ready: false,
-            metadata: Metadata::new(),
-            retry: RetrySettings::default(),
-            balance: Balance::default(),
-            outlier: OutlierSettings::default(),
-            health_check: None,
-        }
-    }
-
-    /// The name the server's certificate must be valid for. Default: the
-    /// host part of the address passed to `connect`.
-    pub fn server_name(mut self, name: impl Into<String>) -> Self {
-        self.server_name = Some(name.into());
-        self
-    }
-
-    /// Default time a call waits for its reply (default 30 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// While no server is reachable, calls wait for a connection (within
-    /// their timeout) instead of failing at once with
-    /// [`ClientError::Unavailable`] (default off: fail fast, as gRPC does).
-    /// A call's own [`CallOptions::wait_for_ready`] overrides it.
-    pub fn wait_for_ready(mut self, wait: bool) -> Self {
-        self.wait_for_ready = wait;
-        self
-    }
-
-    /// Attempts an idempotent call may take in all, the first included
-    /// (default 3), and its retry budget: retries are at most `percent` of
-    /// the idempotent calls of the last `ttl` (1-60 s), plus `min_per_sec`
-    /// a second (default 20 % over 10 s, plus 10 a second).
-    pub fn retries(
-        mut self,
-        max_attempts: u32,
-        ttl: Duration,
-        min_per_sec: u32,
-        percent: f32,
-    ) -> Self {
-        self.retry = RetrySettings {
-            max_attempts,
-            ttl,
-            min_per_sec,
-            percent,
-        };
-        self
-    }
-
-    /// Metadata sent with every call (a call's own entries win over these).
-    pub fn metadata(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
-        self
-    }
-
-    /// How deeply a reply may nest before the call fails with a decode
-    /// error (default 128; see [`ConnectionConfig::max_depth`]).
-    pub fn max_depth(mut self, levels: usize) -> Self {
-        self.config.max_depth = levels;
-        self
-    }
-
-    /// Connection limits and timers (heartbeat interval and timeout, frame
-    /// size, handshake timeout).
-    pub fn connection_config(mut self, config: ConnectionConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// Reconnect backoff: the first cap and the largest (default 100 ms and
-    /// 10 s).
-    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.backoff = (first, max);
-        self
-    }
-
-    /// How calls are spread over several servers (default
-    /// [`Balance::PeakEwma`]).
-    pub fn balance(mut self, balance: Balance) -> Self {
-        self.balance = balance;
-        self
-    }
-
-    /// Outlier ejection: `consecutive` calls in a row answered
-    /// `Unavailable`, `Internal` or `DataLoss` take a server out of
-    /// the pick set for `base` × its ejections so far, at most `max`, and
-    /// never more than `max_percent` of the servers (at least one) at once
-    /// (default 5, 30 s, 300 s, 10 %; `consecutive` 0 turns it off).
-    pub fn outlier_ejection(
-        mut self,
-        consecutive: u32,
-        base: Duration,
-        max: Duration,
-        max_percent: u32,
-    ) -> Self {
-        self.outlier = OutlierSettings {
-            consecutive,
-            base,
-            max: max.max(base),
-            max_percent: max_percent.min(100),
-        };
-        self
-    }
-
-    /// Client-side health checking (gRPC's A17): follow each server's
-    /// health of `service` (`""`: the whole server) with
-    /// `srpc.health.Watch`, one long-lived call per connection, and send
-    /// calls only to servers that answer `SERVING` (a server just
-    /// connected gets none until it has). A server without the health
-    /// service counts as serving; when none is serving, calls go to them
-    /// anyway. Off by default: a draining server is left through its
-    /// `Drain` frame and a dead one through heartbeats either way; this is
-    /// for servers whose code sets `NOT_SERVING`.
-    pub fn health_check(mut self, service: impl Into<String>) -> Self {
-        self.health_check = Some(service.into());
-        self
-    }
-
-    fn settings(&self) -> Result<Settings, ClientError> {
-        let server_name = match &self.server_name {
-            Some(name) => Some(
-                ServerName::try_from(name.clone())
-                    .map_err(|_| ClientError::ServerName(name.clone()))?,
-            ),
-            None => None,
-        };
-        Ok(Settings {
-            connector: TlsConnector::from(self.tls.clone()),
-            config: self.config.clone(),
-            backoff: self.backoff,
-            server_name,
-            balance: self.balance,
-            outlier: self.outlier,
-            health_check: self.health_check.clone(),
-        })
-    }
-
     fn client(&self, pool: Arc<Pool>) -> Client {
-        Client {
-            owner: Arc::new(Owner { pool }),
-            defaults: Arc::new(
-                CallOptions::new()
-                    .timeout(self.timeout)
-                    .metadata(self.metadata.clone())
-                    .wait_for_ready(self.wait_for_ready),
-            ),
-            retry: Arc::new(self.retry.policy()),
-        }
+        let defaults = CallOptions::new()
+            .timeout(self.timeout)
+            .metadata(self.metadata.clone())
+            .wait_for_ready(self.wait_for_ready);
+        Client::new(pool, defaults, self.retry.policy())
     }
 
     /// Connects to the servers at `addr`: one `host:port`, or several
@@ -354,6 +180,15 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// A client over `pool`, which it closes when its last clone goes.
+    pub(crate) fn new(pool: Arc<Pool>, defaults: CallOptions, retry: RetryPolicy) -> Client {
+        Client {
+            owner: Arc::new(Owner { pool }),
+            defaults: Arc::new(defaults),
+            retry: Arc::new(retry),
+        }
+    }
+
     /// Connects with default settings; the server name is the host in `addr`.
     pub async fn connect(
         addr: &str,

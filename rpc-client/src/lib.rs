@@ -13,7 +13,8 @@
 //!
 //! | file | concept |
 //! |---|---|
-//! | `client.rs` | [`Client`], [`ClientBuilder`]: calls, options, fail-fast, failover |
+//! | `builder.rs` | [`ClientBuilder`]: a client's settings |
+//! | `client.rs` | [`Client`]: connecting, calls, options, fail-fast, failover |
 //! | `pool.rs` | the client's servers, its state, the picker |
 //! | `endpoint.rs` | one server address: connect, supervise, reconnect, state |
 //! | `discovery.rs` | which servers: DNS with TTLs, or your own [`discovery::Change`]s |
@@ -28,6 +29,7 @@
 //! Framing, TLS and the connection driver are rpc-core's.
 
 mod backoff;
+mod builder;
 mod client;
 pub mod discovery;
 mod endpoint;
@@ -37,7 +39,8 @@ mod outlier;
 mod pool;
 mod retry;
 
-pub use client::{Client, ClientBuilder, DEFAULT_TIMEOUT};
+pub use builder::{ClientBuilder, DEFAULT_TIMEOUT};
+pub use client::Client;
 pub use endpoint::ConnState;
 pub use error::ClientError;
 pub use pool::{Balance, EndpointStatus};

@@ -326,11 +326,13 @@ pub fn frame_len(frame: &Frame, max_frame: usize) -> Result<usize, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::error::StatusCode;
 
-    fn all_frames() -> Vec<Frame> {
+    /// One frame of every variant (requests with and without metadata,
+    /// both kinds of response).
+    pub(crate) fn all_frames() -> Vec<Frame> {
         vec![
             Frame::Hello(Hello {
                 version: 1,

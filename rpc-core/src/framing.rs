@@ -135,51 +135,11 @@ impl Encoder<Frame> for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{Status, StatusCode};
+    // One list of every variant, shared with frame.rs's tests.
+    use crate::frame::tests::all_frames;
     use crate::frame::Hello;
     use crate::metadata::Metadata;
     use bytes::Bytes;
-
-    fn all_frames() -> Vec<Frame> {
-        let mut metadata = Metadata::new();
-        metadata.insert("authorization", "Bearer t").unwrap();
-        vec![
-            Frame::Hello(Hello {
-                version: 1,
-                max_frame: 4 << 20,
-                heartbeat_ms: 5000,
-                max_in_flight: 100,
-            }),
-            Frame::Request {
-                id: 7,
-                method: "echo".into(),
-                deadline_ms: Some(300),
-                metadata: Metadata::new(),
-                body: Bytes::from_static(b"\x05hello"),
-            },
-            Frame::Request {
-                id: 8,
-                method: "echo".into(),
-                deadline_ms: None,
-                metadata,
-                body: Bytes::from_static(b"\x05hello"),
-            },
-            Frame::Response {
-                id: 7,
-                result: Ok(Bytes::from_static(b"abc")),
-            },
-            Frame::Response {
-                id: 8,
-                result: Err(Status::new(StatusCode::Overloaded, "busy")),
-            },
-            Frame::Cancel { id: 9 },
-            Frame::Ping { nonce: 1 },
-            Frame::Pong { nonce: u64::MAX },
-            Frame::GoAway {
-                reason: "bye".into(),
-            },
-        ]
-    }
 
     #[test]
     fn every_variant_round_trips_through_the_codec() {
