@@ -154,7 +154,7 @@ impl ClientBuilder {
 pub struct Client {
     owner: Arc<Owner>,
     /// The client's defaults, every field set.
-    defaults: Arc<CallOptions>,
+    pub(crate) defaults: Arc<CallOptions>,
     /// When idempotent calls are sent again, and the budget they share.
     retry: Arc<RetryPolicy>,
 }
@@ -202,7 +202,7 @@ impl Client {
         ClientBuilder::new(tls)
     }
 
-    fn pool(&self) -> &Pool {
+    pub(crate) fn pool(&self) -> &Pool {
         &self.owner.pool
     }
 
@@ -379,7 +379,11 @@ impl Client {
     }
 
     /// A call's arguments, encoded.
-    fn encode<A: Serialize + ?Sized>(&self, method: &str, args: &A) -> Result<Bytes, ClientError> {
+    pub(crate) fn encode<A: Serialize + ?Sized>(
+        &self,
+        method: &str,
+        args: &A,
+    ) -> Result<Bytes, ClientError> {
         let max_frame = self.pool().settings.config.max_frame;
         codec::encode(args, max_frame).map_err(|source| ClientError::Encode {
             method: method.to_owned(),
@@ -391,7 +395,7 @@ impl Client {
     /// is ready. With none ready: fails at once if every server's last
     /// attempt failed (unless `wait_for_ready`), and otherwise waits for
     /// one until `deadline`.
-    async fn ready_connection(
+    pub(crate) async fn ready_connection(
         &self,
         avoid: Option<&Endpoint>,
         deadline: Instant,

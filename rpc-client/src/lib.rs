@@ -20,6 +20,7 @@
 //! | `discovery.rs` | which servers: DNS with TTLs, or your own [`discovery::Change`]s |
 //! | `load.rs` | Peak-EWMA latency × calls in flight |
 //! | `outlier.rs` | ejecting a server after failures in a row |
+//! | `streams.rs` | stream calls: opening one on a picked server |
 //! | `retry.rs` | which failed calls go again, and the retry budget |
 //! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
@@ -38,6 +39,7 @@ mod load;
 mod outlier;
 mod pool;
 mod retry;
+mod streams;
 
 pub use builder::{ClientBuilder, DEFAULT_TIMEOUT};
 pub use client::Client;

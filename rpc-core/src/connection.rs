@@ -47,6 +47,7 @@ use crate::metadata::Metadata;
 use crate::metered::{ByteClocks, Metered};
 use crate::outbound::{Outbound, CONTROL_QUEUE};
 use crate::shared::{debug_spans_wanted, DriverEvents, Shared};
+use crate::streams::handles::{CallEnd, StreamReceiver, StreamSender};
 
 /// A handle to one live connection. Cheap to clone; the connection lives until
 /// its driver ends (peer gone or silent, error, [`Connection::close`]).
@@ -134,6 +135,12 @@ impl Connection {
     /// Calls made here that have not been answered yet.
     pub fn pending_calls(&self) -> usize {
         self.shared.state().calls.len()
+    }
+
+    /// Streams open on this connection, and the bytes received on them
+    /// that their receivers have not taken yet (at most one window each).
+    pub fn stream_usage(&self) -> (usize, u64) {
+        (self.shared.streams.len(), self.shared.streams.buffered())
     }
 
     /// Why the connection ended, once it has.
@@ -350,6 +357,106 @@ impl Connection {
             debug!(error = %e, "call failed");
         }
         result
+    }
+}
+
+impl Connection {
+    /// Opens a stream call to `method` (see [`crate::streams`]): returns once
+    /// its `Open` is queued, with the receiver of the callee's items and
+    /// final reply, and a sender when `sends_stream`. `timeout` covers the
+    /// whole call; dropping the receiver before the reply cancels it.
+    pub async fn open_stream(
+        &self,
+        method: &str,
+        body: Bytes,
+        timeout: Duration,
+        metadata: Metadata,
+        sends_stream: bool,
+    ) -> Result<(Option<StreamSender>, StreamReceiver), Error> {
+        if !metadata.is_empty() {
+            metadata.check().map_err(Error::Metadata)?;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut frame = Frame::Open {
+            id: u64::MAX,
+            method: method.to_owned(),
+            deadline_ms: Some(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)),
+            metadata,
+            body,
+            sends_stream,
+        };
+        frame_len(&frame, self.shared.max_send)?;
+        // A slot of the peer's `max_in_flight`, held until the `Response`.
+        match tokio::time::timeout_at(deadline, self.shared.call_slots.acquire()).await {
+            Ok(Ok(permit)) => permit.forget(),
+            Ok(Err(_)) => return Err(not_sent(self.shared.closed_error())),
+            Err(_) => return Err(Error::DeadlineExceeded(timeout)),
+        }
+        let (tx, rx) = oneshot::channel();
+        let opened = {
+            let mut state = self.shared.state();
+            let refused = match (&state.life.cause(), &state.peer_goaway) {
+                (Some(cause), _) => Some(not_sent(cause.error())),
+                (None, Some(reason)) => Some(Error::GoAway {
+                    reason: reason.clone(),
+                }),
+                (None, None) => None,
+            };
+            match refused {
+                Some(e) => Err(e),
+                None => {
+                    let id = state.next_id;
+                    state.next_id += 1;
+                    if let Frame::Open { id: slot, .. } = &mut frame {
+                        *slot = id;
+                    }
+                    self.shared
+                        .streams
+                        .open(id, true, sends_stream, Instant::now());
+                    let unsent = self.shared.outbound.try_push(frame).err().map(|(_, f)| f);
+                    let move_timer =
+                        state
+                            .calls
+                            .insert(id, tx, deadline, timeout, unsent.is_none());
+                    Ok((id, unsent, move_timer))
+                }
+            }
+        };
+        let (id, unsent, move_timer) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.shared.call_slots.add_permits(1);
+                return Err(e);
+            }
+        };
+        if move_timer {
+            self.shared.events.raise(DriverEvents::DEADLINE);
+        }
+        // From here the receiver owns the call: dropping it cancels.
+        let receiver = StreamReceiver::new(
+            self.shared.clone(),
+            id,
+            Some(CallEnd {
+                reply: rx,
+                pending: true,
+                slot: true,
+            }),
+        );
+        let sender = sends_stream.then(|| StreamSender::new(self.shared.clone(), id, true));
+        if let Some(frame) = unsent {
+            match tokio::time::timeout_at(deadline, self.shared.outbound.send(frame)).await {
+                Ok(Ok(())) => self.shared.state().calls.mark_sent(id),
+                Ok(Err(_)) => return Err(not_sent(self.shared.closed_error())),
+                Err(_) => return Err(Error::DeadlineExceeded(timeout)),
+            }
+        }
+        debug!(id, method, "stream opened");
+        if self.rtt().is_none() {
+            // The window grows with the round trip: measure one now (the
+            // peer allows a burst of pings, see `heartbeat.rs`).
+            self.shared.events.raise(DriverEvents::PING);
+        }
+        Ok((sender, receiver))
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::calls::IdHasher;
 use crate::identity::PeerIdentity;
 use crate::metadata::Metadata;
+use crate::streams::handles::ServedStream;
 
 /// What a handler knows about the call it is serving: read it with the
 /// methods below. Cheap to clone (a few reference counts).
@@ -32,6 +33,8 @@ pub struct CallContext {
     /// `None` for no metadata (most calls): cloning a context then copies
     /// nothing.
     metadata: Option<Arc<Metadata>>,
+    /// A stream call's handles, until the handler takes them.
+    stream: Option<Arc<Mutex<Option<ServedStream>>>>,
 }
 
 impl CallContext {
@@ -48,6 +51,7 @@ impl CallContext {
             cancel: CancelSource::Detached(CancellationToken::new()),
             max_depth: crate::codec::DEFAULT_MAX_DEPTH,
             metadata: None,
+            stream: None,
         }
     }
 
@@ -76,6 +80,7 @@ impl CallContext {
             cancel: CancelSource::Call(tokens, seq),
             max_depth: crate::codec::DEFAULT_MAX_DEPTH,
             metadata: None,
+            stream: None,
         }
     }
 
@@ -90,6 +95,25 @@ impl CallContext {
     pub fn metadata(&self) -> &Metadata {
         static EMPTY: Metadata = Metadata::EMPTY;
         self.metadata.as_deref().unwrap_or(&EMPTY)
+    }
+
+    /// The same context serving a stream call with these handles.
+    pub fn with_stream(mut self, stream: ServedStream) -> Self {
+        self.stream = Some(Arc::new(Mutex::new(Some(stream))));
+        self
+    }
+
+    /// A stream call's handles: the caller's items (when it sends any) and
+    /// the sender of this side's items. `Some` once, on a call opened as a
+    /// stream; `None` on a unary call.
+    pub fn take_stream(&self) -> Option<ServedStream> {
+        let slot = self.stream.as_ref()?;
+        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// True when the call was opened as a stream (`Open`).
+    pub fn is_stream(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// The same context with another nesting limit for its arguments.

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
@@ -44,10 +45,12 @@ use crate::error::{escape_peer_text, Error, MAX_PEER_REASON};
 use crate::frame::Frame;
 use crate::heartbeat::{Action, Heartbeat, PingVerdict};
 use crate::lifecycle::CloseCause;
+use crate::metadata::Metadata;
 use crate::metered::ByteClocks;
 use crate::reader::FrameReader;
 use crate::rules::{PartialFrameWatch, RequestVerdict, Rules};
 use crate::shared::{DriverEvents, Shared};
+use crate::streams::handles::{ServedStream, StreamReceiver, StreamSender};
 use crate::writer::{write_loop, FrameWriter, StallWatch};
 
 /// Frames the reader decodes in a row before the writer gets a turn: the
@@ -125,6 +128,7 @@ impl Driver {
             writer,
             self.shared.outbound.clone(),
             self.shared.control.clone(),
+            self.shared.streams.clone(),
             self.side(),
             StallWatch {
                 clocks: clocks.clone(),
@@ -165,6 +169,9 @@ impl Driver {
                     if raised & DriverEvents::PING != 0 {
                         let nonce = self.heartbeat.ping_now(Instant::now());
                         self.send_control(Frame::Ping { nonce });
+                    }
+                    if raised & DriverEvents::STREAMS != 0 {
+                        self.flush_stream_control();
                     }
                     if raised & (DriverEvents::PING | DriverEvents::DEADLINE) != 0 {
                         self.reset_timer();
@@ -283,6 +290,73 @@ impl Driver {
         }
     }
 
+    /// A `Request`, or an `Open` (`sends_stream` given): served, refused,
+    /// or the rule it broke.
+    fn on_call(
+        &mut self,
+        id: u64,
+        method: String,
+        deadline_ms: Option<u32>,
+        metadata: Metadata,
+        body: Bytes,
+        sends_stream: Option<bool>,
+    ) -> Result<(), String> {
+        self.last_request_id = self.last_request_id.max(id);
+        let (running, is_running) = self.served.as_ref().map_or((0, false), |s| s.running(id));
+        let stage = self.shared.stage();
+        let verdict = self
+            .rules
+            .request(stage, id, &method, &metadata, running, |_| is_running);
+        // The rules refuse every request on a client.
+        let Some(served) = self.served.as_mut() else {
+            return Err(match verdict {
+                RequestVerdict::Violation(reason) => reason,
+                _ => "protocol violation: Request sent to a client".into(),
+            });
+        };
+        match verdict {
+            RequestVerdict::Serve => {
+                let stream = sends_stream.map(|sends| {
+                    self.shared.streams.open(id, sends, true, self.arrived);
+                    ServedStream {
+                        receiver: sends.then(|| StreamReceiver::new(self.shared.clone(), id, None)),
+                        sender: StreamSender::new(self.shared.clone(), id, false),
+                    }
+                });
+                let call = Incoming {
+                    id,
+                    method,
+                    deadline: deadline_of(self.arrived, deadline_ms),
+                    metadata,
+                    body,
+                    stream,
+                };
+                served.serve(&self.shared, call);
+            }
+            RequestVerdict::Refuse(status) => served.refuse(&self.shared, id, status),
+            RequestVerdict::Violation(reason) => return Err(reason),
+        }
+        Ok(())
+    }
+
+    /// Whether stream `id` could be known to the peer: a request id it
+    /// sent (server), or one this side chose (client).
+    fn opened(&self, id: u64) -> bool {
+        match self.side() {
+            Side::Server => id != 0 && id <= self.last_request_id,
+            Side::Client => id != 0 && id < self.shared.state().next_id,
+        }
+    }
+
+    /// Queues the stream credit and `Reset`s waiting to be sent; never
+    /// dropped, unlike a `Ping` on a full control queue (credit lost would
+    /// stall its stream for good).
+    fn flush_stream_control(&self) {
+        for frame in self.shared.streams.take_control() {
+            self.shared.control.send_now(frame);
+        }
+    }
+
     /// Acts on one frame; `Err` is a broken rule, for the `GoAway`.
     fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
         match frame {
@@ -292,36 +366,35 @@ impl Driver {
                 deadline_ms,
                 metadata,
                 body,
-            } => {
-                self.last_request_id = self.last_request_id.max(id);
-                let (running, is_running) =
-                    self.served.as_ref().map_or((0, false), |s| s.running(id));
-                let stage = self.shared.stage();
-                let verdict = self
-                    .rules
-                    .request(stage, id, &method, &metadata, running, |_| is_running);
-                // The rules refuse every request on a client.
-                let Some(served) = self.served.as_mut() else {
-                    return Err(match verdict {
-                        RequestVerdict::Violation(reason) => reason,
-                        _ => "protocol violation: Request sent to a client".into(),
-                    });
-                };
-                match verdict {
-                    RequestVerdict::Serve => {
-                        let call = Incoming {
-                            id,
-                            method,
-                            deadline: deadline_of(self.arrived, deadline_ms),
-                            metadata,
-                            body,
-                        };
-                        served.serve(&self.shared, call);
-                    }
-                    RequestVerdict::Refuse(status) => served.refuse(&self.shared, id, status),
-                    RequestVerdict::Violation(reason) => return Err(reason),
-                }
-                Ok(())
+            } => self.on_call(id, method, deadline_ms, metadata, body, None),
+            Frame::Open {
+                id,
+                method,
+                deadline_ms,
+                metadata,
+                body,
+                sends_stream,
+            } => self.on_call(id, method, deadline_ms, metadata, body, Some(sends_stream)),
+            Frame::Data { id, more, bytes } => {
+                let opened = self.opened(id);
+                let result = self
+                    .shared
+                    .streams
+                    .on_data(id, more, bytes, opened, self.max_recv);
+                self.flush_stream_control();
+                result
+            }
+            Frame::Credit { id, bytes } => {
+                let opened = self.opened(id);
+                self.shared.streams.on_credit(id, bytes, opened)
+            }
+            Frame::End { id } => {
+                let opened = self.opened(id);
+                self.shared.streams.on_end(id, opened)
+            }
+            Frame::Reset { id } => {
+                let opened = self.opened(id);
+                self.shared.streams.on_reset(id, opened)
             }
             Frame::Response { id, result } => {
                 let waiter = self.shared.state().calls.remove(id);

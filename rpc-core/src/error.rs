@@ -445,6 +445,14 @@ pub enum Error {
     #[error("invalid call metadata: {0}")]
     Metadata(String),
 
+    /// The peer reads no more of this stream (it sent `Reset`): stop
+    /// sending its items. The call itself may still end well.
+    #[error("the peer stopped reading stream {id}")]
+    StreamReset {
+        /// The stream's (call's) id.
+        id: u64,
+    },
+
     /// The peer answered the call with an error status.
     #[error("server returned {0}")]
     Status(#[from] Status),

@@ -30,8 +30,9 @@ use crate::metadata::{Metadata, MAX_ENTRIES};
 
 /// The protocol version this crate speaks.
 ///
-/// Version 2 added call metadata to `Request`; version 3 the `Drain` frame.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 2 added call metadata to `Request`; version 3 the `Drain` frame;
+/// version 4 streams (`Open`, `Data`, `Credit`, `End`, `Reset`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -107,6 +108,52 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// A call that streams items in one direction or both (see
+    /// `streams/`): like `Request`, and the callee may send `Data` before
+    /// its `Response`, which ends the call.
+    Open {
+        /// Chosen by the caller, unique among its calls on this connection.
+        id: u64,
+        /// The method's name.
+        method: String,
+        /// Time the caller will wait for the whole stream, in milliseconds.
+        deadline_ms: Option<u32>,
+        /// The call's metadata (bounded: see [`crate::metadata`]).
+        metadata: Metadata,
+        /// The encoded arguments.
+        body: Bytes,
+        /// The caller sends a stream of items too, ended by `End`.
+        sends_stream: bool,
+    },
+    /// A piece of one stream item: at most [`crate::streams::CHUNK`] bytes,
+    /// counted against the receiver's credit.
+    Data {
+        /// The stream's (call's) id.
+        id: u64,
+        /// The item continues in the next `Data` of this stream.
+        more: bool,
+        /// The piece's bytes.
+        bytes: Bytes,
+    },
+    /// The receiver of a stream lets its sender send `bytes` more `Data`
+    /// bytes on stream `id`, or on the whole connection when `id` is 0.
+    Credit {
+        /// The stream's id, or 0 for the connection.
+        id: u64,
+        /// Bytes added to the sender's credit.
+        bytes: u64,
+    },
+    /// The caller's stream of items is complete (its half of the call).
+    End {
+        /// The stream's id.
+        id: u64,
+    },
+    /// The sender of this frame reads no more of stream `id`: stop sending
+    /// its `Data` (QUIC's STOP_SENDING). The call itself goes on.
+    Reset {
+        /// The stream's id.
+        id: u64,
+    },
 }
 
 impl Frame {
@@ -121,6 +168,11 @@ impl Frame {
             Frame::Pong { .. } => "Pong",
             Frame::GoAway { .. } => "GoAway",
             Frame::Drain { .. } => "Drain",
+            Frame::Open { .. } => "Open",
+            Frame::Data { .. } => "Data",
+            Frame::Credit { .. } => "Credit",
+            Frame::End { .. } => "End",
+            Frame::Reset { .. } => "Reset",
         }
     }
 }
@@ -159,6 +211,30 @@ enum WireFrame<'a> {
         last_id: u64,
         reason: String,
     },
+    Open {
+        id: u64,
+        method: &'a str,
+        deadline_ms: Option<u32>,
+        #[serde(borrow)]
+        metadata: Vec<(&'a str, &'a [u8])>,
+        body: &'a [u8],
+        sends_stream: bool,
+    },
+    Data {
+        id: u64,
+        more: bool,
+        bytes: &'a [u8],
+    },
+    Credit {
+        id: u64,
+        bytes: u64,
+    },
+    End {
+        id: u64,
+    },
+    Reset {
+        id: u64,
+    },
 }
 
 /// Decodes one frame's bytes (without the length prefix); bodies become
@@ -192,12 +268,7 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
             id,
             method: method.to_owned(),
             deadline_ms,
-            metadata: Metadata::from_wire(
-                metadata
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), buf.slice_ref(v)))
-                    .collect(),
-            ),
+            metadata: owned_metadata(buf, metadata),
             body: buf.slice_ref(body),
         },
         WireFrame::Response { id, result } => Frame::Response {
@@ -209,7 +280,40 @@ fn through_serde(buf: &Bytes, max_frame: usize) -> Result<Frame, Error> {
         WireFrame::Pong { nonce } => Frame::Pong { nonce },
         WireFrame::GoAway { reason } => Frame::GoAway { reason },
         WireFrame::Drain { last_id, reason } => Frame::Drain { last_id, reason },
+        WireFrame::Open {
+            id,
+            method,
+            deadline_ms,
+            metadata,
+            body,
+            sends_stream,
+        } => Frame::Open {
+            id,
+            method: method.to_owned(),
+            deadline_ms,
+            metadata: owned_metadata(buf, metadata),
+            body: buf.slice_ref(body),
+            sends_stream,
+        },
+        WireFrame::Data { id, more, bytes } => Frame::Data {
+            id,
+            more,
+            bytes: buf.slice_ref(bytes),
+        },
+        WireFrame::Credit { id, bytes } => Frame::Credit { id, bytes },
+        WireFrame::End { id } => Frame::End { id },
+        WireFrame::Reset { id } => Frame::Reset { id },
     })
+}
+
+/// Metadata read as slices of `buf`, owned.
+fn owned_metadata(buf: &Bytes, entries: Vec<(&str, &[u8])>) -> Metadata {
+    Metadata::from_wire(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), buf.slice_ref(v)))
+            .collect(),
+    )
 }
 
 /// Variant indexes on the wire of the frames `decode_common` and
@@ -372,6 +476,25 @@ pub(crate) mod tests {
                 last_id: 41,
                 reason: "draining".into(),
             },
+            Frame::Open {
+                id: 10,
+                method: "Files.upload".into(),
+                deadline_ms: Some(60_000),
+                metadata: some_metadata(),
+                body: Bytes::from_static(b"\x01a"),
+                sends_stream: true,
+            },
+            Frame::Data {
+                id: 10,
+                more: true,
+                bytes: Bytes::from(vec![3u8; 60_000]),
+            },
+            Frame::Credit {
+                id: 0,
+                bytes: 1 << 20,
+            },
+            Frame::End { id: 10 },
+            Frame::Reset { id: 11 },
         ]
     }
 

@@ -30,6 +30,8 @@
 //! | `heartbeat.rs` | the liveness state machine (no I/O) |
 //! | `identity.rs` | the peer certificate's subject and SANs |
 //! | `service.rs` | what `#[service]` builds on: `Service`, `Caller`, context |
+//! | `streaming.rs` | typed streams: [`Streaming<T>`](streaming::Streaming), [`ServerStream<T>`](streaming::ServerStream) |
+//! | `streams/` | stream calls: the table of credit and items (`mod.rs`), credit without I/O (`flow.rs`), the handles (`handles.rs`) |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
 //! | `health.rs` | the health service's methods and statuses (`srpc.health`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
@@ -68,6 +70,8 @@ mod rules;
 pub mod service;
 mod shared;
 pub mod stats;
+pub mod streaming;
+pub mod streams;
 pub mod tls;
 pub mod transport;
 mod writer;
@@ -82,6 +86,7 @@ pub use framing::FrameCodec;
 pub use identity::PeerIdentity;
 pub use metadata::Metadata;
 pub use options::CallOptions;
+pub use streams::handles::{ServedStream, StreamReceiver, StreamSender};
 pub use writer::MAX_BATCH;
 
 /// Names generated code uses; not part of the API.

@@ -26,6 +26,7 @@ use crate::calls::incoming::BoxFuture;
 use crate::context::CallContext;
 use crate::error::Status;
 use crate::options::CallOptions;
+use crate::streams::handles::{StreamReceiver, StreamSender};
 
 /// The reserved method that lists a server's services.
 pub const LIST_METHOD: &str = "srpc.list";
@@ -93,6 +94,29 @@ pub trait Caller: Send + Sync {
     where
         A: Serialize + Sync,
         R: DeserializeOwned + Send + 'static;
+}
+
+/// A [`Caller`] that also opens stream calls; generated clients need it
+/// for their stream methods only.
+pub trait StreamCaller: Caller {
+    /// Opens `method` as a stream call under `options` with `args` (see
+    /// `Connection::open_stream`); `sends_stream` when the caller sends
+    /// items too.
+    fn open_stream<'a, A>(
+        &'a self,
+        method: &'static str,
+        args: &'a A,
+        options: &'a CallOptions,
+        sends_stream: bool,
+    ) -> impl Future<Output = Result<(Option<StreamSender>, StreamReceiver), Self::Error>> + Send + 'a
+    where
+        A: Serialize + Sync;
+
+    /// How deeply items and replies may nest when decoded.
+    fn max_depth(&self) -> usize;
+
+    /// A stream call's failure as this caller's error.
+    fn stream_error(&self, method: &'static str, error: crate::Error) -> Self::Error;
 }
 
 /// Decodes a method's argument tuple within the call's nesting limit

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -28,6 +28,7 @@ use crate::frame::{Frame, Hello};
 use crate::identity::LazyIdentity;
 use crate::lifecycle::{CloseCause, Lifecycle, Stage};
 use crate::outbound::Outbound;
+use crate::streams::StreamTable;
 
 /// Requests to the driver from other tasks: a set of flags and the driver's
 /// waker. Polling it is two atomic operations, where a `CancellationToken`
@@ -48,6 +49,8 @@ impl DriverEvents {
     pub(crate) const PING: u8 = 4;
     /// A call's deadline comes before the timer: re-arm it.
     pub(crate) const DEADLINE: u8 = 8;
+    /// Stream credit or a `Reset` waits to be sent.
+    pub(crate) const STREAMS: u8 = 16;
 
     pub(crate) fn raise(&self, event: u8) {
         self.raised.fetch_or(event, Ordering::AcqRel);
@@ -86,8 +89,8 @@ pub(crate) struct ConnectionState {
 }
 
 pub(crate) struct Shared {
-    pub(crate) outbound: std::sync::Arc<Outbound>,
-    pub(crate) control: std::sync::Arc<Outbound>,
+    pub(crate) outbound: Arc<Outbound>,
+    pub(crate) control: Arc<Outbound>,
     state: Mutex<ConnectionState>,
     /// [`ConnectionState`]'s stage, for reads without the lock.
     stage: AtomicU8,
@@ -105,6 +108,8 @@ pub(crate) struct Shared {
     /// Latest round-trip time in nanoseconds; 0 until the first pong.
     pub(crate) rtt_nanos: AtomicU64,
     pub(crate) heartbeat_interval: Duration,
+    /// The connection's streams: credit and received items.
+    pub(crate) streams: Arc<StreamTable>,
 }
 
 impl Shared {
@@ -118,8 +123,8 @@ impl Shared {
         heartbeat_interval: Duration,
     ) -> Self {
         Shared {
-            outbound: std::sync::Arc::new(outbound),
-            control: std::sync::Arc::new(control),
+            outbound: Arc::new(outbound),
+            control: Arc::new(control),
             state: Mutex::new(ConnectionState {
                 life: Lifecycle::Open,
                 peer_goaway: None,
@@ -140,6 +145,7 @@ impl Shared {
             ping_waiters: Mutex::new(Vec::new()),
             rtt_nanos: AtomicU64::new(0),
             heartbeat_interval,
+            streams: Arc::new(StreamTable::new(Instant::now())),
         }
     }
 
@@ -245,6 +251,7 @@ impl Shared {
                 .unwrap_or(CloseCause::ClosedHere);
             (state.calls.take_all(), cause, state.peer_last_id)
         };
+        self.streams.close(error.describe());
         for (id, call) in pending {
             let error = match last_id {
                 // The peer drained and never took this request: it may go

@@ -38,6 +38,7 @@ use crate::frame::{frame_len, Frame};
 use crate::framing::FrameCodec;
 use crate::metered::ByteClocks;
 use crate::outbound::Outbound;
+use crate::streams::StreamTable;
 
 /// Most frames the writer encodes before it flushes.
 pub const MAX_BATCH: usize = 128;
@@ -80,6 +81,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(crate) fn feed(&mut self, frame: Frame) -> Result<(), Error> {
         let body = match &frame {
             Frame::Request { body, .. }
+            | Frame::Open { body, .. }
+            | Frame::Data { bytes: body, .. }
             | Frame::Response {
                 result: Ok(body), ..
             } if body.len() >= MIN_BUFFER => body.clone(),
@@ -244,6 +247,7 @@ pub(crate) async fn write_loop<W>(
     mut sink: FrameWriter<W>,
     data: Arc<Outbound>,
     control: Arc<Outbound>,
+    streams: Arc<StreamTable>,
     side: Side,
     stall: StallWatch,
 ) -> Result<(), Error>
@@ -266,7 +270,7 @@ where
             f = data.next() => f,
         };
         let Some(first) = first else { break };
-        feed(&mut sink, first)?;
+        feed(&mut sink, first, &streams)?;
         let mut fed = 1;
         // Frames of one burst arrive a few at a time: when they come from
         // other tasks (a client's callers), give those one turn
@@ -298,7 +302,7 @@ where
                     None => break,
                 },
             };
-            feed(&mut sink, next)?;
+            feed(&mut sink, next, &streams)?;
             fed += 1;
             // What FramedWrite did at 8 KiB: write out a long batch of
             // small frames as it grows instead of buffering all of it.
@@ -314,10 +318,10 @@ where
     // Closing: what is already queued (replies, then a last GoAway), then
     // TLS close_notify. The driver bounds this with `close_timeout`.
     while let Some(f) = data.pop() {
-        feed(&mut sink, f)?;
+        feed(&mut sink, f, &streams)?;
     }
     while let Some(f) = control.pop() {
-        feed(&mut sink, f)?;
+        feed(&mut sink, f, &streams)?;
     }
     sink.close().await
 }
@@ -326,9 +330,18 @@ where
 /// frame limit (replies are sized before they are queued, so this is a
 /// second line of defence) becomes that call's `ResourceExhausted`, so one
 /// reply never ends the connection and the calls on it.
-fn feed<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>, frame: Frame) -> Result<(), Error> {
+fn feed<W: AsyncWrite + Unpin>(
+    sink: &mut FrameWriter<W>,
+    frame: Frame,
+    streams: &StreamTable,
+) -> Result<(), Error> {
     let id = match &frame {
         Frame::Response { id, .. } => Some(*id),
+        // Taken from the queue: the stream may queue its next piece.
+        Frame::Data { id, .. } => {
+            streams.taken(*id);
+            None
+        }
         _ => None,
     };
     match (sink.feed(frame), id) {

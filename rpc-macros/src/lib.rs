@@ -99,6 +99,28 @@ struct Method {
     /// may retry it after a failure that leaves the outcome unknown.
     idempotent: bool,
     attrs: Vec<syn::Attribute>,
+    /// The argument of type `Streaming<T>` (its index and `T`): the caller
+    /// sends a stream of items.
+    input: Option<(usize, Type)>,
+    /// `T` when the method returns `ServerStream<T>` (or `Result` of it
+    /// with `Status`): the reply is a stream of items.
+    output: Option<Type>,
+}
+
+/// `Some(T)` for a type written `Name<T>` (any path ending so).
+fn generic_of(ty: &Type, name: &str) -> Option<Type> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != name {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first()? {
+        syn::GenericArgument::Type(t) if args.args.len() == 1 => Some(t.clone()),
+        _ => None,
+    }
 }
 
 /// `Some(T)` for `Result<T, Status>` where `Status` is srpc's: written
@@ -266,14 +288,157 @@ fn parse_method(item: &TraitItem) -> syn::Result<Method> {
         .filter(|a| !is_idempotent(a))
         .cloned()
         .collect();
+    let mut input = None;
+    for (i, (a, t)) in args.iter().enumerate() {
+        if let Some(item) = generic_of(t, "Streaming") {
+            if input.is_some() {
+                return Err(syn::Error::new(
+                    a.span(),
+                    "srpc: a method takes at most one `Streaming<T>` argument",
+                ));
+            }
+            input = Some((i, item));
+        }
+    }
+    let ok_of_status = status_result(&ret);
+    let output = generic_of(ok_of_status.as_ref().unwrap_or(&ret), "ServerStream");
+    if idempotent && (input.is_some() || output.is_some()) {
+        return Err(syn::Error::new(
+            sig.ident.span(),
+            "srpc: stream methods are not retried; remove `#[idempotent]`",
+        ));
+    }
     Ok(Method {
         name: sig.ident.clone(),
         args,
-        ok_of_status: status_result(&ret),
+        ok_of_status,
         idempotent,
         ret,
         attrs,
+        input,
+        output,
     })
+}
+
+/// The client method of a stream method: it opens the call as a stream.
+fn stream_client_method(krate: &syn::Path, service: &str, m: &Method) -> Tokens {
+    let Method {
+        name, args, attrs, ..
+    } = m;
+    let wire = format!("{service}.{name}");
+    let input_index = m.input.as_ref().map(|(i, _)| *i);
+    let params = args.iter().enumerate().map(|(i, (a, t))| match &m.input {
+        Some((at, item)) if *at == i => {
+            quote!(#a: impl #krate::streaming::Stream<Item = #item> + ::core::marker::Send + 'static)
+        }
+        _ => quote!(#a: #t),
+    });
+    let values = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != input_index)
+        .map(|(_, (a, _))| a);
+    let sends = m.input.is_some();
+    let has_doc = attrs.iter().any(|a| a.path().is_ident("doc"));
+    let fallback = format!("Calls `{wire}` as a stream.");
+    let doc = (!has_doc).then(|| quote!(#[doc = #fallback]));
+    let open = quote! {
+        let (sender, receiver) = #krate::service::StreamCaller::open_stream(
+            &self.caller, #wire, &( #(#values,)* ), &self.options, #sends).await?;
+        let max_depth = #krate::service::StreamCaller::max_depth(&self.caller);
+    };
+    let (ret, body) = match (&m.output, &m.input) {
+        (Some(item), None) => (
+            quote!(#krate::streaming::Streaming<#item>),
+            quote! {
+                let _ = sender;
+                ::core::result::Result::Ok(#krate::streaming::Streaming::new(receiver, max_depth))
+            },
+        ),
+        (Some(item), Some((i, _))) => {
+            let input = &args[*i].0;
+            (
+                quote!(#krate::streaming::Streaming<#item>),
+                quote! {
+                    let pump = #krate::streaming::spawn_items(#wire, sender, #input);
+                    ::core::result::Result::Ok(
+                        #krate::streaming::Streaming::new(receiver, max_depth).with_pump(pump))
+                },
+            )
+        }
+        (None, Some((i, _))) => {
+            let input = &args[*i].0;
+            let reply = m.ok_of_status.as_ref().unwrap_or(&m.ret);
+            (
+                quote!(#reply),
+                quote! {
+                    #krate::streaming::send_then_reply::<_, _, #reply>(
+                        #wire, sender, receiver, #input, max_depth)
+                        .await
+                        .map_err(|e| #krate::service::StreamCaller::stream_error(&self.caller, #wire, e))
+                },
+            )
+        }
+        (None, None) => unreachable!("not a stream method"),
+    };
+    quote! {
+        #doc
+        #(#attrs)*
+        pub async fn #name(&self, #(#params),*) -> ::core::result::Result<#ret, C::Error>
+        where
+            C: #krate::service::StreamCaller,
+        {
+            #open
+            #body
+        }
+    }
+}
+
+/// The server's arm of a stream method: the call's stream handles go to
+/// the handler's `Streaming` argument and from its `ServerStream`.
+fn stream_arm(krate: &syn::Path, service: &str, m: &Method) -> Tokens {
+    let Method { name, args, .. } = m;
+    let wire = format!("{service}.{name}");
+    let input_index = m.input.as_ref().map(|(i, _)| *i);
+    let plain: Vec<_> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != input_index)
+        .map(|(_, a)| a)
+        .collect();
+    let names: Vec<_> = plain.iter().map(|(a, _)| a).collect();
+    let types: Vec<_> = plain.iter().map(|(_, t)| t).collect();
+    let all: Vec<_> = args.iter().map(|(a, _)| a).collect();
+    let take_input = m.input.as_ref().map(|(i, item)| {
+        let a = &args[*i].0;
+        quote!(let #a = #krate::streaming::incoming::<#item>(#wire, &ctx, io.receiver.take())?;)
+    });
+    let reply = if m.ok_of_status.is_some() {
+        quote!(reply?)
+    } else {
+        quote!(reply)
+    };
+    let finish = match &m.output {
+        Some(_) => quote!(#krate::streaming::send_all(#wire, io.sender, #reply).await),
+        None => quote! {
+            drop(io);
+            #krate::service::encode_reply(#wire, &#reply)
+        },
+    };
+    quote! {
+        #wire => {
+            let inner = self.inner.clone();
+            ::core::option::Option::Some(::std::boxed::Box::pin(async move {
+                #[allow(unused_mut)]
+                let mut io = #krate::streaming::served_stream(#wire, &ctx)?;
+                let ( #(#names,)* ): ( #(#types,)* ) =
+                    #krate::service::decode_args(#wire, &ctx, &body)?;
+                #take_input
+                let reply = #krate::service::with_context(ctx, inner.#name(#(#all),*)).await;
+                #finish
+            }))
+        }
+    }
 }
 
 fn type_name(ty: &Type) -> String {
@@ -310,6 +475,9 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
     });
 
     let client_methods = methods.iter().map(|m| {
+        if m.input.is_some() || m.output.is_some() {
+            return stream_client_method(krate, &service, m);
+        }
         let Method {
             name, args, attrs, ..
         } = m;
@@ -338,6 +506,9 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
     });
 
     let arms = methods.iter().map(|m| {
+        if m.input.is_some() || m.output.is_some() {
+            return stream_arm(krate, &service, m);
+        }
         let Method { name, args, .. } = m;
         let wire = format!("{service}.{name}");
         let names: Vec<_> = args.iter().map(|(a, _)| a).collect();

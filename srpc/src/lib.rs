@@ -65,6 +65,8 @@ pub use rpc_client::{
 #[doc(inline)]
 pub use rpc_core::service::context;
 #[doc(inline)]
+pub use rpc_core::streaming::{ServerStream, Stream, Streaming};
+#[doc(inline)]
 pub use rpc_core::{
     tls, CallContext, CallOptions, ConnectionConfig, Metadata, PeerIdentity, Status, StatusCode,
 };

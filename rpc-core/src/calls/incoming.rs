@@ -35,6 +35,7 @@ use crate::frame::{frame_len, Frame};
 use crate::lifecycle::Stage;
 use crate::metadata::Metadata;
 use crate::shared::{debug_spans_wanted, Shared};
+use crate::streams::handles::ServedStream;
 
 /// A boxed, sendable future, as returned by [`Dispatch::dispatch`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -84,6 +85,8 @@ pub(crate) struct Incoming {
     pub(crate) deadline: Option<Instant>,
     pub(crate) metadata: Metadata,
     pub(crate) body: Bytes,
+    /// A stream call's handles (`Open`).
+    pub(crate) stream: Option<ServedStream>,
 }
 
 impl ServedCalls {
@@ -135,6 +138,7 @@ impl ServedCalls {
             deadline,
             metadata,
             body,
+            stream,
         } = call;
         // The token is made only if the handler asks for one, or if the
         // call outlives its first poll (see `CallTokens`).
@@ -151,6 +155,10 @@ impl ServedCalls {
         )
         .with_max_depth(self.max_depth)
         .with_metadata(metadata);
+        let ctx = match stream {
+            Some(stream) => ctx.with_stream(stream),
+            None => ctx,
+        };
         let span = if debug_spans_wanted() {
             tracing::debug_span!("call", method = %ctx.method(), id, peer = %ctx.peer())
         } else {

@@ -1,0 +1,265 @@
+//! Stream calls over real TLS on 127.0.0.1: each shape (server, client,
+//! both ways), final errors, cancellation from either side, deadlines,
+//! backpressure, and small calls beside a large stream.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rpc_core::streaming::{ServerStream, Streaming};
+use rpc_core::{CallOptions, Status, StatusCode};
+use rpc_server::ServerOptions;
+use rpc_tests::TestServer;
+
+#[rpc_macros::service(crate = rpc_core)]
+trait Numbers {
+    /// `0..n`, then `fail` as the final error if given.
+    async fn count(&self, n: u64, fail: Option<String>) -> Result<ServerStream<u64>, Status>;
+    /// The sum of the caller's numbers.
+    async fn sum(&self, numbers: Streaming<u64>) -> Result<u64, Status>;
+    /// Each number doubled, as it comes.
+    async fn double(&self, numbers: Streaming<u64>) -> Result<ServerStream<u64>, Status>;
+    /// Items of `size` bytes without end, counting what was sent.
+    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status>;
+    /// Reads `take` numbers, then answers without reading the rest.
+    async fn first(&self, take: usize, numbers: Streaming<u64>) -> Result<u64, Status>;
+    async fn add(&self, a: u64, b: u64) -> u64;
+}
+
+#[derive(Default)]
+struct Impl {
+    /// Items the flood produced (handed to its stream).
+    flooded: Arc<AtomicU64>,
+    /// Flood streams whose producer was dropped (the stream ended).
+    flood_ended: Arc<AtomicUsize>,
+}
+
+struct Ended(Arc<AtomicUsize>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Numbers for Impl {
+    async fn count(&self, n: u64, fail: Option<String>) -> Result<ServerStream<u64>, Status> {
+        let items = futures_util::stream::iter(0..n).map(Ok);
+        let end = futures_util::stream::iter(fail.map(|m| Err(Status::aborted(m))));
+        Ok(ServerStream::new(items.chain(end)))
+    }
+
+    async fn sum(&self, mut numbers: Streaming<u64>) -> Result<u64, Status> {
+        let mut sum = 0;
+        while let Some(n) = numbers.message().await? {
+            sum += n;
+        }
+        Ok(sum)
+    }
+
+    async fn double(&self, numbers: Streaming<u64>) -> Result<ServerStream<u64>, Status> {
+        Ok(ServerStream::new(numbers.map(|n| n.map(|n| n * 2))))
+    }
+
+    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status> {
+        let count = self.flooded.clone();
+        let ended = Ended(self.flood_ended.clone());
+        let items = futures_util::stream::repeat_with(move || {
+            let _keep = &ended;
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![7u8; size])
+        });
+        Ok(ServerStream::new(items))
+    }
+
+    async fn first(&self, take: usize, mut numbers: Streaming<u64>) -> Result<u64, Status> {
+        let mut sum = 0;
+        for _ in 0..take {
+            match numbers.message().await? {
+                Some(n) => sum += n,
+                None => break,
+            }
+        }
+        Ok(sum)
+    }
+
+    async fn add(&self, a: u64, b: u64) -> u64 {
+        a + b
+    }
+}
+
+async fn start() -> (TestServer, Arc<Impl>, NumbersClient<rpc_client::Client>) {
+    let service = Arc::new(Impl::default());
+    let shared = ImplRef(service.clone());
+    let router = rpc_server::Router::new().service(NumbersServer::new(shared));
+    let server = TestServer::start(router, ServerOptions::default()).await;
+    let client = NumbersClient::new(server.client().await);
+    (server, service, client)
+}
+
+/// The service behind an `Arc`, so the test can read its counters.
+struct ImplRef(Arc<Impl>);
+
+impl Numbers for ImplRef {
+    async fn count(&self, n: u64, fail: Option<String>) -> Result<ServerStream<u64>, Status> {
+        self.0.count(n, fail).await
+    }
+    async fn sum(&self, numbers: Streaming<u64>) -> Result<u64, Status> {
+        self.0.sum(numbers).await
+    }
+    async fn double(&self, numbers: Streaming<u64>) -> Result<ServerStream<u64>, Status> {
+        self.0.double(numbers).await
+    }
+    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status> {
+        self.0.flood(size).await
+    }
+    async fn first(&self, take: usize, numbers: Streaming<u64>) -> Result<u64, Status> {
+        self.0.first(take, numbers).await
+    }
+    async fn add(&self, a: u64, b: u64) -> u64 {
+        self.0.add(a, b).await
+    }
+}
+
+#[tokio::test]
+async fn a_server_stream_delivers_every_item_in_order_then_ends() {
+    let (_server, _svc, client) = start().await;
+    let got: Vec<u64> = client
+        .count(10_000, None)
+        .await
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, (0..10_000).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_streams_final_error_arrives_after_its_items() {
+    let (_server, _svc, client) = start().await;
+    let mut stream = client.count(3, Some("disk full".into())).await.unwrap();
+    for want in 0..3 {
+        assert_eq!(stream.message().await.unwrap(), Some(want));
+    }
+    let e = stream.message().await.unwrap_err();
+    assert_eq!(e.code, StatusCode::Aborted);
+    assert!(e.message.contains("disk full"), "{e}");
+    assert!(stream.next().await.is_none(), "the error is the last item");
+}
+
+#[tokio::test]
+async fn a_client_stream_reaches_the_handler_whole() {
+    let (_server, _svc, client) = start().await;
+    let sum = client
+        .sum(futures_util::stream::iter(1..=100_000u64))
+        .await
+        .unwrap();
+    assert_eq!(sum, 100_000 * 100_001 / 2);
+    // An empty stream is a stream too.
+    assert_eq!(client.sum(futures_util::stream::empty()).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_stream_both_ways_answers_as_items_come() {
+    let (_server, _svc, client) = start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<u64>(1);
+    let input =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|n| (n, rx)) });
+    let mut doubled = client.double(input).await.unwrap();
+    // Item by item: each answer comes before the next number is sent.
+    for n in 1..=50u64 {
+        tx.send(n).await.unwrap();
+        assert_eq!(doubled.message().await.unwrap(), Some(n * 2));
+    }
+    drop(tx);
+    assert_eq!(doubled.message().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_handler_that_stops_reading_ends_the_callers_stream_without_error() {
+    let (server, _svc, client) = start().await;
+    // The caller would send forever; the server reads 10 and answers.
+    let forever = futures_util::stream::iter(1u64..);
+    let sum = tokio::time::timeout(Duration::from_secs(10), client.first(10, forever))
+        .await
+        .expect("the reply ends the call")
+        .unwrap();
+    assert_eq!(sum, 55);
+    assert_eq!(
+        client.add(2, 3).await.unwrap(),
+        5,
+        "the connection serves on"
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_slow_consumer_holds_the_producer_to_the_window() {
+    let (_server, svc, client) = start().await;
+    let mut flood = client.flood(16 * 1024).await.unwrap();
+    // Read a little, then stop reading for a while.
+    for _ in 0..4 {
+        flood.message().await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let produced = svc.flooded.load(Ordering::SeqCst);
+    let conn_usage = client.as_caller().endpoints();
+    assert_eq!(conn_usage.len(), 1);
+    // 1 MiB of window, one piece queued, and the item in hand: at most
+    // about 70 items of 16 KiB, whatever the stream's length.
+    assert!(produced <= 80, "{produced} items produced for 4 read");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        svc.flooded.load(Ordering::SeqCst),
+        produced,
+        "the producer waits"
+    );
+    // Reading on lets it go on.
+    for _ in 0..200 {
+        flood.message().await.unwrap().unwrap();
+    }
+    assert!(svc.flooded.load(Ordering::SeqCst) > 200);
+    // Dropping the stream cancels the call: the server's producer ends.
+    drop(flood);
+    let ended = svc.flood_ended.clone();
+    tokio::time::timeout(Duration::from_secs(5), async move {
+        while ended.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the server's stream ends when the caller drops its end");
+    assert_eq!(client.add(1, 1).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_streams_deadline_covers_all_of_it() {
+    let (_server, _svc, client) = start().await;
+    let short = client.with_options(CallOptions::new().timeout(Duration::from_millis(200)));
+    let mut flood = short.flood(1024).await.unwrap();
+    let started = std::time::Instant::now();
+    let error = loop {
+        match flood.message().await {
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Ok(None) => panic!("an endless stream ended"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.code, StatusCode::DeadlineExceeded, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn a_stream_method_called_as_a_plain_call_is_refused_clearly() {
+    let (server, _svc, _client) = start().await;
+    let client = server.client().await;
+    let e = client
+        .call::<_, u64>("Numbers.count", &(3u64, None::<String>))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("stream method"), "{e}");
+}
