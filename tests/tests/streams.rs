@@ -12,8 +12,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use rpc_core::streaming::{ServerStream, Streaming};
 use rpc_core::{CallOptions, Status, StatusCode};
+use rpc_core::Frame;
 use rpc_server::ServerOptions;
-use rpc_tests::TestServer;
+use rpc_tests::{frame_bytes, goaway_after, hello_bytes, TestServer};
 
 #[rpc_macros::service(crate = rpc_core)]
 trait Numbers {
@@ -28,6 +29,8 @@ trait Numbers {
     /// Reads `take` numbers, then answers without reading the rest.
     async fn first(&self, take: usize, numbers: Streaming<u64>) -> Result<u64, Status>;
     async fn add(&self, a: u64, b: u64) -> u64;
+    /// Holds the caller's stream without reading it until cancelled.
+    async fn hold(&self, numbers: Streaming<u64>) -> u64;
 }
 
 #[derive(Default)]
@@ -90,6 +93,11 @@ impl Numbers for Impl {
     async fn add(&self, a: u64, b: u64) -> u64 {
         a + b
     }
+
+    async fn hold(&self, numbers: Streaming<u64>) -> u64 {
+        let _held = numbers;
+        std::future::pending().await
+    }
 }
 
 async fn start() -> (TestServer, Arc<Impl>, NumbersClient<rpc_client::Client>) {
@@ -122,6 +130,9 @@ impl Numbers for ImplRef {
     }
     async fn add(&self, a: u64, b: u64) -> u64 {
         self.0.add(a, b).await
+    }
+    async fn hold(&self, numbers: Streaming<u64>) -> u64 {
+        self.0.hold(numbers).await
     }
 }
 
@@ -262,4 +273,75 @@ async fn a_stream_method_called_as_a_plain_call_is_refused_clearly() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("stream method"), "{e}");
+}
+
+fn open(id: u64, method: &str, sends_stream: bool) -> Frame {
+    open_with(id, method, sends_stream, &())
+}
+
+fn open_with<A: serde::Serialize>(id: u64, method: &str, sends_stream: bool, args: &A) -> Frame {
+    Frame::Open {
+        id,
+        method: method.into(),
+        deadline_ms: Some(10_000),
+        metadata: rpc_core::Metadata::new(),
+        body: rpc_core::codec::encode(args, 1024).unwrap(),
+        sends_stream,
+    }
+}
+
+fn data(id: u64, len: usize) -> Frame {
+    Frame::Data {
+        id,
+        more: false,
+        bytes: bytes::Bytes::from(vec![1u8; len]),
+    }
+}
+
+/// `frames` after a `Hello`, as bytes.
+fn wire(frames: Vec<Frame>) -> Vec<u8> {
+    let mut bytes = hello_bytes();
+    for f in frames {
+        bytes.extend(frame_bytes(f));
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn stream_frames_that_break_the_rules_get_a_goaway_naming_the_rule() {
+    let (server, _svc, client) = start().await;
+    let piece = rpc_core::streams::CHUNK;
+    let cases = [
+        (vec![data(5, 10)], "Data on stream 5, which was never opened"),
+        (
+            // 16 pieces of 64 KiB and their cost fill more than the 1 MiB
+            // window of a stream nobody reads.
+            std::iter::once(open(1, "Numbers.hold", true))
+                .chain((0..17).map(|_| data(1, piece)))
+                .collect(),
+            "beyond its credit",
+        ),
+        (
+            vec![open(1, "Numbers.hold", true), Frame::End { id: 1 }, data(1, 3)],
+            "Data on stream 1 after its End",
+        ),
+        (
+            // A stream that is still running (the endless flood).
+            vec![open_with(1, "Numbers.flood", false, &(16usize,)), data(1, 3)],
+            "Data on stream 1, whose caller said it sends no stream",
+        ),
+        (
+            vec![open(1, "Numbers.hold", true), Frame::End { id: 1 }, Frame::End { id: 1 }],
+            "second End on stream 1",
+        ),
+        (vec![Frame::Credit { id: 0, bytes: u64::MAX }], "beyond"),
+        (vec![Frame::Reset { id: 3 }], "Reset for stream 3, which was never opened"),
+    ];
+    for (frames, rule) in cases {
+        let reason = goaway_after(&server, &wire(frames)).await;
+        assert!(reason.contains(rule), "{reason:?} should name {rule:?}");
+    }
+    // The server serves on, streams included.
+    assert_eq!(client.add(2, 2).await.unwrap(), 4);
+    assert_eq!(client.sum(futures_util::stream::iter(1..=3u64)).await.unwrap(), 6);
 }
