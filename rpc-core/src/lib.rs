@@ -33,6 +33,7 @@
 //! | `streaming.rs` | typed streams: [`Streaming<T>`](streaming::Streaming), [`ServerStream<T>`](streaming::ServerStream) |
 //! | `streams/` | stream calls: the table of credit and items (`mod.rs`), credit without I/O (`flow.rs`), the handles (`handles.rs`) |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
+//! | `files.rs` | the file service's contract and SHA-256 (`rpc-server --files`) |
 //! | `health.rs` | the health service's methods and statuses (`srpc.health`) |
 //! | `config.rs` | per-connection limits and timers, with defaults |
 //! | `error.rs` | [`Error`] and the wire's [`Status`] |
@@ -55,6 +56,7 @@ pub mod connection;
 mod context;
 mod driver;
 pub mod error;
+pub mod files;
 pub mod frame;
 mod framing;
 pub mod health;

@@ -25,6 +25,7 @@
 //! | `health.rs` | the statuses `srpc.health` reports; NOT_SERVING once draining |
 //! | `router.rs` | method name -> typed async handler |
 //! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
+//! | `files.rs` | the file service (`--files DIR`), confined with cap-std |
 //! | `devcerts.rs` | development CA and certificates (rcgen) |
 //! | `error.rs` | [`ServerError`] |
 //! | `bin/rpc-server.rs` | the CLI |
@@ -38,6 +39,7 @@ mod connection_task;
 pub mod demo;
 pub mod devcerts;
 mod error;
+pub mod files;
 mod health;
 mod layers;
 mod router;

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use rpc_core::error::report;
+use rpc_core::files::FilesServer;
+use rpc_server::files::FileStore;
 use rpc_server::{demo, devcerts, Server, ServerOptions, TlsFiles};
 
 const EXAMPLES: &str = "\
 Examples:
   rpc-server gen-certs --out certs/
   rpc-server --cert certs/server.pem --key certs/server.key
+  rpc-server --cert certs/server.pem --key certs/server.key --files /srv/shared
   rpc-server --listen 127.0.0.1:0 --cert certs/server.pem --key certs/server.key \\
              --client-ca certs/ca.pem --heartbeat-interval 1s --heartbeat-timeout 3s
 
@@ -56,6 +59,10 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// Also serve the file service (upload, download, list) confined to
+    /// DIR: names cannot lead out of it (`..`, absolute paths, symlinks).
+    #[arg(long, value_name = "DIR")]
+    files: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
@@ -160,9 +167,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.max_connections = args.max_connections;
     options.max_handshakes = args.max_handshakes;
     options.drain_timeout = args.drain_timeout;
+    let mut router = demo::router();
+    if let Some(dir) = &args.files {
+        let store = FileStore::open(dir).map_err(|e| {
+            anyhow::anyhow!("--files {}: cannot open the directory: {e}", dir.display())
+        })?;
+        router = router.service(FilesServer::new(store));
+    }
     let server = Server::builder(tls)
         .options(options)
-        .router(demo::router())
+        .router(router)
         .build()?;
 
     let runtime = tokio::runtime::Runtime::new()?;

@@ -1,10 +1,12 @@
-//! `rpc-client`: calls the demo service, or load-tests it with `bench`.
+//! `rpc-client`: calls the demo service, transfers files, or load-tests a
+//! server with `bench`.
 //!
 //! Thin on purpose: parses flags, sets up logging (stderr, `RUST_LOG`), and
 //! calls the rpc-client library. Results go to stdout, one per line; errors go
 //! to stderr with exit status 1 (2 for bad command-line arguments).
 
 mod bench;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +28,9 @@ Examples:
   rpc-client --ca certs/ca.pem list
   rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem --meta tenant=blue --meta request-id=42 call metadata
+  rpc-client --ca certs/ca.pem upload ./report.pdf --name reports/q3.pdf
+  rpc-client --ca certs/ca.pem download reports/q3.pdf ./q3.pdf --resume
+  rpc-client --ca certs/ca.pem files
   rpc-client --ca certs/ca.pem bench --concurrency 64 --payload 64 --duration 10s --json
   rpc-client --ca certs/ca.pem --server-name localhost \
       --connect 127.0.0.1:7443,127.0.0.1:7444,127.0.0.1:7445 bench --duration 5s
@@ -123,6 +128,15 @@ enum Command {
     /// Load test: N concurrent callers over one connection calling echo.
     /// Keeps going across reconnects; failed calls count as errors.
     Bench(bench::BenchArgs),
+    /// Send a file to a server run with --files DIR: stored under NAME only
+    /// once complete and its SHA-256 checked. Prints
+    /// "uploaded NAME BYTES sha256 HEX".
+    Upload(transfer::UploadArgs),
+    /// Fetch a file from a server run with --files DIR, SHA-256 checked.
+    /// Prints "downloaded NAME BYTES sha256 HEX".
+    Download(transfer::DownloadArgs),
+    /// The files of a server run with --files DIR: "NAME BYTES" per line.
+    Files,
 }
 
 #[derive(Subcommand, Debug)]
@@ -312,6 +326,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Command::Bench(args) => bench::run(client.clone(), args).await?,
+        Command::Upload(args) => transfer::upload(client.clone(), args).await?,
+        Command::Download(args) => transfer::download(client.clone(), args).await?,
+        Command::Files => transfer::list(client.clone()).await?,
     }
     // Close cleanly (TLS close_notify) rather than vanish at exit.
     client.close();
