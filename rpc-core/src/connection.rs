@@ -451,11 +451,7 @@ impl Connection {
             }
         }
         debug!(id, method, "stream opened");
-        if self.rtt().is_none() {
-            // The window grows with the round trip: measure one now (the
-            // peer allows a burst of pings, see `heartbeat.rs`).
-            self.shared.events.raise(DriverEvents::PING);
-        }
+        self.shared.probe_rtt();
         Ok((sender, receiver))
     }
 }

@@ -318,6 +318,7 @@ impl Driver {
             RequestVerdict::Serve => {
                 let stream = sends_stream.map(|sends| {
                     self.shared.streams.open(id, sends, true, self.arrived);
+                    self.shared.probe_rtt();
                     ServedStream {
                         receiver: sends.then(|| StreamReceiver::new(self.shared.clone(), id, None)),
                         sender: StreamSender::new(self.shared.clone(), id, false),

@@ -13,7 +13,7 @@
 //! itself (`calls/outgoing.rs`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     pub(crate) heartbeat_interval: Duration,
     /// The connection's streams: credit and received items.
     pub(crate) streams: Arc<StreamTable>,
+    /// A ping was asked for to measure the round trip for stream windows.
+    rtt_probed: AtomicBool,
 }
 
 impl Shared {
@@ -146,6 +148,7 @@ impl Shared {
             rtt_nanos: AtomicU64::new(0),
             heartbeat_interval,
             streams: Arc::new(StreamTable::new(Instant::now())),
+            rtt_probed: AtomicBool::new(false),
         }
     }
 
@@ -276,6 +279,18 @@ impl Shared {
                 let _ = self.outbound.try_send(Frame::Cancel { id });
             }
             let _ = call.tx.send(Err(Error::DeadlineExceeded(call.timeout)));
+        }
+    }
+
+    /// A stream opened before any round trip was measured: one `Ping` now,
+    /// once per connection (stream windows grow with the round trip; the
+    /// peer allows a burst of pings, see `heartbeat.rs`, and more than one
+    /// here could spend it).
+    pub(crate) fn probe_rtt(&self) {
+        if self.rtt_nanos.load(Ordering::Relaxed) == 0
+            && !self.rtt_probed.swap(true, Ordering::AcqRel)
+        {
+            self.events.raise(DriverEvents::PING);
         }
     }
 

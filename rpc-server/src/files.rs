@@ -44,7 +44,9 @@ pub struct FileStore {
 
 impl std::fmt::Debug for FileStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileStore").field("root", &self.root).finish()
+        f.debug_struct("FileStore")
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -82,7 +84,11 @@ impl FileStore {
 /// confinement itself is cap-std's; these are the clear messages for the
 /// obvious cases.
 fn check_name(name: &str) -> Result<PathBuf, Status> {
-    let refuse = |why: &str| Err(Status::invalid_argument(format!("file name {name:?} refused: {why}")));
+    let refuse = |why: &str| {
+        Err(Status::invalid_argument(format!(
+            "file name {name:?} refused: {why}"
+        )))
+    };
     if name.is_empty() {
         return refuse("it is empty");
     }
@@ -141,19 +147,41 @@ impl Drop for TempFile {
             // cancelled mid-way leaves nothing behind.
             match self.dir.remove_file(&path) {
                 Ok(()) => debug!(path = %path.display(), "removed unfinished upload"),
-                Err(e) => debug!(path = %path.display(), error = %e, "could not remove unfinished upload"),
+                Err(e) => {
+                    debug!(path = %path.display(), error = %e, "could not remove unfinished upload")
+                }
             }
         }
     }
 }
 
 impl Files for FileStore {
-    async fn upload(&self, name: String, mut data: Streaming<UploadPiece>) -> Result<Stored, Status> {
+    async fn upload(
+        &self,
+        name: String,
+        mut data: Streaming<UploadPiece>,
+    ) -> Result<Stored, Status> {
         let path = check_name(&name)?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let linked = {
+            let path = path.clone();
+            self.blocking(move |dir| match dir.symlink_metadata(&path) {
+                Ok(meta) => Ok(meta.file_type().is_symlink()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            })
+            .await
+        };
+        // Renaming over a link would replace the link, not write through
+        // it; refused all the same, so a link is never silently swapped.
+        if linked.map_err(|e| io_status(&name, e))? {
+            return Err(Status::permission_denied(format!(
+                "file name {name:?} refused: it is a symbolic link (it may lead outside the served directory); uploads do not replace links"
+            )));
+        }
         let temp = path.with_file_name(format!(".{file_name}.{:016x}.part", random()));
         let open = {
             let temp = temp.clone();
@@ -183,7 +211,9 @@ impl Files for FileStore {
                         )));
                     }
                     hash.update(&bytes);
-                    file.write_all(&bytes).await.map_err(|e| io_status(&name, e))?;
+                    file.write_all(&bytes)
+                        .await
+                        .map_err(|e| io_status(&name, e))?;
                 }
                 Some(UploadPiece::Done { sha256 }) => break sha256,
                 None => {
@@ -211,7 +241,8 @@ impl Files for FileStore {
         drop(file);
         let renamed = {
             let (temp, path) = (temp.clone(), path.clone());
-            self.blocking(move |dir| dir.rename(&temp, dir, &path)).await
+            self.blocking(move |dir| dir.rename(&temp, dir, &path))
+                .await
         };
         renamed.map_err(|e| io_status(&name, e))?;
         guard.path = None;
@@ -219,7 +250,11 @@ impl Files for FileStore {
         Ok(Stored { name, size, sha256 })
     }
 
-    async fn download(&self, name: String, offset: u64) -> Result<ServerStream<DownloadPiece>, Status> {
+    async fn download(
+        &self,
+        name: String,
+        offset: u64,
+    ) -> Result<ServerStream<DownloadPiece>, Status> {
         let path = check_name(&name)?;
         let opened = self
             .blocking(move |dir| {

@@ -7,6 +7,7 @@
 // Test support: a failed setup step should fail the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod delay;
 pub mod proxy;
 pub mod replicas;
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use rpc_core::streaming::{ServerStream, Streaming};
-use rpc_core::{CallOptions, Status, StatusCode};
 use rpc_core::Frame;
+use rpc_core::{CallOptions, Status, StatusCode};
 use rpc_server::ServerOptions;
 use rpc_tests::{frame_bytes, goaway_after, hello_bytes, TestServer};
 
@@ -25,7 +25,7 @@ trait Numbers {
     /// Each number doubled, as it comes.
     async fn double(&self, numbers: Streaming<u64>) -> Result<ServerStream<u64>, Status>;
     /// Items of `size` bytes without end, counting what was sent.
-    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status>;
+    async fn flood(&self, size: usize) -> Result<ServerStream<bytes::Bytes>, Status>;
     /// Reads `take` numbers, then answers without reading the rest.
     async fn first(&self, take: usize, numbers: Streaming<u64>) -> Result<u64, Status>;
     async fn add(&self, a: u64, b: u64) -> u64;
@@ -68,13 +68,13 @@ impl Numbers for Impl {
         Ok(ServerStream::new(numbers.map(|n| n.map(|n| n * 2))))
     }
 
-    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status> {
+    async fn flood(&self, size: usize) -> Result<ServerStream<bytes::Bytes>, Status> {
         let count = self.flooded.clone();
         let ended = Ended(self.flood_ended.clone());
         let items = futures_util::stream::repeat_with(move || {
             let _keep = &ended;
             count.fetch_add(1, Ordering::SeqCst);
-            Ok(vec![7u8; size])
+            Ok(bytes::Bytes::from(vec![7u8; size]))
         });
         Ok(ServerStream::new(items))
     }
@@ -122,7 +122,7 @@ impl Numbers for ImplRef {
     async fn double(&self, numbers: Streaming<u64>) -> Result<ServerStream<u64>, Status> {
         self.0.double(numbers).await
     }
-    async fn flood(&self, size: usize) -> Result<ServerStream<Vec<u8>>, Status> {
+    async fn flood(&self, size: usize) -> Result<ServerStream<bytes::Bytes>, Status> {
         self.0.flood(size).await
     }
     async fn first(&self, take: usize, numbers: Streaming<u64>) -> Result<u64, Status> {
@@ -312,7 +312,10 @@ async fn stream_frames_that_break_the_rules_get_a_goaway_naming_the_rule() {
     let (server, _svc, client) = start().await;
     let piece = rpc_core::streams::CHUNK;
     let cases = [
-        (vec![data(5, 10)], "Data on stream 5, which was never opened"),
+        (
+            vec![data(5, 10)],
+            "Data on stream 5, which was never opened",
+        ),
         (
             // 16 pieces of 64 KiB and their cost fill more than the 1 MiB
             // window of a stream nobody reads.
@@ -322,20 +325,40 @@ async fn stream_frames_that_break_the_rules_get_a_goaway_naming_the_rule() {
             "beyond its credit",
         ),
         (
-            vec![open(1, "Numbers.hold", true), Frame::End { id: 1 }, data(1, 3)],
+            vec![
+                open(1, "Numbers.hold", true),
+                Frame::End { id: 1 },
+                data(1, 3),
+            ],
             "Data on stream 1 after its End",
         ),
         (
             // A stream that is still running (the endless flood).
-            vec![open_with(1, "Numbers.flood", false, &(16usize,)), data(1, 3)],
+            vec![
+                open_with(1, "Numbers.flood", false, &(16usize,)),
+                data(1, 3),
+            ],
             "Data on stream 1, whose caller said it sends no stream",
         ),
         (
-            vec![open(1, "Numbers.hold", true), Frame::End { id: 1 }, Frame::End { id: 1 }],
+            vec![
+                open(1, "Numbers.hold", true),
+                Frame::End { id: 1 },
+                Frame::End { id: 1 },
+            ],
             "second End on stream 1",
         ),
-        (vec![Frame::Credit { id: 0, bytes: u64::MAX }], "beyond"),
-        (vec![Frame::Reset { id: 3 }], "Reset for stream 3, which was never opened"),
+        (
+            vec![Frame::Credit {
+                id: 0,
+                bytes: u64::MAX,
+            }],
+            "beyond",
+        ),
+        (
+            vec![Frame::Reset { id: 3 }],
+            "Reset for stream 3, which was never opened",
+        ),
     ];
     for (frames, rule) in cases {
         let reason = goaway_after(&server, &wire(frames)).await;
@@ -343,5 +366,39 @@ async fn stream_frames_that_break_the_rules_get_a_goaway_naming_the_rule() {
     }
     // The server serves on, streams included.
     assert_eq!(client.add(2, 2).await.unwrap(), 4);
-    assert_eq!(client.sum(futures_util::stream::iter(1..=3u64)).await.unwrap(), 6);
+    assert_eq!(
+        client
+            .sum(futures_util::stream::iter(1..=3u64))
+            .await
+            .unwrap(),
+        6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_long_link_the_window_grows_past_its_first_size() {
+    let (server, _svc, _client) = start().await;
+    // 50 ms round trip: a stream held to its first 1 MiB window would run
+    // at 1 MiB / 50 ms = 20 MiB/s at most.
+    let line = rpc_tests::delay::DelayLine::start(server.addr, Duration::from_millis(25)).await;
+    let client = rpc_tests::replicas::builder(&server.certs)
+        .connect(&line.addr.to_string())
+        .await
+        .unwrap();
+    let numbers = NumbersClient::new(client);
+    let mut flood = numbers.flood(60 * 1024).await.unwrap();
+    const WANT: u64 = 96 << 20;
+    let started = std::time::Instant::now();
+    let mut got = 0u64;
+    while got < WANT {
+        got += flood.message().await.unwrap().unwrap().len() as u64;
+    }
+    let took = started.elapsed();
+    let rate = got as f64 / took.as_secs_f64() / f64::from(1 << 20);
+    eprintln!(
+        "{} MiB over a 50 ms round trip in {took:?}: {rate:.0} MiB/s",
+        got >> 20
+    );
+    // Twice what the first window allows (measured: about 110 MiB/s).
+    assert!(rate > 40.0, "{rate:.1} MiB/s: the window did not grow");
 }

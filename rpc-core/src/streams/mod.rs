@@ -215,9 +215,11 @@ impl StreamTable {
             }
             None => None,
             Some(entry) => match &mut entry.recv {
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "protocol violation: Data on stream {id}, whose caller said it sends no stream"
-                )),
+                ))
+                }
                 Some(r) if r.state == InState::Ended => {
                     return Err(format!(
                         "protocol violation: Data on stream {id} after its End"

@@ -79,15 +79,19 @@ pub(crate) async fn upload(client: Client, args: UploadArgs) -> anyhow::Result<(
     // stores nothing) and is reported here.
     let failed: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
     let pieces = read_pieces(file, bar.clone(), failed.clone());
-    let files = FilesClient::new(client)
-        .with_options(CallOptions::new().timeout(args.deadline));
+    let files = FilesClient::new(client).with_options(CallOptions::new().timeout(args.deadline));
     let stored = files.upload(name.clone(), pieces).await;
     bar.finish_and_clear();
     if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(e).with_context(|| format!("reading {}", args.local.display()));
     }
     let stored = stored.with_context(|| format!("upload of {name:?} failed"))?;
-    println!("uploaded {} {} sha256 {}", stored.name, stored.size, hex(&stored.sha256));
+    println!(
+        "uploaded {} {} sha256 {}",
+        stored.name,
+        stored.size,
+        hex(&stored.sha256)
+    );
     Ok(())
 }
 
@@ -116,7 +120,12 @@ fn read_pieces(
                 }
             }
             if filled == 0 {
-                return Some((UploadPiece::Done { sha256: hash.finish() }, None));
+                return Some((
+                    UploadPiece::Done {
+                        sha256: hash.finish(),
+                    },
+                    None,
+                ));
             }
             buf.truncate(filled);
             hash.update(&buf);
@@ -129,8 +138,7 @@ fn read_pieces(
 /// `download NAME LOCAL [--resume]`: prints `downloaded NAME BYTES sha256 HEX`.
 pub(crate) async fn download(client: Client, args: DownloadArgs) -> anyhow::Result<()> {
     let (mut file, offset, mut hash) = open_local(&args.local, args.resume).await?;
-    let files = FilesClient::new(client)
-        .with_options(CallOptions::new().timeout(args.deadline));
+    let files = FilesClient::new(client).with_options(CallOptions::new().timeout(args.deadline));
     let mut pieces = files
         .download(args.name.clone(), offset)
         .await
