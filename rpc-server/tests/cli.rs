@@ -326,3 +326,58 @@ fn gen_certs_refuses_to_overwrite_without_force_and_names_each_ca_apart() {
     assert_ne!(first_ca, second_ca);
     assert_eq!(subject(&dir.path().join("client.pem")), "CN=billing-worker");
 }
+
+#[test]
+fn files_serves_the_directory_and_a_missing_one_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_certs(dir.path());
+    let out = server()
+        .args(["--listen", "127.0.0.1:0", "--cert"])
+        .arg(dir.path().join("server.pem"))
+        .arg("--key")
+        .arg(dir.path().join("server.key"))
+        .arg("--files")
+        .arg(dir.path().join("no-such-dir"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--files") && stderr.contains("no-such-dir"),
+        "{stderr}"
+    );
+
+    let served = dir.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    std::fs::write(served.join("a.txt"), b"hello").unwrap();
+    let (mut child, addr) = serve_with(dir.path(), |c| {
+        c.arg("--files").arg(&served).stderr(Stdio::null());
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listed = runtime.block_on(async {
+        let tls = rpc_core::tls::client_config(&dir.path().join("ca.pem"), None).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let config = rpc_core::ConnectionConfig::default();
+        let (conn, driver) =
+            rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
+                .await
+                .unwrap();
+        tokio::spawn(driver);
+        let body = rpc_core::codec::encode(&(), 64).unwrap();
+        let reply = conn
+            .call("Files.list", body, Duration::from_secs(5))
+            .await
+            .unwrap();
+        rpc_core::codec::decode::<Vec<rpc_core::files::FileEntry>>(&reply, 1 << 20, 8).unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        listed,
+        [rpc_core::files::FileEntry {
+            name: "a.txt".into(),
+            size: 5
+        }]
+    );
+}
