@@ -402,3 +402,73 @@ async fn on_a_long_link_the_window_grows_past_its_first_size() {
     // Twice what the first window allows (measured: about 110 MiB/s).
     assert!(rate > 40.0, "{rate:.1} MiB/s: the window did not grow");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_see_stream_calls() {
+    let certs = rpc_server::devcerts::generate().unwrap();
+    let router = rpc_server::Router::new().service(NumbersServer::new(Impl::default()));
+    let server = rpc_server::Server::builder(rpc_tests::server_tls(&certs))
+        .router(router)
+        .authorize(|ctx| match ctx.metadata().get_str("token") {
+            None if ctx.method() == "Numbers.sum" => Err(Status::permission_denied("no token")),
+            _ => Ok(()),
+        })
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .build()
+        .unwrap();
+    let server = TestServer::serve(certs, server).await;
+    let client = NumbersClient::new(server.client().await);
+
+    // The authorization hook refuses a stream call as it would a call.
+    let e = client
+        .sum(futures_util::stream::iter(0..3u64))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no token"), "{e}");
+    let token = CallOptions::new().meta("token", "t").unwrap();
+    let with_token = client.with_options(token);
+    let sum = with_token.sum(futures_util::stream::iter(0..3u64)).await;
+    assert_eq!(sum.unwrap(), 3);
+
+    // A stream holds the one place the concurrency limit has, for as long
+    // as it runs: a second stream and a call are shed meanwhile.
+    let mut held = client.flood(8).await.unwrap();
+    held.message().await.unwrap().unwrap();
+    let mut second = client.count(3, None).await.unwrap();
+    let e = second.message().await.unwrap_err();
+    assert_eq!(e.code, StatusCode::Overloaded, "{e}");
+    let e = client.add(1, 2).await.unwrap_err();
+    assert!(e.to_string().contains("overloaded"), "{e}");
+    drop(held);
+    assert_eq!(eventually_add(&client).await, Some(3));
+}
+
+/// `add(1, 2)`, tried for up to a second.
+async fn eventually_add(client: &NumbersClient<rpc_client::Client>) -> Option<u64> {
+    for _ in 0..100 {
+        if let Ok(sum) = client.add(1, 2).await {
+            return Some(sum);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_count_as_calls_in_flight() {
+    let mut options = ServerOptions::default();
+    options.connection.max_in_flight = 1;
+    let router = rpc_server::Router::new().service(NumbersServer::new(Impl::default()));
+    let server = TestServer::start(router, options).await;
+    let client = NumbersClient::new(server.client().await);
+    let mut held = client.flood(8).await.unwrap();
+    held.message().await.unwrap().unwrap();
+    // The server serves one call at a time on this connection and the
+    // stream is it: a call waits for the place (here until its deadline).
+    let short = client.with_options(CallOptions::new().timeout(Duration::from_millis(300)));
+    let e = short.add(1, 2).await.unwrap_err();
+    assert!(e.to_string().contains("deadline"), "{e}");
+    drop(held);
+    assert_eq!(eventually_add(&client).await, Some(3));
+}
