@@ -9,7 +9,8 @@
 //! (`srpc-bench serve`, this same binary) and measures it from this process
 //! over 127.0.0.1: 64-byte calls at 1 and 64 in flight, 1 MiB calls at 4 in
 //! flight, new connection + one call, and server memory per idle connection
-//! (on a fresh server process). It prints a Markdown table of medians with
+//! (on a fresh server process), and a one-way 1 GiB stream with 64 B calls
+//! beside it (not tarpc, which has no streams). It prints a Markdown table of medians with
 //! srpc's ratio to each contender and writes `results.md`, `results.json`
 //! and `calls-per-second.svg` to `--out`.
 //!
@@ -83,6 +84,9 @@ struct RunArgs {
     /// is read.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     idle_for: Duration,
+    /// MiB the stream scenario sends.
+    #[arg(long, default_value_t = 1024)]
+    stream_mib: u64,
     /// Contenders to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Stack>,
@@ -123,6 +127,8 @@ pub(crate) enum Group {
     Parallel,
     /// Server memory per idle connection.
     Idle,
+    /// A one-way stream of --stream-mib, with small calls beside it.
+    Stream,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -280,12 +286,13 @@ fn request_polling_idle() -> anyhow::Result<std::fs::File> {
 
 fn args_line(args: &RunArgs) -> String {
     format!(
-        "--reps {} --measure {} --warmup {} --idle {} --idle-for {}{}{}",
+        "--reps {} --measure {} --warmup {} --idle {} --idle-for {} --stream-mib {}{}{}",
         args.reps,
         humantime::format_duration(args.measure),
         humantime::format_duration(args.warmup),
         args.idle,
         humantime::format_duration(args.idle_for),
+        args.stream_mib,
         if args.scenarios.is_empty() {
             String::new()
         } else {
@@ -370,6 +377,25 @@ async fn measure_stack(
             (_, None) => {}
         }
         samples.push(stack, metric, got.per_sec);
+    }
+
+    if wants(Group::Stream) && stack != Stack::Tarpc {
+        // The rate alone, then again with calls beside it for their latency.
+        let caller = dialer.connect().await?;
+        let alone = scenario::stream(caller.clone(), args.stream_mib << 20, false).await?;
+        samples.push(stack, Metric::StreamMib, alone.mib_per_sec);
+        let beside = scenario::stream(caller.clone(), args.stream_mib << 20, true).await?;
+        caller.close();
+        if let Some(p99) = beside.beside_p99_us {
+            samples.push(stack, Metric::StreamP99, p99);
+        }
+        eprintln!(
+            "{}: stream {:.0} MiB/s alone; {:.0} MiB/s with {} calls beside it",
+            stack.name(),
+            alone.mib_per_sec,
+            beside.mib_per_sec,
+            beside.beside_calls
+        );
     }
     drop(server);
 

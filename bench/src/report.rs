@@ -35,10 +35,14 @@ pub(crate) enum Metric {
     ConnResumedParallel,
     /// Server RSS per idle connection, KiB.
     IdleKib,
+    /// A 1 GiB one-way stream from the server: MiB/s received.
+    StreamMib,
+    /// 64 B calls one at a time on the stream's connection meanwhile: p99.
+    StreamP99,
 }
 
 impl Metric {
-    const ALL: [Metric; 12] = [
+    const ALL: [Metric; 14] = [
         Metric::Calls1,
         Metric::P50x1,
         Metric::P99x1,
@@ -51,6 +55,8 @@ impl Metric {
         Metric::ConnFullParallel,
         Metric::ConnResumedParallel,
         Metric::IdleKib,
+        Metric::StreamMib,
+        Metric::StreamP99,
     ];
 
     fn label(self) -> &'static str {
@@ -67,12 +73,19 @@ impl Metric {
             Metric::ConnFullParallel => "4 dialing at once, full handshake, conn/s",
             Metric::ConnResumedParallel => "4 dialing at once, resumed session, conn/s",
             Metric::IdleKib => "server RSS per idle connection, KiB",
+            Metric::StreamMib => "1 GiB one-way stream, MiB/s",
+            Metric::StreamP99 => "64 B × 1 beside the stream, p99 µs",
         }
     }
 
     fn decimals(self) -> usize {
         match self {
-            Metric::P50x1 | Metric::P99x1 | Metric::P50x64 | Metric::P99x64 | Metric::IdleKib => 1,
+            Metric::P50x1
+            | Metric::P99x1
+            | Metric::P50x64
+            | Metric::P99x64
+            | Metric::IdleKib
+            | Metric::StreamP99 => 1,
             _ => 0,
         }
     }

@@ -232,3 +232,55 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))
 }
+
+/// A one-way stream, and small calls on the same connection meanwhile.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamRun {
+    /// Payload MiB received per second, from asking to the last byte.
+    pub(crate) mib_per_sec: f64,
+    /// 99th percentile latency of 64 B calls made one after another while
+    /// the stream ran, when they share its connection.
+    pub(crate) beside_p99_us: Option<f64>,
+    /// How many such calls completed during the stream.
+    pub(crate) beside_calls: u64,
+}
+
+/// Receives `total` bytes as a stream from the server; meanwhile, with
+/// `beside` and when the stream shares the connection, makes 64 B calls
+/// one at a time (they take CPU from the stream: measure its rate without).
+pub(crate) async fn stream(
+    caller: Arc<dyn Caller>,
+    total: u64,
+    beside: bool,
+) -> anyhow::Result<StreamRun> {
+    let started = Instant::now();
+    let transfer = tokio::spawn({
+        let caller = caller.clone();
+        async move { caller.stream(total).await }
+    });
+    let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    let body = Bytes::from(vec![0x5a; 64]);
+    if beside && caller.streams_beside_calls() {
+        // Bounded by the transfer, and by a count against a runaway.
+        while !transfer.is_finished() && hist.len() < 10_000_000 {
+            let t0 = Instant::now();
+            let len = caller.echo(body.clone()).await?;
+            anyhow::ensure!(
+                len == body.len(),
+                "a call beside the stream came back short"
+            );
+            if !transfer.is_finished() {
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                hist.saturating_record(ns.max(1_000));
+            }
+        }
+    }
+    let got = transfer.await??;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(got == total, "the stream brought {got} of {total} bytes");
+    Ok(StreamRun {
+        mib_per_sec: got as f64 / secs / f64::from(1 << 20),
+        beside_p99_us: (!hist.is_empty()).then(|| hist.value_at_quantile(0.99) as f64 / 1000.0),
+        beside_calls: hist.len(),
+    })
+}

@@ -431,6 +431,10 @@ impl Driver {
                         debug!(?rtt, "pong");
                         let nanos = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
                         self.shared.rtt_nanos.store(nanos, Ordering::Relaxed);
+                        let min = self.shared.min_rtt_nanos.load(Ordering::Relaxed);
+                        if min == 0 || nanos < min {
+                            self.shared.min_rtt_nanos.store(nanos, Ordering::Relaxed);
+                        }
                         for waiter in self.shared.ping_waiters().drain(..) {
                             let _ = waiter.send(rtt);
                         }

@@ -18,9 +18,9 @@ use crate::error::Status;
 use crate::streaming::{ServerStream, Streaming};
 use crate::streams::CHUNK;
 
-/// Bytes of file data per piece: a piece and its few bytes of framing fit
-/// one stream `Data` frame.
-pub const PIECE: usize = CHUNK - 64;
+/// Bytes of file data per piece: 64 KiB, which with its few bytes of
+/// encoding travels as one stream `Data` frame (see `MAX_PIECE`).
+pub const PIECE: usize = CHUNK;
 
 /// One item of an upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +135,10 @@ mod tests {
         );
         let piece = UploadPiece::Data(Bytes::from(vec![0u8; PIECE]));
         let encoded = crate::codec::encode(&piece, usize::MAX).unwrap();
-        assert!(encoded.len() <= CHUNK, "{}", encoded.len());
+        assert!(
+            encoded.len() <= crate::streams::MAX_PIECE,
+            "{}",
+            encoded.len()
+        );
     }
 }

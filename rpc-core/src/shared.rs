@@ -107,6 +107,11 @@ pub(crate) struct Shared {
     pub(crate) ping_waiters: Mutex<Vec<oneshot::Sender<Duration>>>,
     /// Latest round-trip time in nanoseconds; 0 until the first pong.
     pub(crate) rtt_nanos: AtomicU64,
+    /// The smallest round-trip time measured, in nanoseconds; 0 until the
+    /// first pong. Stream windows grow by it: a sample taken behind a
+    /// busy stream's data measures the queue, and growing by that would
+    /// grow the queue further.
+    pub(crate) min_rtt_nanos: AtomicU64,
     pub(crate) heartbeat_interval: Duration,
     /// The connection's streams: credit and received items.
     pub(crate) streams: Arc<StreamTable>,
@@ -146,6 +151,7 @@ impl Shared {
             ),
             ping_waiters: Mutex::new(Vec::new()),
             rtt_nanos: AtomicU64::new(0),
+            min_rtt_nanos: AtomicU64::new(0),
             heartbeat_interval,
             streams: Arc::new(StreamTable::new(Instant::now())),
             rtt_probed: AtomicBool::new(false),

@@ -21,6 +21,9 @@ pub(crate) mod srpc_stack;
 mod tarpc_stack;
 mod tonic_stack;
 
+/// Bytes per item or write of the stream scenario.
+pub(crate) const STREAM_PIECE: usize = 64 * 1024;
+
 /// A boxed future, as the contenders' clients return.
 pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
 
@@ -28,6 +31,17 @@ pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = anyhow::Result<T>> +
 pub(crate) trait Caller: Send + Sync + 'static {
     /// Sends `payload`, returns the reply's length.
     fn echo(&self, payload: Bytes) -> BoxFut<'_, usize>;
+    /// Receives a one-way stream of `total` bytes from the server in
+    /// pieces of about 64 KiB; returns the bytes received.
+    fn stream(&self, total: u64) -> BoxFut<'_, u64> {
+        let _ = total;
+        Box::pin(async { anyhow::bail!("this contender has no streams") })
+    }
+    /// Whether [`Caller::stream`] runs on this connection (calls made
+    /// meanwhile share it) rather than on a connection of its own.
+    fn streams_beside_calls(&self) -> bool {
+        true
+    }
     /// Ends the connection.
     fn close(&self);
 }

@@ -2,6 +2,11 @@
 //! else. A frame is `id: u64 BE || payload`; the server sends each frame back
 //! as it is, flushing once per burst of frames read. The client keeps a map
 //! of waiting calls, as any multiplexing client must.
+//!
+//! A stream is the limit of TLS itself: a connection of its own whose first
+//! frame has id [`STREAM`] and the byte count as payload, after which the
+//! server writes that many bytes in 64 KiB `write_all`s and the client reads
+//! them into a 64 KiB buffer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
@@ -23,10 +29,29 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// The id of a frame asking for a stream on its connection.
+const STREAM: u64 = u64::MAX;
+
 pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
     accept_tls(listener, certs, |tls| async move {
         let mut framed = Framed::new(tls, codec());
         while let Some(Ok(frame)) = framed.next().await {
+            if frame.len() == 16 && frame[..8] == STREAM.to_be_bytes() {
+                let total = u64::from_be_bytes(frame[8..16].try_into().unwrap_or([0; 8]));
+                let mut tls = framed.into_inner();
+                let piece = vec![0x5a; super::STREAM_PIECE];
+                let mut sent = 0u64;
+                while sent < total {
+                    let n = (total - sent).min(piece.len() as u64) as usize;
+                    if tls.write_all(&piece[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n as u64;
+                }
+                let _ = tls.flush().await;
+                let _ = tls.shutdown().await;
+                return;
+            }
             if framed.feed(frame.freeze()).await.is_err() {
                 return;
             }
@@ -50,6 +75,7 @@ pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Resul
     .await
 }
 
+#[derive(Clone)]
 pub(super) struct Dialer {
     addr: SocketAddr,
     connector: TlsConnector,
@@ -99,6 +125,7 @@ impl Dialer {
             waiting.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
         Ok(RawCaller {
+            dialer: self.clone(),
             tx,
             pending,
             next_id: AtomicU64::new(0),
@@ -110,6 +137,8 @@ impl Dialer {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
 
 pub(super) struct RawCaller {
+    /// Streams get a connection of their own.
+    dialer: Dialer,
     tx: mpsc::Sender<Bytes>,
     pending: Pending,
     next_id: AtomicU64,
@@ -134,6 +163,31 @@ impl Caller for RawCaller {
                 .map_err(|_| anyhow::anyhow!("raw connection closed"))?;
             Ok(rx.await?.len())
         })
+    }
+
+    fn stream(&self, total: u64) -> BoxFut<'_, u64> {
+        Box::pin(async move {
+            let tls = connect_tls(self.dialer.addr, &self.dialer.connector).await?;
+            let mut framed = Framed::new(tls, codec());
+            let mut ask = BytesMut::with_capacity(16);
+            ask.put_u64(STREAM);
+            ask.put_u64(total);
+            framed.send(ask.freeze()).await?;
+            let mut tls = framed.into_inner();
+            let mut buf = vec![0u8; super::STREAM_PIECE];
+            let mut got = 0u64;
+            while got < total {
+                match tls.read(&mut buf).await? {
+                    0 => break,
+                    n => got += n as u64,
+                }
+            }
+            Ok(got)
+        })
+    }
+
+    fn streams_beside_calls(&self) -> bool {
+        false
     }
 
     fn close(&self) {

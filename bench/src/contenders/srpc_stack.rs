@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use srpc::{service, Client, Server};
+use srpc::{service, CallOptions, Client, Server, ServerStream};
 use tokio::net::TcpListener;
 
 use super::{BoxFut, Caller, Certs, CountingVerifier, Handshake, SERVER_NAME};
@@ -14,6 +14,8 @@ use super::{BoxFut, Caller, Certs, CountingVerifier, Handshake, SERVER_NAME};
 pub(crate) trait Echo {
     /// Returns `data`.
     async fn echo(&self, data: Bytes) -> Bytes;
+    /// `total` bytes in items of 64 KiB.
+    async fn stream(&self, total: u64) -> ServerStream<Bytes>;
 }
 
 struct EchoImpl;
@@ -21,6 +23,18 @@ struct EchoImpl;
 impl Echo for EchoImpl {
     async fn echo(&self, data: Bytes) -> Bytes {
         data
+    }
+
+    async fn stream(&self, total: u64) -> ServerStream<Bytes> {
+        let piece = Bytes::from(vec![0x5a; super::STREAM_PIECE]);
+        let items = futures_util::stream::unfold(0u64, move |sent| {
+            let piece = piece.clone();
+            async move {
+                let n = (total - sent).min(piece.len() as u64);
+                (n > 0).then(|| (Ok(piece.slice(..n as usize)), sent + n))
+            }
+        });
+        ServerStream::new(items)
     }
 }
 
@@ -96,6 +110,18 @@ pub(super) struct SrpcCaller(EchoClient<Client>);
 impl Caller for SrpcCaller {
     fn echo(&self, payload: Bytes) -> BoxFut<'_, usize> {
         Box::pin(async move { Ok(self.0.echo(payload).await?.len()) })
+    }
+
+    fn stream(&self, total: u64) -> BoxFut<'_, u64> {
+        Box::pin(async move {
+            let options = CallOptions::new().timeout(std::time::Duration::from_secs(600));
+            let mut items = self.0.with_options(options).stream(total).await?;
+            let mut got = 0u64;
+            while let Some(item) = items.message().await? {
+                got += item.len() as u64;
+            }
+            Ok(got)
+        })
     }
 
     fn close(&self) {

@@ -18,9 +18,12 @@ mod pb {
 
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
-use pb::Payload;
+use pb::{Payload, StreamRequest};
 
 struct EchoImpl;
+
+type PayloadStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Payload, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Echo for EchoImpl {
@@ -29,6 +32,27 @@ impl Echo for EchoImpl {
         request: tonic::Request<Payload>,
     ) -> Result<tonic::Response<Payload>, tonic::Status> {
         Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    type StreamStream = PayloadStream;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<StreamRequest>,
+    ) -> Result<tonic::Response<PayloadStream>, tonic::Status> {
+        let total = request.into_inner().total;
+        let piece = Bytes::from(vec![0x5a; super::STREAM_PIECE]);
+        let items = futures_util::stream::unfold(0u64, move |sent| {
+            let piece = piece.clone();
+            async move {
+                let n = (total - sent).min(piece.len() as u64);
+                (n > 0).then(|| {
+                    let data = piece.slice(..n as usize);
+                    (Ok(Payload { data }), sent + n)
+                })
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(items)))
     }
 }
 
@@ -102,6 +126,19 @@ impl Caller for TonicCaller {
             let mut client = EchoClient::new(channel?).max_decoding_message_size(16 << 20);
             let reply = client.echo(Payload { data: payload }).await?;
             Ok(reply.into_inner().data.len())
+        })
+    }
+
+    fn stream(&self, total: u64) -> BoxFut<'_, u64> {
+        let channel = self.0.get();
+        Box::pin(async move {
+            let mut client = EchoClient::new(channel?);
+            let mut items = client.stream(StreamRequest { total }).await?.into_inner();
+            let mut got = 0u64;
+            while let Some(item) = items.message().await? {
+                got += item.data.len() as u64;
+            }
+            Ok(got)
         })
     }
 

@@ -31,6 +31,11 @@ use tokio::time::Instant;
 /// 64 KiB is the write size the benchmark's raw-TLS baseline uses).
 pub const CHUNK: usize = 64 * 1024;
 
+/// Largest `Data` payload when it holds a whole item: [`CHUNK`] and 64
+/// bytes, so an item of 64 KiB with its few bytes of encoding (a file read
+/// of 64 KiB, say) travels as one piece, not as 64 KiB and a tail.
+pub const MAX_PIECE: usize = CHUNK + 64;
+
 /// Credit a new stream starts with in each direction: 1 MiB, sixteen
 /// chunks, enough to fill a 1 Gbit/s link at 8 ms round trip before the
 /// window grows (yamux starts at 256 KiB, h2 at 64 KiB, the latter a

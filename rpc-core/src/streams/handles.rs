@@ -234,7 +234,7 @@ impl StreamReceiver {
     }
 
     fn rtt(&self) -> Option<Duration> {
-        match self.shared.rtt_nanos.load(Ordering::Relaxed) {
+        match self.shared.min_rtt_nanos.load(Ordering::Relaxed) {
             0 => None,
             n => Some(Duration::from_nanos(n)),
         }

@@ -11,7 +11,8 @@
 //!  Cancel{id}: the caller gives up      Reset{id}: "stop sending me data"
 //! ```
 //!
-//! - An item is split into `Data` pieces of at most [`CHUNK`] bytes; a
+//! - An item is split into `Data` pieces of at most [`CHUNK`] bytes (one
+//!   of up to [`MAX_PIECE`] when that is the whole rest of it); a
 //!   stream has at most one piece in the write queue at a time, so a small
 //!   call or a `Pong` waits behind at most one piece per active stream, and
 //!   the queue's order interleaves active streams.
@@ -48,7 +49,8 @@ pub(crate) mod handles;
 
 use flow::RecvWindow;
 pub use flow::{
-    CHUNK, CONNECTION_WINDOW, MAX_CONNECTION_WINDOW, MAX_CREDIT, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    CHUNK, CONNECTION_WINDOW, MAX_CONNECTION_WINDOW, MAX_CREDIT, MAX_PIECE, MAX_STREAM_WINDOW,
+    STREAM_WINDOW,
 };
 
 /// What a `Data` piece costs in credit besides its payload: what holding
@@ -389,10 +391,11 @@ impl StreamTable {
             s.credit_waiters.push(cx.waker().clone());
             return Poll::Pending;
         }
+        let largest = if want <= MAX_PIECE { MAX_PIECE } else { CHUNK };
         let n = (want as u64)
             .min(out.credit - PIECE_COST)
             .min(s.send_credit - PIECE_COST)
-            .min(CHUNK as u64);
+            .min(largest as u64);
         out.credit -= n + PIECE_COST;
         s.send_credit -= n + PIECE_COST;
         out.queued = true;
