@@ -7,7 +7,8 @@
 //! deadline) and count. `errors` counts calls that failed or came back wrong.
 //! A lost connection does not end the run: the client reconnects, and calls
 //! made meanwhile wait for it (up to their deadline) or fail and count.
-//! On a terminal a progress line is redrawn on stderr once a second.
+//! On a terminal a progress bar (indicatif) shows the time, calls, rate and
+//! errors on stderr.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,22 +91,31 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>((hist, first_error))
         });
     }
-    let progress = std::io::stderr().is_terminal().then(|| {
+    // A hidden bar draws nothing: off a terminal, stderr stays empty.
+    let bar = match std::io::stderr().is_terminal() {
+        true => indicatif::ProgressBar::new(args.duration.as_millis() as u64),
+        false => indicatif::ProgressBar::hidden(),
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {elapsed} {msg}") {
+        bar.set_style(style);
+    }
+    let progress = tokio::spawn({
         let counters = counters.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
+        let bar = bar.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let secs = start.elapsed().as_secs_f64();
+                let secs = start.elapsed().as_secs_f64().max(0.001);
                 let calls = counters.calls.load(Ordering::Relaxed);
-                eprint!(
-                    "\r{secs:5.1}s  {calls} calls  {:.0} calls/s  {} errors   ",
+                bar.set_position(start.elapsed().as_millis() as u64);
+                bar.set_message(format!(
+                    "{calls} calls  {:.0} calls/s  {} errors",
                     calls as f64 / secs,
                     counters.errors.load(Ordering::Relaxed)
-                );
+                ));
             }
-        })
+        }
     });
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut first_error = None;
@@ -117,10 +127,8 @@ pub(crate) async fn run(client: Client, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    if let Some(p) = progress {
-        p.abort();
-        eprintln!();
-    }
+    progress.abort();
+    bar.finish_and_clear();
     let calls = counters.calls.load(Ordering::Relaxed);
     let errors = counters.errors.load(Ordering::Relaxed);
     let rate = calls as f64 / seconds;
