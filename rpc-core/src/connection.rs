@@ -18,6 +18,9 @@
 //! every pending call fails at once: [`Error::PeerUnresponsive`] when the
 //! heartbeat found the peer silent, [`Error::Closed`] otherwise.
 //!
+//! [`Connection::open_stream`] opens a call that streams (see
+//! `streams/`): registered like a call, its receiver owns it.
+//!
 //! Not here: the read/write loops and the heartbeat timer (`driver.rs`), TLS
 //! and `Hello` (`transport.rs`), reconnects (the client crate).
 

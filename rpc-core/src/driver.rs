@@ -6,7 +6,8 @@
 //!   mailbox (close, drain, ping, re-arm) ─┐
 //!   timer (heartbeat, call deadlines) ────┤
 //!   reader ─► frame ─► rules.rs ─► verdict┼─► calls/outgoing (Response)
-//!                                         ├─► calls/incoming (Request, Cancel)
+//!                                         ├─► calls/incoming (Request, Open, Cancel)
+//!                                         ├─► streams (Data, Credit, End, Reset)
 //!                                         ├─► heartbeat (Ping, Pong)
 //!                                         └─► lifecycle (GoAway, violation)
 //!   writer (writer.rs), polled here after the reader and every 8th frame

@@ -12,9 +12,11 @@
 //! | `Cancel` | for a request the peer made | `GoAway`, close (late ones are dropped) |
 //! | `Ping` | no more often than the `Hello` allows (`heartbeat.rs`) | `GoAway`, close |
 //! | a partial frame | completed within `partial_frame_timeout` | `GoAway`, close |
+//! | `Open` | as `Request` | as `Request` |
 //!
-//! Not here: the heartbeat's own rules (`heartbeat.rs`), acting on a
-//! verdict (`driver.rs`).
+//! Not here: the heartbeat's own rules (`heartbeat.rs`), the stream frames'
+//! (`Data`, `Credit`, `End`, `Reset`: `streams/mod.rs`, which holds the
+//! state they are judged against), acting on a verdict (`driver.rs`).
 
 use std::time::Duration;
 

@@ -97,6 +97,32 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         text(32).prop_map(|reason| Frame::GoAway { reason }),
+        (
+            any::<u64>(),
+            text(16),
+            proptest::option::of(any::<u32>()),
+            metadata(),
+            body(),
+            any::<bool>()
+        )
+            .prop_map(|(id, method, deadline_ms, metadata, body, sends_stream)| {
+                Frame::Open {
+                    id,
+                    method,
+                    deadline_ms,
+                    metadata,
+                    body,
+                    sends_stream,
+                }
+            }),
+        (any::<u64>(), any::<bool>(), body()).prop_map(|(id, more, bytes)| Frame::Data {
+            id,
+            more,
+            bytes
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Frame::Credit { id, bytes }),
+        any::<u64>().prop_map(|id| Frame::End { id }),
+        any::<u64>().prop_map(|id| Frame::Reset { id }),
     ]
 }
 
@@ -279,6 +305,17 @@ fn plan_frame(client: bool) -> impl Strategy<Value = hostile::Step> {
         (if client { 6 } else { 1 }) => (ids.clone(), prop_oneof![body().prop_map(Ok), status().prop_map(Err)])
             .prop_map(|(id, result)| Step::Frame(Frame::Response { id, result })),
         3 => ids.clone().prop_map(|id| Step::Frame(Frame::Cancel { id })),
+        // Streams: calls opened as streams, their pieces (small, or a
+        // 64 KiB one), credit, ends and resets, on the same few ids.
+        3 => (ids.clone(), method(), proptest::option::of(0u32..3000), body(), any::<bool>())
+            .prop_map(|(id, m, d, body, sends_stream)| Step::Frame(Frame::Open {
+                id, method: m.into(), deadline_ms: d, metadata: rpc_core::Metadata::new(), body, sends_stream })),
+        4 => (ids.clone(), any::<bool>(), prop_oneof![body(), Just(Bytes::from(vec![3u8; 65_536]))])
+            .prop_map(|(id, more, bytes)| Step::Frame(Frame::Data { id, more, bytes })),
+        2 => (0u64..16, prop_oneof![0u64..1_000_000, any::<u64>()])
+            .prop_map(|(id, bytes)| Step::Frame(Frame::Credit { id, bytes })),
+        1 => ids.clone().prop_map(|id| Step::Frame(Frame::End { id })),
+        1 => ids.clone().prop_map(|id| Step::Frame(Frame::Reset { id })),
         1 => any::<u64>().prop_map(|nonce| Step::Frame(Frame::Ping { nonce })),
         1 => any::<u64>().prop_map(|nonce| Step::Frame(Frame::Pong { nonce })),
         1 => any_frame().prop_map(Step::Frame),

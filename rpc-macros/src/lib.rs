@@ -41,6 +41,15 @@ use syn::{FnArg, ItemTrait, Pat, ReturnType, TraitItem, Type};
 /// returns `Result<T, C::Error>`; any other `Result<T, E>` is sent whole, so
 /// typed application errors travel as data.
 ///
+/// Streams: a method may take one `Streaming<T>` argument (the caller
+/// sends a stream of `T`) and return `ServerStream<T>` or
+/// `Result<ServerStream<T>, Status>` (it sends one back), or both. The
+/// client's method then takes `impl Stream<Item = T> + Send + 'static` for
+/// the `Streaming<T>` argument and returns `Streaming<R>` for a
+/// `ServerStream<R>` (otherwise the reply, once the stream is sent); it
+/// needs a caller that opens streams (`StreamCaller`, which `Client` is).
+/// Stream methods are not retried, so `#[idempotent]` is refused on them.
+///
 /// Generated code names the runtime crate as `::srpc::core` unless told
 /// otherwise with `#[service(crate = some::path)]` (the framework's own
 /// crates use `rpc_core`).

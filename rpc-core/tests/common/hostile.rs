@@ -43,10 +43,11 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 
 /// Methods the server side serves: `echo`, `hang` (never answers), `deep`
-/// (decodes its argument as [`Expr`]); anything else is unknown. (No
+/// (decodes its argument as [`Expr`]), `relay` (sends each item of a
+/// stream call back, then answers); anything else is unknown. (No
 /// handler panics here: libFuzzer counts any panic as a crash, even one
 /// the driver catches. `driver.rs` tests a panicking handler.)
-pub const METHODS: [&str; 4] = ["echo", "hang", "deep", "nope"];
+pub const METHODS: [&str; 5] = ["echo", "hang", "deep", "nope", "relay"];
 
 /// The largest frame either side accepts here: small enough that a plan
 /// can cross it, large enough for the reader's pooled-buffer path (64 KiB
@@ -199,7 +200,7 @@ fn decoded(plan: &Plan) -> (Outcome, HashMap<u64, usize>) {
                     outcome.bodies_decoded += 1;
                     outcome.frames_valid += 1;
                 }
-                if let Frame::Request { id, .. } = frame {
+                if let Frame::Request { id, .. } | Frame::Open { id, .. } = frame {
                     *requested.entry(id).or_default() += 1;
                 }
             }
@@ -230,6 +231,22 @@ impl Dispatch for Service {
                 "deep" => {
                     rpc_core::service::decode_args::<Expr>("deep", &ctx, &body)?;
                     Ok(Bytes::new())
+                }
+                "relay" => {
+                    let Some(mut stream) = ctx.take_stream() else {
+                        return Err(Status::failed_precondition("open relay as a stream"));
+                    };
+                    if let Some(receiver) = stream.receiver.as_mut() {
+                        while let Some(item) = receiver.next().await {
+                            let item = item.map_err(|e| Status::unavailable(e.to_string()))?;
+                            stream
+                                .sender
+                                .send(item)
+                                .await
+                                .map_err(|e| Status::unavailable(e.to_string()))?;
+                        }
+                    }
+                    Ok(body)
                 }
                 m => Err(Status::unknown_method(m)),
             }
@@ -448,7 +465,7 @@ impl Plan {
         while !r.data.is_empty() && steps.len() < 64 {
             let op = r.u8();
             let id = u64::from(r.u8() % 16);
-            let step = match op % 14 {
+            let step = match op % 19 {
                 0 | 1 => Step::Frame(Frame::Request {
                     id,
                     method: METHODS[usize::from(r.u8()) % METHODS.len()].into(),
@@ -509,6 +526,29 @@ impl Plan {
                         body: Bytes::from(vec![r.u8(); len]),
                     })
                 }
+                14 => Step::Frame(Frame::Open {
+                    id,
+                    method: METHODS[usize::from(r.u8()) % METHODS.len()].into(),
+                    deadline_ms: (r.u8() % 2 == 0).then(|| u32::from(r.u8()) * 10),
+                    metadata: rpc_core::Metadata::new(),
+                    body: Bytes::from(r.bytes()),
+                    sends_stream: r.u8() % 2 == 0,
+                }),
+                15 => Step::Frame(Frame::Data {
+                    id,
+                    more: r.u8() % 2 == 0,
+                    bytes: if r.u8() % 8 == 0 {
+                        Bytes::from(vec![r.u8(); 65_536])
+                    } else {
+                        Bytes::from(r.bytes())
+                    },
+                }),
+                16 => Step::Frame(Frame::Credit {
+                    id: u64::from(r.u8() % 4),
+                    bytes: u64::from(r.u32()),
+                }),
+                17 => Step::Frame(Frame::End { id }),
+                18 => Step::Frame(Frame::Reset { id }),
                 _ => {
                     let depth = usize::from(r.u16()) * 4;
                     let body = Bytes::from(deep_expr(depth));
