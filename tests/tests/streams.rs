@@ -472,3 +472,49 @@ async fn streams_count_as_calls_in_flight() {
     drop(held);
     assert_eq!(eventually_add(&client).await, Some(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_holds_up_no_other_and_streams_take_turns() {
+    let (_server, _svc, client) = start().await;
+    // One stream nobody reads: it fills its window and waits.
+    let mut stalled = client.flood(32 * 1024).await.unwrap();
+    stalled.message().await.unwrap().unwrap();
+    // Two more on the same connection, read side by side: both finish,
+    // and neither waits for the other to end.
+    let mut a = client.flood(32 * 1024).await.unwrap();
+    let mut b = client.flood(32 * 1024).await.unwrap();
+    let mut order = Vec::new();
+    let mut got = [0usize; 2];
+    while got.iter().any(|&n| n < 400) {
+        tokio::select! {
+            item = a.message(), if got[0] < 400 => { item.unwrap().unwrap(); got[0] += 1; order.push(0); }
+            item = b.message(), if got[1] < 400 => { item.unwrap().unwrap(); got[1] += 1; order.push(1); }
+        }
+    }
+    // Turns: by the time either stream had 300 items, the other had many.
+    let first_300 = |who: u8| {
+        order
+            .iter()
+            .scan(0, |n, &s| {
+                *n += usize::from(s == who);
+                Some(*n)
+            })
+            .position(|n| n == 300)
+            .unwrap()
+    };
+    let (a300, b300) = (first_300(0), first_300(1));
+    let other_by = |at: usize, who: u8| order[..at].iter().filter(|&&s| s == who).count();
+    assert!(
+        other_by(a300, 1) > 100,
+        "b starved while a ran: {}",
+        other_by(a300, 1)
+    );
+    assert!(
+        other_by(b300, 0) > 100,
+        "a starved while b ran: {}",
+        other_by(b300, 0)
+    );
+    // Calls still pass beside the stalled stream.
+    assert_eq!(client.add(20, 22).await.unwrap(), 42);
+    drop(stalled);
+}
