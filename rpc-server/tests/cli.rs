@@ -381,3 +381,75 @@ fn files_serves_the_directory_and_a_missing_one_refuses_to_start() {
         }]
     );
 }
+
+#[test]
+fn metrics_listen_serves_prometheus_text_counting_the_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    gen_certs(dir.path());
+    // A free port for the exporter, which binds it itself.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let (mut child, addr) = serve_with(dir.path(), |c| {
+        c.args(["--metrics-listen", &metrics_addr])
+            .stderr(Stdio::null());
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let text = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tls = rpc_core::tls::client_config(&dir.path().join("ca.pem"), None).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let config = rpc_core::ConnectionConfig::default();
+        let (conn, driver) =
+            rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
+                .await
+                .unwrap();
+        tokio::spawn(driver);
+        let echo = rpc_core::codec::encode(&"hi", 64).unwrap();
+        for _ in 0..3 {
+            conn.call("Demo.echo", echo.clone(), Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        let overflow = rpc_core::codec::encode(&(i64::MAX, 1i64), 64).unwrap();
+        assert!(conn
+            .call("Demo.add", overflow, Duration::from_secs(5))
+            .await
+            .is_err());
+        let mut http = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).await.unwrap();
+        text
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let count = |method: &str, status: &str| {
+        let prefix = "rpc_server_call_duration_count{";
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .find(|l| {
+                l.contains(&format!("rpc_method=\"{method}\""))
+                    && l.contains(&format!("rpc_response_status_code=\"{status}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.trim().to_owned())
+    };
+    assert_eq!(count("Demo.echo", "OK").as_deref(), Some("3"), "{text}");
+    assert_eq!(
+        count("Demo.add", "INVALID_ARGUMENT").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE rpc_server_call_duration histogram"),
+        "{text}"
+    );
+}

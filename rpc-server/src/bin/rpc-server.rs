@@ -10,16 +10,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rpc_core::error::report;
 use rpc_core::files::FilesServer;
 use rpc_server::files::FileStore;
-use rpc_server::{demo, devcerts, Server, ServerOptions, TlsFiles};
+use rpc_server::{demo, devcerts, metrics, MetricsLayer, Server, ServerOptions, TlsFiles};
 
 const EXAMPLES: &str = "\
 Examples:
   rpc-server gen-certs --out certs/
   rpc-server --cert certs/server.pem --key certs/server.key
   rpc-server --cert certs/server.pem --key certs/server.key --files /srv/shared
+  rpc-server --cert certs/server.pem --key certs/server.key --metrics-listen 127.0.0.1:9464
   rpc-server --listen 127.0.0.1:0 --cert certs/server.pem --key certs/server.key \\
              --client-ca certs/ca.pem --heartbeat-interval 1s --heartbeat-timeout 3s
 
@@ -59,6 +61,11 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// Serve call metrics (OpenTelemetry names: rpc.server.call.duration,
+    /// ...) in the Prometheus text format at http://ADDR/metrics: plain
+    /// HTTP on a port of its own, for a scraper on a trusted network.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Also serve the file service (upload, download, list) confined to
     /// DIR: names cannot lead out of it (`..`, absolute paths, symlinks).
     #[arg(long, value_name = "DIR")]
@@ -174,13 +181,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })?;
         router = router.service(FilesServer::new(store));
     }
-    let server = Server::builder(tls)
-        .options(options)
-        .router(router)
-        .build()?;
+    let metrics = args
+        .metrics_listen
+        .map(|_| MetricsLayer::new(router.methods()));
+    let mut builder = Server::builder(tls).options(options).router(router);
+    if let Some(layer) = metrics {
+        builder = builder.layer(layer);
+    }
+    let server = builder.build()?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        if let Some(addr) = args.metrics_listen {
+            PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .set_buckets_for_metric(
+                    Matcher::Full(metrics::SERVER_CALL_DURATION.into()),
+                    &metrics::DURATION_BUCKETS,
+                )?
+                .install()
+                .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+            tracing::info!(%addr, "metrics: Prometheus text at http://{addr}/metrics (plain HTTP)");
+        }
         let listener = Server::bind(args.listen).await?;
         // Signal handlers go in before the address is printed: whoever reads
         // it may signal at once, and an unhandled SIGTERM kills the process.

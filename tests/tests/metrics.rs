@@ -1,0 +1,121 @@
+//! Call metrics through the `metrics` facade into Prometheus's exporter
+//! (its own binary: the recorder is process-wide): the duration
+//! histogram's counts equal the calls made, per method and status, failed
+//! calls and unknown methods included.
+
+// Test code: a panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use rpc_server::metrics::{DURATION_BUCKETS, SERVER_CALL_DURATION};
+use rpc_server::{demo, devcerts, MetricsLayer, Server};
+use rpc_tests::{server_tls, TestServer};
+
+/// `rpc_server_call_duration_count` by (method, status), from the text.
+fn counts(text: &str) -> HashMap<(String, String), u64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("rpc_server_call_duration_count{") else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            let start = labels.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+            labels[start..].split('"').next().unwrap().to_owned()
+        };
+        out.insert(
+            (label("rpc_method"), label("rpc_response_status_code")),
+            value.trim().parse().unwrap(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duration_histogram_counts_every_call_by_method_and_status() {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(SERVER_CALL_DURATION.into()),
+            &DURATION_BUCKETS,
+        )
+        .unwrap()
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).unwrap();
+
+    let certs = devcerts::generate().unwrap();
+    let router = demo::router();
+    let layer = MetricsLayer::new(router.methods());
+    let server = Server::builder(server_tls(&certs))
+        .router(router)
+        .layer(layer)
+        .build()
+        .unwrap();
+    let server = TestServer::serve(certs, server).await;
+    let client = server.client().await;
+
+    for _ in 0..5 {
+        let _: String = client.call("Demo.echo", "x").await.unwrap();
+    }
+    for _ in 0..2 {
+        let e = client
+            .call::<_, i64>("Demo.add", &(i64::MAX, 1i64))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+    }
+    let _: i64 = client.call("Demo.add", &(1i64, 2i64)).await.unwrap();
+    // Names the peer makes up are one bucket, whatever they are.
+    for name in ["Demo.nope", "x", "y.z"] {
+        assert!(client.call::<_, ()>(name, &()).await.is_err());
+    }
+    // A call the caller gives up on: recorded as cancelled once it ends.
+    let short = rpc_client::CallOptions::new().timeout(Duration::from_millis(50));
+    assert!(client
+        .call_with::<_, ()>("Demo.sleep", &5_000u64, &short)
+        .await
+        .is_err());
+    let _ = client.health("").await.unwrap();
+
+    let mut want: HashMap<(String, String), u64> = HashMap::new();
+    let mut add = |m: &str, s: &str, n: u64| {
+        want.insert((m.to_owned(), s.to_owned()), n);
+    };
+    add("Demo.echo", "OK", 5);
+    add("Demo.add", "INVALID_ARGUMENT", 2);
+    add("Demo.add", "OK", 1);
+    add("_OTHER", "UNKNOWN_METHOD", 3);
+    add("srpc.health.Check", "OK", 1);
+    // The server ends the abandoned call at its deadline or at the
+    // caller's Cancel, whichever it sees first.
+    let mut got = HashMap::new();
+    let mut sleep = 0;
+    for _ in 0..200 {
+        got = counts(&handle.render());
+        let ended = |s: &str| {
+            got.get(&("Demo.sleep".into(), s.into()))
+                .copied()
+                .unwrap_or(0)
+        };
+        sleep = ended("CANCELLED") + ended("DEADLINE_EXCEEDED");
+        if sleep == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        sleep,
+        1,
+        "the abandoned call is recorded once\n{}",
+        handle.render()
+    );
+    got.retain(|(m, _), _| m != "Demo.sleep");
+    assert_eq!(got, want, "\n{}", handle.render());
+    assert!(
+        handle.render().contains("rpc_server_call_duration_bucket{"),
+        "a histogram, not a summary"
+    );
+}
