@@ -35,6 +35,7 @@ pub struct ClientBuilder {
     pub(crate) balance: Balance,
     pub(crate) outlier: OutlierSettings,
     pub(crate) health_check: Option<String>,
+    pub(crate) metrics: bool,
 }
 
 impl ClientBuilder {
@@ -52,6 +53,7 @@ impl ClientBuilder {
             balance: Balance::default(),
             outlier: OutlierSettings::default(),
             health_check: None,
+            metrics: false,
         }
     }
 
@@ -165,6 +167,15 @@ impl ClientBuilder {
     /// for servers whose code sets `NOT_SERVING`.
     pub fn health_check(mut self, service: impl Into<String>) -> Self {
         self.health_check = Some(service.into());
+        self
+    }
+
+    /// Records every call's duration and outcome as
+    /// `rpc.client.call.duration` through the `metrics` facade, into
+    /// whatever recorder the program installed (see `metrics.rs`). Off by
+    /// default.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
         self
     }
 

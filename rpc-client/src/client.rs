@@ -45,6 +45,7 @@ use tracing::debug;
 use crate::builder::{ClientBuilder, DEFAULT_TIMEOUT};
 use crate::discovery::{self, Discover, Target};
 use crate::endpoint::{ConnState, Endpoint};
+use crate::metrics::CallMetrics;
 use crate::pool::{counts_against_server, EndpointStatus, Picked, Pool};
 use crate::retry::RetryPolicy;
 use crate::ClientError;
@@ -59,7 +60,7 @@ impl ClientBuilder {
             .timeout(self.timeout)
             .metadata(self.metadata.clone())
             .wait_for_ready(self.wait_for_ready);
-        Client::new(pool, defaults, self.retry.policy())
+        Client::new(pool, defaults, self.retry.policy(), self.metrics)
     }
 
     /// Connects to the servers at `addr`: one `host:port`, or several
@@ -157,6 +158,8 @@ pub struct Client {
     pub(crate) defaults: Arc<CallOptions>,
     /// When idempotent calls are sent again, and the budget they share.
     retry: Arc<RetryPolicy>,
+    /// Call metrics, when the builder asked for them.
+    metrics: Option<Arc<CallMetrics>>,
 }
 
 /// Owns the pool for the clients: closes it when the last clone goes.
@@ -181,12 +184,34 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client over `pool`, which it closes when its last clone goes.
-    pub(crate) fn new(pool: Arc<Pool>, defaults: CallOptions, retry: RetryPolicy) -> Client {
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        defaults: CallOptions,
+        retry: RetryPolicy,
+        metrics: bool,
+    ) -> Client {
         Client {
             owner: Arc::new(Owner { pool }),
             defaults: Arc::new(defaults),
             retry: Arc::new(retry),
+            metrics: metrics.then(Arc::default),
         }
+    }
+
+    /// `result` of a call to `method` with `timeout` that ends at
+    /// `deadline`, recorded when metrics are on.
+    fn observed<T>(
+        &self,
+        method: &str,
+        deadline: Instant,
+        timeout: Duration,
+        result: Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        if let Some(metrics) = &self.metrics {
+            let left = deadline.saturating_duration_since(Instant::now());
+            metrics.record(method, timeout.saturating_sub(left), &result);
+        }
+        result
     }
 
     /// Connects with default settings; the server name is the host in `addr`.
@@ -315,7 +340,7 @@ impl Client {
                     if idempotent && Box::pin(self.retry.again(&mut attempt, &e, deadline)).await {
                         continue;
                     }
-                    return Err(e);
+                    return self.observed(method, deadline, timeout, Err(e));
                 }
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -364,18 +389,19 @@ impl Client {
                         avoid = Some(picked.endpoint.clone());
                         continue;
                     }
-                    return Err(e.sent(method));
+                    return self.observed(method, deadline, timeout, Err(e.sent(method)));
                 }
             }
         };
         let max_depth = self.pool().settings.config.max_depth;
-        codec::decode_owned::<R>(&reply, reply.len(), max_depth).map_err(|source| {
+        let decoded = codec::decode_owned::<R>(&reply, reply.len(), max_depth).map_err(|source| {
             ClientError::Decode {
                 method: method.to_owned(),
                 expected: std::any::type_name::<R>(),
                 source,
             }
-        })
+        });
+        self.observed(method, deadline, timeout, decoded)
     }
 
     /// A call's arguments, encoded.

@@ -21,6 +21,7 @@
 //! | `load.rs` | Peak-EWMA latency × calls in flight |
 //! | `outlier.rs` | ejecting a server after failures in a row |
 //! | `streams.rs` | stream calls: opening one on a picked server |
+//! | `metrics.rs` | call metrics with OpenTelemetry's names (`ClientBuilder::metrics`) |
 //! | `retry.rs` | which failed calls go again, and the retry budget |
 //! | `backoff.rs` | exponential backoff with full jitter |
 //! | `error.rs` | [`ClientError`] |
@@ -36,6 +37,7 @@ pub mod discovery;
 mod endpoint;
 mod error;
 mod load;
+pub mod metrics;
 mod outlier;
 mod pool;
 mod retry;

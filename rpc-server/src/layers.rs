@@ -31,6 +31,7 @@ use tower::{Layer, Service};
 
 use crate::call::Call;
 use crate::health::Health;
+use crate::metrics::{CallMetrics, Timed};
 use crate::Router;
 
 /// Decides per call whether the peer may make it (see
@@ -253,6 +254,8 @@ impl<S> ReservedMethods<S> {
 pub(crate) struct Stats<S> {
     pub(crate) inner: S,
     pub(crate) counters: Arc<CallCounters>,
+    /// Call metrics, when the server records them (`metrics.rs`).
+    pub(crate) metrics: Option<Arc<CallMetrics>>,
 }
 
 impl<S> Service<Call> for Stats<S>
@@ -274,7 +277,7 @@ where
 
     fn call(&mut self, call: Call) -> Self::Future {
         let inner = &mut self.inner;
-        count(&self.counters, call, |call| inner.call(call))
+        count(&self.counters, &self.metrics, call, |call| inner.call(call))
     }
 }
 
@@ -282,16 +285,25 @@ impl<S: SharedCall> SharedCall for Stats<S> {
     type Future = Counted<S::Future>;
 
     fn call_shared(&self, call: Call) -> Self::Future {
-        count(&self.counters, call, |call| self.inner.call_shared(call))
+        count(&self.counters, &self.metrics, call, |call| {
+            self.inner.call_shared(call)
+        })
     }
 }
 
-fn count<F>(counters: &Arc<CallCounters>, call: Call, inner: impl FnOnce(Call) -> F) -> Counted<F> {
+fn count<F>(
+    counters: &Arc<CallCounters>,
+    metrics: &Option<Arc<CallMetrics>>,
+    call: Call,
+    inner: impl FnOnce(Call) -> F,
+) -> Counted<F> {
     counters.started();
     let deadline = call.ctx.deadline();
+    let timed = metrics.as_ref().map(|m| m.start(call.ctx.method()));
     Counted {
         inner: inner(call),
         counters: Some(counters.clone()),
+        timed,
         deadline,
     }
 }
@@ -304,6 +316,8 @@ pub(crate) struct Counted<F> {
     inner: F,
     /// Taken when the outcome is reported.
     counters: Option<Arc<CallCounters>>,
+    /// The call's metrics, when recorded; taken with the counters.
+    timed: Option<Timed>,
     deadline: Option<tokio::time::Instant>,
 }
 
@@ -311,6 +325,9 @@ impl<F> Counted<F> {
     fn report(&mut self, outcome: Result<(), StatusCode>) {
         if let Some(counters) = self.counters.take() {
             counters.finished(outcome);
+        }
+        if let Some(timed) = self.timed.take() {
+            timed.finish(outcome);
         }
     }
 }

@@ -22,7 +22,7 @@
 //! | `call.rs` | [`Call`]: one call as middleware sees it |
 //! | `stack.rs` | the tower stack every call goes through; user layers |
 //! | `layers.rs` | the server's own layers: counters, authorization, `srpc.*` |
-//! | `metrics.rs` | call metrics with OpenTelemetry's names (`MetricsLayer`, off unless added) |
+//! | `metrics.rs` | call metrics with OpenTelemetry's names (`ServerBuilder::metrics`) |
 //! | `health.rs` | the statuses `srpc.health` reports; NOT_SERVING once draining |
 //! | `router.rs` | method name -> typed async handler |
 //! | `demo.rs` | the demo service (`echo`, `add`, `sleep`) |
@@ -52,7 +52,6 @@ pub use call::{Call, CallService};
 pub use error::ServerError;
 pub use health::Health;
 pub use layers::{Authorize, AuthorizeLayer};
-pub use metrics::MetricsLayer;
 pub use router::Router;
 pub use rpc_core::health::HealthStatus;
 pub use rpc_core::{CallContext, Metadata, Status, StatusCode};

@@ -78,6 +78,7 @@ pub struct ServerBuilder {
     router: Router,
     authorize: Option<AuthorizeHook>,
     layers: Vec<UserLayer>,
+    metrics: bool,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -99,7 +100,17 @@ impl ServerBuilder {
             router: Router::new(),
             authorize: None,
             layers: Vec::new(),
+            metrics: false,
         }
+    }
+
+    /// Records every call's duration and outcome, and the calls in flight,
+    /// with OpenTelemetry's names through the `metrics` facade, into
+    /// whatever recorder the program installed (see [`crate::metrics`]).
+    /// Off by default, and then free.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
     }
 
     /// Runs `hook` before every call, with the call's context (peer address,
@@ -229,6 +240,7 @@ impl ServerBuilder {
                 self.router,
                 self.authorize,
                 &self.layers,
+                self.metrics,
             )),
         })
     }

@@ -38,6 +38,7 @@ use crate::layers::{
     Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, SharedCall, Snapshot,
     Stats,
 };
+use crate::metrics::CallMetrics;
 use crate::Router;
 
 /// A user layer, applied when the server is built.
@@ -100,7 +101,9 @@ impl ServerDispatch {
         router: Router,
         authorize: Option<AuthorizeHook>,
         layers: &[UserLayer],
+        metrics: bool,
     ) -> Self {
+        let metrics = metrics.then(|| Arc::new(CallMetrics::new(router.methods())));
         let router = Arc::new(router);
         let counters = Arc::new(CallCounters::default());
         let connections = Arc::new(ConnectionSet::default());
@@ -124,6 +127,7 @@ impl ServerDispatch {
             Stack::Builtin(Stats {
                 inner,
                 counters: counters.clone(),
+                metrics,
             })
         } else {
             // The first layer added is the outermost, as in tower's
@@ -135,6 +139,7 @@ impl ServerDispatch {
             Stack::Layered(Stats {
                 inner: service,
                 counters: counters.clone(),
+                metrics,
             })
         };
         ServerDispatch {

@@ -1,7 +1,7 @@
 //! Call metrics through the `metrics` facade into Prometheus's exporter
 //! (its own binary: the recorder is process-wide): the duration
-//! histogram's counts equal the calls made, per method and status, failed
-//! calls and unknown methods included.
+//! histograms' counts, the server's and the client's, equal the calls
+//! made, per method and status, failed calls and unknown methods included.
 
 // Test code: a panic is how a test reports failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rpc_server::metrics::{DURATION_BUCKETS, SERVER_CALL_DURATION};
-use rpc_server::{demo, devcerts, MetricsLayer, Server};
+use rpc_server::{demo, devcerts, Server};
 use rpc_tests::{server_tls, TestServer};
 
-/// `rpc_server_call_duration_count` by (method, status), from the text.
-fn counts(text: &str) -> HashMap<(String, String), u64> {
+/// `{side}_call_duration_count` by (method, status), from the text.
+fn counts(text: &str, side: &str) -> HashMap<(String, String), u64> {
+    let prefix = format!("rpc_{side}_call_duration_count{{");
     let mut out = HashMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("rpc_server_call_duration_count{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let (labels, value) = rest.rsplit_once("} ").unwrap();
@@ -47,15 +48,18 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     metrics::set_global_recorder(recorder).unwrap();
 
     let certs = devcerts::generate().unwrap();
-    let router = demo::router();
-    let layer = MetricsLayer::new(router.methods());
     let server = Server::builder(server_tls(&certs))
-        .router(router)
-        .layer(layer)
+        .router(demo::router())
+        .metrics(true)
         .build()
         .unwrap();
     let server = TestServer::serve(certs, server).await;
-    let client = server.client().await;
+    let client = rpc_client::Client::builder(rpc_tests::client_tls(&server.certs))
+        .server_name("localhost")
+        .metrics(true)
+        .connect(&server.address())
+        .await
+        .unwrap();
 
     for _ in 0..5 {
         let _: String = client.call("Demo.echo", "x").await.unwrap();
@@ -94,7 +98,7 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     let mut got = HashMap::new();
     let mut sleep = 0;
     for _ in 0..200 {
-        got = counts(&handle.render());
+        got = counts(&handle.render(), "server");
         let ended = |s: &str| {
             got.get(&("Demo.sleep".into(), s.into()))
                 .copied()
@@ -114,6 +118,18 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     );
     got.retain(|(m, _), _| m != "Demo.sleep");
     assert_eq!(got, want, "\n{}", handle.render());
+    // The client's side: the same calls, with the client's verdicts.
+    let mut client_side = counts(&handle.render(), "client");
+    assert_eq!(
+        client_side.remove(&("Demo.sleep".into(), "DEADLINE_EXCEEDED".into())),
+        Some(1)
+    );
+    let mut want_client = want.clone();
+    for name in ["Demo.nope", "x", "y.z"] {
+        want_client.insert((name.to_owned(), "UNKNOWN_METHOD".to_owned()), 1);
+    }
+    want_client.remove(&("_OTHER".to_owned(), "UNKNOWN_METHOD".to_owned()));
+    assert_eq!(client_side, want_client, "\n{}", handle.render());
     assert!(
         handle.render().contains("rpc_server_call_duration_bucket{"),
         "a histogram, not a summary"

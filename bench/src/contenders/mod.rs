@@ -58,6 +58,11 @@ pub(crate) enum Stack {
     Tonic,
     /// tarpc 0.38 over tokio-rustls with bincode.
     Tarpc,
+    /// srpc with its server recording call metrics (`MetricsLayer` into a
+    /// Prometheus recorder), to measure what recording costs; not in
+    /// `ALL`.
+    #[value(name = "srpc-metrics")]
+    SrpcMetrics,
 }
 
 impl Stack {
@@ -71,6 +76,7 @@ impl Stack {
             Stack::Raw => "raw",
             Stack::Tonic => "tonic",
             Stack::Tarpc => "tarpc",
+            Stack::SrpcMetrics => "srpc-metrics",
         }
     }
 }
@@ -120,7 +126,7 @@ impl Dialer {
     ) -> anyhow::Result<Self> {
         let verifier = CountingVerifier::new(certs)?;
         let inner = match stack {
-            Stack::Srpc => DialerKind::Srpc(srpc_stack::Dialer::new(
+            Stack::Srpc | Stack::SrpcMetrics => DialerKind::Srpc(srpc_stack::Dialer::new(
                 addr,
                 certs,
                 handshake,
@@ -176,7 +182,8 @@ pub(crate) async fn serve(
     certs: &Certs,
 ) -> anyhow::Result<()> {
     match stack {
-        Stack::Srpc => srpc_stack::serve(listener, certs).await,
+        Stack::Srpc => srpc_stack::serve(listener, certs, false).await,
+        Stack::SrpcMetrics => srpc_stack::serve(listener, certs, true).await,
         Stack::Raw => raw::serve(listener, certs).await,
         Stack::Tonic => tonic_stack::serve(listener, certs).await,
         Stack::Tarpc => tarpc_stack::serve(listener, certs).await,

@@ -38,15 +38,33 @@ impl Echo for EchoImpl {
     }
 }
 
-pub(super) async fn serve(listener: TcpListener, certs: &Certs) -> anyhow::Result<()> {
+pub(super) async fn serve(
+    listener: TcpListener,
+    certs: &Certs,
+    metrics: bool,
+) -> anyhow::Result<()> {
     let identity = rpc_core::tls::Identity {
         cert_chain: rpc_core::tls::certs_from_pem(&certs.server_cert)?,
         key: rpc_core::tls::key_from_pem(&certs.server_key)?,
     };
     let tls = rpc_core::tls::server_config_from_der(identity, None)?;
-    let server = Server::builder(tls)
+    let builder = Server::builder(tls)
         .add_service(EchoServer::new(EchoImpl))
-        .build()?;
+        .metrics(metrics);
+    if metrics {
+        // What `rpc-server --metrics-listen` records into, without the
+        // HTTP listener (nobody scrapes here).
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    srpc::server::metrics::SERVER_CALL_DURATION.into(),
+                ),
+                &srpc::server::metrics::DURATION_BUCKETS,
+            )?
+            .build_recorder();
+        metrics::set_global_recorder(recorder)?;
+    }
+    let server = builder.build()?;
     server.serve(listener, std::future::pending()).await?;
     Ok(())
 }

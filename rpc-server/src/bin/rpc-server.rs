@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rpc_core::error::report;
 use rpc_core::files::FilesServer;
 use rpc_server::files::FileStore;
-use rpc_server::{demo, devcerts, metrics, MetricsLayer, Server, ServerOptions, TlsFiles};
+use rpc_server::{demo, devcerts, metrics, Server, ServerOptions, TlsFiles};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -181,14 +181,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })?;
         router = router.service(FilesServer::new(store));
     }
-    let metrics = args
-        .metrics_listen
-        .map(|_| MetricsLayer::new(router.methods()));
-    let mut builder = Server::builder(tls).options(options).router(router);
-    if let Some(layer) = metrics {
-        builder = builder.layer(layer);
-    }
-    let server = builder.build()?;
+    let server = Server::builder(tls)
+        .options(options)
+        .router(router)
+        .metrics(args.metrics_listen.is_some())
+        .build()?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
