@@ -140,6 +140,12 @@ impl Connection {
         self.shared.state().calls.len()
     }
 
+    /// Bytes received and sent on this connection so far (on the socket:
+    /// TLS records included), in that order.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.shared.clocks.get().map_or((0, 0), |c| c.bytes())
+    }
+
     /// Streams open on this connection, and the bytes received on them
     /// that their receivers have not taken yet (at most one window each).
     pub fn stream_usage(&self) -> (usize, u64) {
@@ -518,6 +524,7 @@ where
         max_send,
         heartbeat.interval(),
     ));
+    let _ = shared.clocks.set(clocks.clone());
     let driver = Driver::new(shared.clone(), config, dispatch, heartbeat);
     let span = tracing::info_span!("conn", %peer);
     let fut = driver.run(stream, clocks);

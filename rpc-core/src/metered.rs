@@ -7,7 +7,8 @@
 //! its timer fires. Times come from `tokio::time::Instant`, so tests with
 //! paused time see paused clocks.
 //!
-//! This wrapper only observes; it never changes what is read or written.
+//! It also counts the bytes each way, for metrics. This wrapper only
+//! observes; it never changes what is read or written.
 
 use std::io;
 use std::pin::Pin;
@@ -26,6 +27,9 @@ pub struct ByteClocks {
     read: AtomicU64,
     /// Nanoseconds after `base` of the last byte written.
     written: AtomicU64,
+    /// Bytes read and written so far.
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
 }
 
 impl ByteClocks {
@@ -35,6 +39,8 @@ impl ByteClocks {
             base: now,
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
         })
     }
 
@@ -43,6 +49,21 @@ impl ByteClocks {
             .saturating_duration_since(self.base)
             .as_nanos();
         which.fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Bytes read and written so far, in that order.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_read.load(Ordering::Relaxed),
+            self.bytes_written.load(Ordering::Relaxed),
+        )
+    }
+
+    fn wrote(&self, n: usize) {
+        if n > 0 {
+            self.stamp(&self.written);
+            self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// When a byte was last read.
@@ -78,8 +99,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.clocks.stamp(&self.clocks.read);
+            self.clocks
+                .bytes_read
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         result
     }
@@ -92,8 +117,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.clocks.stamp(&self.clocks.written);
+        if let Poll::Ready(Ok(n)) = result {
+            self.clocks.wrote(n);
         }
         result
     }
@@ -104,8 +129,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.clocks.stamp(&self.clocks.written);
+        if let Poll::Ready(Ok(n)) = result {
+            self.clocks.wrote(n);
         }
         result
     }

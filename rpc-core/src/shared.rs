@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub(crate) streams: Arc<StreamTable>,
     /// A ping was asked for to measure the round trip for stream windows.
     rtt_probed: AtomicBool,
+    /// When bytes last moved, and how many (set once the driver starts).
+    pub(crate) clocks: std::sync::OnceLock<Arc<crate::metered::ByteClocks>>,
 }
 
 impl Shared {
@@ -155,6 +157,7 @@ impl Shared {
             heartbeat_interval,
             streams: Arc::new(StreamTable::new(Instant::now())),
             rtt_probed: AtomicBool::new(false),
+            clocks: std::sync::OnceLock::new(),
         }
     }
 

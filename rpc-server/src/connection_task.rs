@@ -89,7 +89,7 @@ impl ConnectionTask {
         drop(conn);
         let reason = driver.await;
         self.live.remove(live);
-        self.dispatch.connections.remove(registered);
+        self.dispatch.connection_ended(registered);
         debug!(%peer, %reason, "connection closed");
     }
 }

@@ -8,7 +8,15 @@
 //! | metric | kind | attributes |
 //! |---|---|---|
 //! | `rpc.server.call.duration` (s) | histogram | `rpc.system.name`, `rpc.service`, `rpc.method`, `rpc.response.status_code` |
-//! | `rpc.server.active_calls` | gauge | `rpc.system.name` |
+//! | `rpc.server.active_calls` | gauge, sampled each second | `rpc.system.name` |
+//! | `srpc.server.connections` | gauge, sampled each second | |
+//! | `srpc.connection.rtt` (s) | histogram of each connection's heartbeat round trip, sampled each second | |
+//! | `srpc.server.received_bytes`, `srpc.server.sent_bytes` | counters (socket bytes, TLS included) | |
+//!
+//! The first is OpenTelemetry's; the conventions name no metric for the
+//! others, so they carry srpc's prefix (and `rpc.server.active_calls`
+//! follows the conventions' naming). Gauges and bytes are sampled by a task
+//! of `Server::serve`, not counted on each call.
 //!
 //! `rpc.method` is the call's `Service.method`, or `_OTHER` for one the
 //! server does not serve (the peer chooses the name: metrics must not let
@@ -24,13 +32,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use metrics::{Gauge, Histogram};
+use metrics::Histogram;
 use rpc_core::StatusCode;
 
 /// The call duration histogram's name.
 pub const SERVER_CALL_DURATION: &str = "rpc.server.call.duration";
 /// The calls-in-flight gauge's name.
 pub const SERVER_ACTIVE_CALLS: &str = "rpc.server.active_calls";
+/// The connections gauge's name.
+pub const SERVER_CONNECTIONS: &str = "srpc.server.connections";
+/// The heartbeat round-trip histogram's name.
+pub const CONNECTION_RTT: &str = "srpc.connection.rtt";
+/// The received bytes counter's name.
+pub const SERVER_RECEIVED_BYTES: &str = "srpc.server.received_bytes";
+/// The sent bytes counter's name.
+pub const SERVER_SENT_BYTES: &str = "srpc.server.sent_bytes";
+/// How often gauges, round trips and bytes are sampled.
+pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// `rpc.system.name` of every srpc metric.
 pub const SYSTEM: &str = "srpc";
 
@@ -48,9 +66,6 @@ pub(crate) struct CallMetrics {
     /// without a lock), and one for everything else.
     rows: HashMap<String, Arc<Row>>,
     other: Arc<Row>,
-    /// Made at the first call, like the histograms: a handle taken before
-    /// the program installed its recorder would record nowhere.
-    active: OnceLock<Gauge>,
 }
 
 /// One method's histograms, one per outcome, each made at first use.
@@ -105,21 +120,13 @@ impl CallMetrics {
         CallMetrics {
             rows,
             other: Row::new("_OTHER".to_owned()),
-            active: OnceLock::new(),
         }
     }
 
-    fn active(&self) -> &Gauge {
-        self.active
-            .get_or_init(|| metrics::gauge!(SERVER_ACTIVE_CALLS, "rpc.system.name" => SYSTEM))
-    }
-
     /// A call to `method` starts now.
-    pub(crate) fn start(self: &Arc<Self>, method: &str) -> Timed {
+    pub(crate) fn start(&self, method: &str) -> Timed {
         let row = self.rows.get(method).unwrap_or(&self.other).clone();
-        self.active().increment(1.0);
         Timed {
-            metrics: self.clone(),
             row,
             started: Instant::now(),
         }
@@ -128,7 +135,6 @@ impl CallMetrics {
 
 /// One call being timed.
 pub(crate) struct Timed {
-    metrics: Arc<CallMetrics>,
     row: Arc<Row>,
     started: Instant,
 }
@@ -136,9 +142,36 @@ pub(crate) struct Timed {
 impl Timed {
     /// The call ended with `outcome`.
     pub(crate) fn finish(self, outcome: Result<(), StatusCode>) {
-        self.metrics.active().decrement(1.0);
         self.row
             .histogram(outcome)
             .record(self.started.elapsed().as_secs_f64());
     }
+}
+
+/// What the sampling task records each [`SAMPLE_EVERY`].
+pub(crate) struct Sample {
+    pub(crate) active_calls: u64,
+    pub(crate) connections: u64,
+    pub(crate) rtts: Vec<std::time::Duration>,
+    pub(crate) received: u64,
+    pub(crate) sent: u64,
+}
+
+impl Sample {
+    pub(crate) fn record(&self) {
+        metrics::gauge!(SERVER_ACTIVE_CALLS, "rpc.system.name" => SYSTEM)
+            .set(self.active_calls as f64);
+        metrics::gauge!(SERVER_CONNECTIONS).set(self.connections as f64);
+        let rtt = metrics::histogram!(CONNECTION_RTT);
+        for d in &self.rtts {
+            rtt.record(d.as_secs_f64());
+        }
+        record_bytes(self.received, self.sent);
+    }
+}
+
+/// Adds bytes moved to the byte counters.
+pub(crate) fn record_bytes(received: u64, sent: u64) {
+    metrics::counter!(SERVER_RECEIVED_BYTES).increment(received);
+    metrics::counter!(SERVER_SENT_BYTES).increment(sent);
 }

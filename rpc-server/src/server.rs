@@ -387,6 +387,17 @@ impl Server {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "listening");
         }
+        // Metrics sampled each second while this serves; stopped with it.
+        let _sampler = self.dispatch.metrics.then(|| {
+            let dispatch = self.dispatch.clone();
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+                loop {
+                    tick.tick().await;
+                    dispatch.sample_metrics();
+                }
+            }))
+        });
         let stop = CancellationToken::new();
         // In the caller's span, as when the loop ran in this future.
         let mut task = AbortOnDropHandle::new(tokio::spawn(

@@ -38,7 +38,7 @@ use crate::layers::{
     Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, SharedCall, Snapshot,
     Stats,
 };
-use crate::metrics::CallMetrics;
+use crate::metrics::{record_bytes, CallMetrics, Sample};
 use crate::Router;
 
 /// A user layer, applied when the server is built.
@@ -94,6 +94,8 @@ pub(crate) struct ServerDispatch {
     pub(crate) connections: Arc<ConnectionSet>,
     /// What `srpc.health` reports.
     pub(crate) health: Health,
+    /// Whether calls, connections and bytes are recorded as metrics.
+    pub(crate) metrics: bool,
 }
 
 impl ServerDispatch {
@@ -103,6 +105,7 @@ impl ServerDispatch {
         layers: &[UserLayer],
         metrics: bool,
     ) -> Self {
+        let recording = metrics;
         let metrics = metrics.then(|| Arc::new(CallMetrics::new(router.methods())));
         let router = Arc::new(router);
         let counters = Arc::new(CallCounters::default());
@@ -148,6 +151,35 @@ impl ServerDispatch {
             counters,
             connections,
             health,
+            metrics: recording,
+        }
+    }
+
+    /// Records what the metrics sample (see `metrics.rs`): calls in
+    /// flight, connections, their round trips, the bytes moved since the
+    /// last sample.
+    pub(crate) fn sample_metrics(&self) {
+        let mut sample = Sample {
+            active_calls: self.counters.in_flight(),
+            connections: 0,
+            rtts: Vec::new(),
+            received: 0,
+            sent: 0,
+        };
+        self.connections.for_each(|c| {
+            sample.connections += 1;
+            sample.rtts.extend(c.rtt());
+        });
+        (sample.received, sample.sent) = self.connections.unreported_bytes();
+        sample.record();
+    }
+
+    /// A connection ended: the bytes it moved since the last sample are
+    /// recorded, when metrics are.
+    pub(crate) fn connection_ended(&self, registered: u64) {
+        let (received, sent) = self.connections.remove(registered);
+        if self.metrics {
+            record_bytes(received, sent);
         }
     }
 

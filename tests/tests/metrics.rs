@@ -48,13 +48,21 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     metrics::set_global_recorder(recorder).unwrap();
 
     let certs = devcerts::generate().unwrap();
+    let mut options = rpc_server::ServerOptions::default();
+    // Round trips measured soon (both sides announce 100 ms), for the
+    // sampled histogram.
+    options.connection.heartbeat_interval = Duration::from_millis(100);
     let server = Server::builder(server_tls(&certs))
+        .options(options)
         .router(demo::router())
         .metrics(true)
         .build()
         .unwrap();
     let server = TestServer::serve(certs, server).await;
+    let mut config = rpc_core::ConnectionConfig::default();
+    config.heartbeat_interval = Duration::from_millis(100);
     let client = rpc_client::Client::builder(rpc_tests::client_tls(&server.certs))
+        .connection_config(config)
         .server_name("localhost")
         .metrics(true)
         .connect(&server.address())
@@ -133,5 +141,34 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     assert!(
         handle.render().contains("rpc_server_call_duration_bucket{"),
         "a histogram, not a summary"
+    );
+
+    // Sampled each second: connections, calls in flight, round trips, bytes.
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = handle.render();
+        if value(&text, "srpc_connection_rtt_count").is_some_and(|n| n > 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(value(&text, "srpc_server_connections"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "rpc_server_active_calls"), Some(0.0), "{text}");
+    assert!(
+        value(&text, "srpc_connection_rtt_count").is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    let received = value(&text, "srpc_server_received_bytes").unwrap_or(0.0);
+    let sent = value(&text, "srpc_server_sent_bytes").unwrap_or(0.0);
+    // Thirteen calls and a TLS handshake at least: over a kilobyte each way.
+    assert!(
+        received > 1000.0 && sent > 1000.0,
+        "{received} {sent}\n{text}"
     );
 }
