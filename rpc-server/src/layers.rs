@@ -255,7 +255,7 @@ pub(crate) struct Stats<S> {
     pub(crate) inner: S,
     pub(crate) counters: Arc<CallCounters>,
     /// Call metrics, when the server records them (`metrics.rs`).
-    pub(crate) metrics: Option<Arc<CallMetrics>>,
+    pub(crate) metrics: Option<&'static CallMetrics>,
 }
 
 impl<S> Service<Call> for Stats<S>
@@ -293,7 +293,7 @@ impl<S: SharedCall> SharedCall for Stats<S> {
 
 fn count<F>(
     counters: &Arc<CallCounters>,
-    metrics: &Option<Arc<CallMetrics>>,
+    metrics: &Option<&'static CallMetrics>,
     call: Call,
     inner: impl FnOnce(Call) -> F,
 ) -> Counted<F> {

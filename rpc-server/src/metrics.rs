@@ -29,7 +29,8 @@
 //! --metrics-listen` installs Prometheus's).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::hash::BuildHasherDefault;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use metrics::Histogram;
@@ -60,12 +61,39 @@ pub const DURATION_BUCKETS: [f64; 19] = [
     0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
-/// The metrics of one server's calls.
+/// The metrics of one server's calls. Made once per server built with
+/// metrics and kept for the life of the process (`&'static`): a call then
+/// holds its row by reference, where an `Arc` clone and drop per call
+/// made the threads serving calls fight over one counter.
 pub(crate) struct CallMetrics {
     /// One row per method served (fixed when the server is built, so read
     /// without a lock), and one for everything else.
-    rows: HashMap<String, Arc<Row>>,
-    other: Arc<Row>,
+    rows: HashMap<String, Row, BuildHasherDefault<NameHasher>>,
+    other: Row,
+}
+
+/// FNV-1a over a method's name: SipHash cost more than the rest of a
+/// lookup, and the names are the server's own (a peer's name only looks
+/// one up, and misses).
+#[derive(Default)]
+pub(crate) struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// One method's histograms, one per outcome, each made at first use.
@@ -76,11 +104,11 @@ struct Row {
 }
 
 impl Row {
-    fn new(method: String) -> Arc<Row> {
-        Arc::new(Row {
+    fn new(method: String) -> Row {
+        Row {
             method,
             by_outcome: std::array::from_fn(|_| OnceLock::new()),
-        })
+        }
     }
 
     fn histogram(&self, outcome: Result<(), StatusCode>) -> &Histogram {
@@ -104,8 +132,9 @@ impl Row {
 
 impl CallMetrics {
     /// Metrics for a server serving `methods` (and the reserved methods
-    /// every server answers).
-    pub(crate) fn new<'a>(methods: impl IntoIterator<Item = &'a str>) -> Self {
+    /// every server answers), kept for the life of the process (a few
+    /// hundred bytes per method).
+    pub(crate) fn leak<'a>(methods: impl IntoIterator<Item = &'a str>) -> &'static Self {
         let reserved = [
             rpc_core::service::LIST_METHOD,
             rpc_core::stats::STATS_METHOD,
@@ -117,15 +146,15 @@ impl CallMetrics {
             .chain(reserved)
             .map(|m| (m.to_owned(), Row::new(m.to_owned())))
             .collect();
-        CallMetrics {
+        Box::leak(Box::new(CallMetrics {
             rows,
             other: Row::new("_OTHER".to_owned()),
-        }
+        }))
     }
 
     /// A call to `method` starts now.
-    pub(crate) fn start(&self, method: &str) -> Timed {
-        let row = self.rows.get(method).unwrap_or(&self.other).clone();
+    pub(crate) fn start(&'static self, method: &str) -> Timed {
+        let row = self.rows.get(method).unwrap_or(&self.other);
         Timed {
             row,
             started: Instant::now(),
@@ -135,7 +164,7 @@ impl CallMetrics {
 
 /// One call being timed.
 pub(crate) struct Timed {
-    row: Arc<Row>,
+    row: &'static Row,
     started: Instant,
 }
 

@@ -106,7 +106,7 @@ impl ServerDispatch {
         metrics: bool,
     ) -> Self {
         let recording = metrics;
-        let metrics = metrics.then(|| Arc::new(CallMetrics::new(router.methods())));
+        let metrics = metrics.then(|| CallMetrics::leak(router.methods()));
         let router = Arc::new(router);
         let counters = Arc::new(CallCounters::default());
         let connections = Arc::new(ConnectionSet::default());
