@@ -440,6 +440,10 @@ impl Server {
             live.for_each(Connection::close);
             tracker.wait().await;
         }
+        if self.dispatch.metrics {
+            // The calls since the last sample, before the sampler stops.
+            self.dispatch.sample_metrics();
+        }
         info!("server stopped");
         Ok(())
     }

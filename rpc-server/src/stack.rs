@@ -96,6 +96,8 @@ pub(crate) struct ServerDispatch {
     pub(crate) health: Health,
     /// Whether calls, connections and bytes are recorded as metrics.
     pub(crate) metrics: bool,
+    /// The calls' metrics, when recorded.
+    call_metrics: Option<&'static CallMetrics>,
 }
 
 impl ServerDispatch {
@@ -107,6 +109,7 @@ impl ServerDispatch {
     ) -> Self {
         let recording = metrics;
         let metrics = metrics.then(|| CallMetrics::leak(router.methods()));
+        let call_metrics = metrics;
         let router = Arc::new(router);
         let counters = Arc::new(CallCounters::default());
         let connections = Arc::new(ConnectionSet::default());
@@ -152,6 +155,7 @@ impl ServerDispatch {
             connections,
             health,
             metrics: recording,
+            call_metrics,
         }
     }
 
@@ -159,6 +163,9 @@ impl ServerDispatch {
     /// flight, connections, their round trips, the bytes moved since the
     /// last sample.
     pub(crate) fn sample_metrics(&self) {
+        if let Some(calls) = self.call_metrics {
+            calls.flush();
+        }
         let mut sample = Sample {
             active_calls: self.counters.in_flight(),
             connections: 0,

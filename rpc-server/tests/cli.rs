@@ -420,12 +420,21 @@ fn metrics_listen_serves_prometheus_text_counting_the_calls() {
             .call("Demo.add", overflow, Duration::from_secs(5))
             .await
             .is_err());
-        let mut http = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
-        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        // The server hands its counts to the exporter once a second.
         let mut text = String::new();
-        http.read_to_string(&mut text).await.unwrap();
+        for _ in 0..30 {
+            let mut http = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+            let ask = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            http.write_all(ask).await.unwrap();
+            text.clear();
+            http.read_to_string(&mut text).await.unwrap();
+            if text.contains(
+                "rpc_method=\"Demo.add\",rpc_response_status_code=\"INVALID_ARGUMENT\"} 1",
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         text
     });
     let _ = child.kill();

@@ -27,10 +27,11 @@ fn counts(text: &str, side: &str) -> HashMap<(String, String), u64> {
             let start = labels.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
             labels[start..].split('"').next().unwrap().to_owned()
         };
-        out.insert(
-            (label("rpc_method"), label("rpc_response_status_code")),
-            value.trim().parse().unwrap(),
-        );
+        // A series shows as soon as it is registered, at 0 until counted.
+        let n: u64 = value.trim().parse().unwrap();
+        if n > 0 {
+            out.insert((label("rpc_method"), label("rpc_response_status_code")), n);
+        }
     }
     out
 }
