@@ -21,7 +21,7 @@
 //! - The callee's `Response` ends the call (gRPC's trailers): its `Err` is
 //!   the stream's final error, delivered after every item before it.
 //!
-//! This module holds one connection's [`StreamTable`]: each open stream's
+//! This module holds one connection's `StreamTable`: each open stream's
 //! credit and received items, under one lock of its own (unary calls never
 //! take it). The handles users hold are in `handles.rs`.
 //!
