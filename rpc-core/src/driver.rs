@@ -320,10 +320,10 @@ impl Driver {
                 let stream = sends_stream.map(|sends| {
                     self.shared.streams.open(id, sends, true, self.arrived);
                     self.shared.probe_rtt();
-                    ServedStream {
+                    Box::new(ServedStream {
                         receiver: sends.then(|| StreamReceiver::new(self.shared.clone(), id, None)),
                         sender: StreamSender::new(self.shared.clone(), id, false),
-                    }
+                    })
                 });
                 let call = Incoming {
                     id,

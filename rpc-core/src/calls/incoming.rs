@@ -85,8 +85,9 @@ pub(crate) struct Incoming {
     pub(crate) deadline: Option<Instant>,
     pub(crate) metadata: Metadata,
     pub(crate) body: Bytes,
-    /// A stream call's handles (`Open`).
-    pub(crate) stream: Option<ServedStream>,
+    /// A stream call's handles (`Open`); boxed, so a plain `Request`
+    /// moves one pointer for them, not the handles.
+    pub(crate) stream: Option<Box<ServedStream>>,
 }
 
 impl ServedCalls {
@@ -156,7 +157,7 @@ impl ServedCalls {
         .with_max_depth(self.max_depth)
         .with_metadata(metadata);
         let ctx = match stream {
-            Some(stream) => ctx.with_stream(stream),
+            Some(stream) => ctx.with_stream(*stream),
             None => ctx,
         };
         let span = if debug_spans_wanted() {
