@@ -44,6 +44,10 @@ use std::time::Instant;
 use metrics::Histogram;
 use rpc_core::StatusCode;
 
+// The router's: FNV-1a over a method's name (SipHash cost more than the
+// rest of a lookup; the names are the server's own).
+use crate::router::NameHasher;
+
 /// The call duration histogram's name.
 pub const SERVER_CALL_DURATION: &str = "rpc.server.call.duration";
 /// The calls-in-flight gauge's name.
@@ -78,30 +82,6 @@ pub(crate) struct CallMetrics {
     /// without a lock), and one for everything else.
     rows: HashMap<String, Row, BuildHasherDefault<NameHasher>>,
     other: Row,
-}
-
-/// FNV-1a over a method's name: SipHash cost more than the rest of a
-/// lookup, and the names are the server's own (a peer's name only looks
-/// one up, and misses).
-#[derive(Default)]
-pub(crate) struct NameHasher(u64);
-
-impl std::hash::Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 /// Per-thread shards of each outcome's counts: the threads serving calls

@@ -38,7 +38,7 @@ pub(crate) type Handler =
 /// key, and a peer's name is only looked up, so the probe lengths are fixed
 /// by the table.
 #[derive(Default)]
-struct NameHasher(u64);
+pub(crate) struct NameHasher(u64);
 
 impl Hasher for NameHasher {
     fn write(&mut self, bytes: &[u8]) {

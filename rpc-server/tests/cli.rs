@@ -355,15 +355,7 @@ fn files_serves_the_directory_and_a_missing_one_refuses_to_start() {
     });
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listed = runtime.block_on(async {
-        let tls = rpc_core::tls::client_config(&dir.path().join("ca.pem"), None).unwrap();
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let config = rpc_core::ConnectionConfig::default();
-        let (conn, driver) =
-            rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
-                .await
-                .unwrap();
-        tokio::spawn(driver);
+        let conn = connect(dir.path(), &addr).await;
         let body = rpc_core::codec::encode(&(), 64).unwrap();
         let reply = conn
             .call("Files.list", body, Duration::from_secs(5))
@@ -400,15 +392,7 @@ fn metrics_listen_serves_prometheus_text_counting_the_calls() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let text = runtime.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tls = rpc_core::tls::client_config(&dir.path().join("ca.pem"), None).unwrap();
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let config = rpc_core::ConnectionConfig::default();
-        let (conn, driver) =
-            rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
-                .await
-                .unwrap();
-        tokio::spawn(driver);
+        let conn = connect(dir.path(), &addr).await;
         let echo = rpc_core::codec::encode(&"hi", 64).unwrap();
         for _ in 0..3 {
             conn.call("Demo.echo", echo.clone(), Duration::from_secs(5))
@@ -461,4 +445,19 @@ fn metrics_listen_serves_prometheus_text_counting_the_calls() {
         text.contains("# TYPE rpc_server_call_duration histogram"),
         "{text}"
     );
+}
+
+/// A connection (TLS, `Hello`, its driver spawned) to the server at `addr`,
+/// trusting `dir`'s CA.
+async fn connect(dir: &std::path::Path, addr: &str) -> rpc_core::Connection {
+    let tls = rpc_core::tls::client_config(&dir.join("ca.pem"), None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let config = rpc_core::ConnectionConfig::default();
+    let (conn, driver) =
+        rpc_core::transport::connect(addr.parse().unwrap(), name, &connector, &config)
+            .await
+            .unwrap();
+    tokio::spawn(driver);
+    conn
 }
