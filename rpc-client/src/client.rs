@@ -321,6 +321,9 @@ impl Client {
         if idempotent {
             self.retry.deposit();
         }
+        // The caller's trace goes with the call.
+        #[cfg(feature = "otel")]
+        let metadata = rpc_core::trace_context::with_current(metadata);
         let mut attempt = 1;
         let mut unsent = 0;
         // Encoded again for a second attempt rather than cloned for every

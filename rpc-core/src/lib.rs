@@ -32,6 +32,7 @@
 //! | `service.rs` | what `#[service]` builds on: `Service`, `Caller`, context |
 //! | `streaming.rs` | typed streams: [`Streaming<T>`](streaming::Streaming), [`ServerStream<T>`](streaming::ServerStream) |
 //! | `streams/` | stream calls: the table of credit and items (`mod.rs`), credit without I/O (`flow.rs`), the handles (`handles.rs`) |
+//! | `trace_context.rs` | W3C trace context in call metadata (feature `otel`) |
 //! | `stats.rs` | call counters and the stats snapshot (`srpc.stats`) |
 //! | `files.rs` | the file service's contract and SHA-256 (`rpc-server --files`) |
 //! | `health.rs` | the health service's methods and statuses (`srpc.health`) |
@@ -75,6 +76,8 @@ pub mod stats;
 pub mod streaming;
 pub mod streams;
 pub mod tls;
+#[cfg(feature = "otel")]
+pub mod trace_context;
 pub mod transport;
 mod writer;
 

@@ -34,7 +34,9 @@ use crate::error::{Status, StatusCode};
 use crate::frame::{frame_len, Frame};
 use crate::lifecycle::Stage;
 use crate::metadata::Metadata;
-use crate::shared::{debug_spans_wanted, Shared};
+#[cfg(not(feature = "otel"))]
+use crate::shared::debug_spans_wanted;
+use crate::shared::Shared;
 use crate::streams::handles::ServedStream;
 
 /// A boxed, sendable future, as returned by [`Dispatch::dispatch`].
@@ -160,11 +162,15 @@ impl ServedCalls {
             Some(stream) => ctx.with_stream(*stream),
             None => ctx,
         };
+        #[cfg(not(feature = "otel"))]
         let span = if debug_spans_wanted() {
             tracing::debug_span!("call", method = %ctx.method(), id, peer = %ctx.peer())
         } else {
             tracing::Span::none()
         };
+        // The caller's trace continues in the call's span.
+        #[cfg(feature = "otel")]
+        let span = crate::trace_context::server_span(ctx.method(), ctx.metadata());
         self.tokens.first_poll_begins(seq);
         let mut handler = AssertUnwindSafe(self.dispatch.dispatch(ctx, body)).catch_unwind();
         // Most handlers finish when first polled: answer those right here,
