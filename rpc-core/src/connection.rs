@@ -146,12 +146,6 @@ impl Connection {
         self.shared.clocks.get().map_or((0, 0), |c| c.bytes())
     }
 
-    /// Streams open on this connection, and the bytes received on them
-    /// that their receivers have not taken yet (at most one window each).
-    pub fn stream_usage(&self) -> (usize, u64) {
-        (self.shared.streams.len(), self.shared.streams.buffered())
-    }
-
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<String> {
         self.shared.close_reason()

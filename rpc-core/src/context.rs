@@ -111,11 +111,6 @@ impl CallContext {
         slot.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// True when the call was opened as a stream (`Open`).
-    pub fn is_stream(&self) -> bool {
-        self.stream.is_some()
-    }
-
     /// The same context with another nesting limit for its arguments.
     pub fn with_max_depth(mut self, max_depth: usize) -> Self {
         self.max_depth = max_depth;

@@ -175,11 +175,13 @@ impl StreamTable {
     }
 
     /// Streams open now.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().entries.len()
     }
 
     /// Bytes received and not yet taken by the application, on all streams.
+    #[cfg(test)]
     pub(crate) fn buffered(&self) -> u64 {
         let s = self.lock();
         s.entries
@@ -234,12 +236,7 @@ impl StreamTable {
         let Some(r) = inbound else {
             // A stream this side closed: the piece crossed the `Reset` or
             // `Cancel`. Its connection credit comes back at once.
-            if let Some(grant) = s.recv.consume(n, Instant::now(), None) {
-                s.control.push(Frame::Credit {
-                    id: 0,
-                    bytes: grant,
-                });
-            }
+            connection_consumed(&mut s.recv, &mut s.control, n, Instant::now(), None);
             return Ok(());
         };
         if let Err(left) = r.window.receive(n) {
@@ -433,12 +430,7 @@ impl StreamTable {
             if let Some(grant) = r.window.consume(n, now, rtt) {
                 s.control.push(Frame::Credit { id, bytes: grant });
             }
-            if let Some(grant) = s.recv.consume(n, now, rtt) {
-                s.control.push(Frame::Credit {
-                    id: 0,
-                    bytes: grant,
-                });
-            }
+            connection_consumed(&mut s.recv, &mut s.control, n, now, rtt);
             return Poll::Ready(Some(Ok(item)));
         }
         if r.state == InState::Ended {
@@ -475,12 +467,7 @@ impl StreamTable {
             }
         }
         if held > 0 {
-            if let Some(grant) = s.recv.consume(held, Instant::now(), None) {
-                s.control.push(Frame::Credit {
-                    id: 0,
-                    bytes: grant,
-                });
-            }
+            connection_consumed(&mut s.recv, &mut s.control, held, Instant::now(), None);
         }
         if entry.send.is_none() {
             s.entries.remove(&id);
@@ -526,6 +513,23 @@ impl StreamTable {
         for w in wakers {
             w.wake();
         }
+    }
+}
+
+/// The application (or this side, dropping what nobody will read) took
+/// `n` bytes: the connection's credit to grant, if any, is queued.
+fn connection_consumed(
+    recv: &mut RecvWindow,
+    control: &mut Vec<Frame>,
+    n: u64,
+    now: Instant,
+    rtt: Option<Duration>,
+) {
+    if let Some(grant) = recv.consume(n, now, rtt) {
+        control.push(Frame::Credit {
+            id: 0,
+            bytes: grant,
+        });
     }
 }
 
