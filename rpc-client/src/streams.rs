@@ -42,9 +42,14 @@ impl Client {
             .ready_connection(None, deadline, timeout, wait_for_ready)
             .await?;
         let left = deadline.saturating_duration_since(Instant::now());
+        let metadata = options.metadata;
+        // The caller's trace goes with the stream, as with a call.
+        #[cfg(feature = "otel")]
+        let metadata =
+            rpc_core::trace_context::with_current(std::borrow::Cow::Owned(metadata)).into_owned();
         let opened = picked
             .conn
-            .open_stream(method, body, left, options.metadata.clone(), sends_stream)
+            .open_stream(method, body, left, metadata, sends_stream)
             .await;
         // Uncounted from the server's calls in flight (see the module docs).
         drop(picked);
