@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::de::Visitor;
 use serde::{Deserialize, Serialize};
 
-mod depth;
+pub(crate) mod depth;
 
 /// How deeply a decoded value may nest unless configured otherwise
 /// (`ConnectionConfig::max_depth`): as serde_json's default. A level is a

@@ -70,6 +70,7 @@ mod options;
 mod outbound;
 mod reader;
 mod rules;
+pub mod schema;
 pub mod service;
 mod shared;
 pub mod stats;

@@ -30,14 +30,14 @@ use serde::de::{
 
 /// The levels a decode may still go down, shared by every wrapper of one
 /// decode.
-pub(super) struct Budget {
+pub(crate) struct Budget {
     left: Cell<usize>,
     max: usize,
     exceeded: Cell<bool>,
 }
 
 impl Budget {
-    pub(super) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Budget {
             left: Cell::new(max),
             max,
@@ -46,7 +46,7 @@ impl Budget {
     }
 
     /// True when the decode was refused for its depth.
-    pub(super) fn exceeded(&self) -> bool {
+    pub(crate) fn exceeded(&self) -> bool {
         self.exceeded.get()
     }
 
@@ -81,9 +81,9 @@ impl Budget {
 
 /// A deserializer, visitor, access or seed whose nested values are counted
 /// against `budget`.
-pub(super) struct Limited<'b, T> {
-    pub(super) inner: T,
-    pub(super) budget: &'b Budget,
+pub(crate) struct Limited<'b, T> {
+    pub(crate) inner: T,
+    pub(crate) budget: &'b Budget,
 }
 
 impl<'b, T> Limited<'b, T> {
