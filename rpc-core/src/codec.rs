@@ -22,7 +22,7 @@ use std::marker::PhantomData;
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
-use serde::de::Visitor;
+use serde::de::{DeserializeSeed, Visitor};
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod depth;
@@ -177,16 +177,59 @@ fn encode_pooled<T: Serialize + ?Sized>(
 
 pub(crate) mod pool;
 
+/// A message already encoded (by a method's schema, say), sent as it is:
+/// encoding an `Encoded` as a whole message gives its bytes unchanged. It
+/// serializes as a tuple of its bytes, which this module's format writes
+/// as the bytes themselves (no length, a `u8` as one byte); any other
+/// format would not, so it belongs here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded(pub Bytes);
+
+impl Serialize for Encoded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut tuple = s.serialize_tuple(self.0.len())?;
+        for byte in self.0.iter() {
+            tuple.serialize_element(byte)?;
+        }
+        tuple.end()
+    }
+}
+
+/// A message left encoded: [`decode_owned`] of a whole message as
+/// `Undecoded` gives the message's bytes, for a caller that decodes them
+/// later by other means (a method's schema, with [`decode_seed`]). As a
+/// part of another value it does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecoded(pub Bytes);
+
+impl<'de> Deserialize<'de> for Undecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "Undecoded stands only for a whole message",
+        ))
+    }
+}
+
 /// Like [`decode`], for a value kept past `bytes`: when `T` is [`Bytes`] or
 /// `(Bytes,)` (a method taking or returning one byte string), the value is a
 /// slice of `bytes`, not a copy. Same result and same errors as `decode`:
 /// anything but a well-formed byte string within `limit` goes through it.
+/// As [`Undecoded`], the value is `bytes` themselves (within `limit`).
 pub fn decode_owned<T: DeserializeOwned + 'static>(
     bytes: &Bytes,
     limit: usize,
     max_depth: usize,
 ) -> Result<T, CodecError> {
     use std::any::{Any, TypeId};
+    if TypeId::of::<T>() == TypeId::of::<Undecoded>() && bytes.len() <= limit {
+        let whole = (&mut Some(Undecoded(bytes.clone())) as &mut dyn Any)
+            .downcast_mut::<Option<T>>()
+            .and_then(Option::take);
+        if let Some(whole) = whole {
+            return Ok(whole);
+        }
+    }
     let single = TypeId::of::<T>() == TypeId::of::<Bytes>();
     let tuple = TypeId::of::<T>() == TypeId::of::<(Bytes,)>();
     if single || tuple {
@@ -348,10 +391,21 @@ pub fn decode<'a, T: Deserialize<'a>>(
     limit: usize,
     max_depth: usize,
 ) -> Result<T, CodecError> {
+    decode_seed(PhantomData::<T>, bytes, limit, max_depth)
+}
+
+/// Like [`decode`], for a value whose shape is known only at run time
+/// (a `DeserializeSeed`, such as a decoder driven by a method's schema).
+pub fn decode_seed<'a, S: DeserializeSeed<'a>>(
+    seed: S,
+    bytes: &'a [u8],
+    limit: usize,
+    max_depth: usize,
+) -> Result<S::Value, CodecError> {
     let mut rest = bytes;
     let budget = depth::Budget::new(max_depth);
     let seed = depth::Limited {
-        inner: PhantomData::<T>,
+        inner: seed,
         budget: &budget,
     };
     let value = options(limit)
@@ -689,5 +743,35 @@ mod tests {
         let err = decode::<Expr>(&[9], 16, DEFAULT_MAX_DEPTH).unwrap_err();
         assert!(!err.is_depth_limit());
         assert!(err.to_string().contains("variant index"), "{err}");
+    }
+
+    #[test]
+    fn encoded_is_its_bytes_unchanged() {
+        let bytes = encode(&(300u32, -5i64, "text", Some(1u8)), 64).unwrap();
+        assert_eq!(encode(&Encoded(bytes.clone()), 64).unwrap(), bytes);
+        assert_eq!(
+            encoded_len(&Encoded(bytes.clone()), 64).unwrap(),
+            bytes.len()
+        );
+        assert!(encode(&Encoded(bytes.clone()), 2)
+            .unwrap_err()
+            .is_size_limit());
+    }
+
+    #[test]
+    fn undecoded_is_the_whole_message_and_nothing_inside_one() {
+        let bytes = encode(&(7u32, "seven"), 64).unwrap();
+        let whole: Undecoded = decode_owned(&bytes, 64, DEFAULT_MAX_DEPTH).unwrap();
+        assert_eq!(whole.0, bytes);
+        // Over the limit: refused like any message.
+        assert!(decode_owned::<Undecoded>(&bytes, 2, DEFAULT_MAX_DEPTH).is_err());
+        assert!(decode_owned::<(Undecoded,)>(&bytes, 64, DEFAULT_MAX_DEPTH).is_err());
+        // A seed reads it later, under the same nesting limit.
+        let (n, s): (u32, String) =
+            decode_seed(PhantomData, &whole.0, 64, DEFAULT_MAX_DEPTH).unwrap();
+        assert_eq!((n, s.as_str()), (7, "seven"));
+        assert!(decode_seed(PhantomData::<(u32, String)>, &whole.0, 64, 0)
+            .unwrap_err()
+            .is_depth_limit());
     }
 }

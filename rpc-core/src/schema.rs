@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_reflection::{Tracer, TracerConfig};
@@ -71,35 +72,70 @@ pub struct ListRequest {
 /// method's schema by its wire name (`Service.method`). Its encoding starts
 /// with the plain listing's, so a reply from a server that predates
 /// schemas (which ignores the argument) is told apart by being too short.
+///
+/// Each schema travels as its own encoded bytes ([`encode_schema`]): a
+/// [`MethodSchema`] holds serde-reflection's formats, which are not `Send`,
+/// so servers keep and send them encoded and [`Listing::schema`] decodes
+/// the one wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listing {
     /// What the plain `srpc.list` returns.
     pub services: Vec<ServiceDescription>,
-    /// Each method's schema, or why it has none, by `Service.method`.
-    pub schemas: BTreeMap<String, SchemaResult>,
+    /// Each method's encoded schema, or why it has none, by `Service.method`.
+    pub schemas: BTreeMap<String, Result<Bytes, String>>,
+}
+
+impl Listing {
+    /// The schema of `method` (`Service.method`), or why it has none;
+    /// `None` when the listing does not have the method. `max_depth` bounds
+    /// the decode's nesting, as for any message.
+    pub fn schema(&self, method: &str, max_depth: usize) -> Option<SchemaResult> {
+        let encoded = self.schemas.get(method)?;
+        Some(match encoded {
+            Ok(bytes) => crate::codec::decode(bytes, bytes.len(), max_depth)
+                .map_err(|e| format!("the schema of {method} did not decode: {e}")),
+            Err(why) => Err(why.clone()),
+        })
+    }
+}
+
+/// A schema as [`Listing`] carries it.
+pub fn encode_schema(schema: &MethodSchema) -> Result<Bytes, String> {
+    crate::codec::encode(schema, usize::MAX).map_err(|e| format!("schema did not encode: {e}"))
 }
 
 type NavigateFn = fn(Navigator<'_>) -> Result<(), NavError>;
 type TraceFn = fn(&mut Tracer) -> serde_reflection::Result<Format>;
 
 /// One type to trace (an argument, the reply, the items): made by
-/// generated code with [`Traced::of`].
+/// generated code with [`Traced::of`], or through [`Probe`] where the type
+/// may not implement `Deserialize`.
 #[derive(Clone, Copy)]
-pub struct Traced {
-    navigate: NavigateFn,
-    trace: TraceFn,
+pub struct Traced(Kind);
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Type {
+        navigate: NavigateFn,
+        trace: TraceFn,
+    },
+    /// A type without `Deserialize`, by name: nothing to trace.
+    Missing(&'static str),
 }
 
 impl std::fmt::Debug for Traced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Traced")
+        match self.0 {
+            Kind::Type { .. } => f.write_str("Traced"),
+            Kind::Missing(name) => write!(f, "Traced(missing {name})"),
+        }
     }
 }
 
 impl Traced {
     /// The type `T`.
     pub fn of<T: DeserializeOwned>() -> Self {
-        Traced {
+        Traced(Kind::Type {
             navigate: |nav| T::deserialize(nav).map(drop),
             trace: |tracer| {
                 let budget = Budget::new(navigate::MAX_DEPTH * 2);
@@ -110,7 +146,52 @@ impl Traced {
                 let (format, _) = tracer.trace_type_once_with_seed(navigate::samples(), seed)?;
                 Ok(format)
             },
-        }
+        })
+    }
+
+    /// A type that cannot be traced, by name.
+    pub fn missing(type_name: &'static str) -> Self {
+        Traced(Kind::Missing(type_name))
+    }
+}
+
+/// Picks [`Traced::of`] for a type that implements `Deserialize` and
+/// [`Traced::missing`] for one that does not, so generated code compiles
+/// either way: `(&Probe::<T>::new()).traced()` with [`Traceable`] and
+/// [`Untraceable`] in scope (method resolution tries `Probe<T>`'s impl
+/// first, and `&Probe<T>`'s only when that one does not apply).
+#[derive(Debug)]
+pub struct Probe<T>(PhantomData<fn() -> T>);
+
+impl<T> Probe<T> {
+    /// A probe of `T`.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Probe(PhantomData)
+    }
+}
+
+/// See [`Probe`]: the types that trace.
+pub trait Traceable {
+    /// `T` to trace.
+    fn traced(&self) -> Traced;
+}
+
+impl<T: DeserializeOwned> Traceable for Probe<T> {
+    fn traced(&self) -> Traced {
+        Traced::of::<T>()
+    }
+}
+
+/// See [`Probe`]: the types that do not.
+pub trait Untraceable {
+    /// `T`, by name only.
+    fn traced(&self) -> Traced;
+}
+
+impl<T> Untraceable for &Probe<T> {
+    fn traced(&self) -> Traced {
+        Traced::missing(std::any::type_name::<T>())
     }
 }
 
@@ -127,10 +208,17 @@ pub fn trace_method(
     items_in: Option<Traced>,
     items_out: Option<Traced>,
 ) -> SchemaResult {
-    let mut roots: Vec<Traced> = args.iter().map(|(_, t)| *t).collect();
-    roots.push(reply);
-    roots.extend(items_in);
-    roots.extend(items_out);
+    let mut types: Vec<Traced> = args.iter().map(|(_, t)| *t).collect();
+    types.push(reply);
+    types.extend(items_in);
+    types.extend(items_out);
+    let mut roots = Vec::with_capacity(types.len());
+    for traced in types {
+        match traced.0 {
+            Kind::Type { navigate, trace } => roots.push((navigate, trace)),
+            Kind::Missing(name) => return Err(format!("{name} does not implement Deserialize")),
+        }
+    }
     let traced = catch_unwind(AssertUnwindSafe(|| trace_all(&roots)))
         .unwrap_or_else(|_| Err("a Deserialize impl panicked while traced".to_owned()))?;
     let (mut formats, registry) = traced;
@@ -154,17 +242,17 @@ pub fn trace_method(
 /// Traces `roots` in one session, so their named types share one
 /// registry: navigation passes until every enum inside them is complete
 /// (see `navigate.rs`), then each root once more for its own format.
-fn trace_all(roots: &[Traced]) -> Result<(Vec<Format>, Registry), String> {
+fn trace_all(roots: &[(NavigateFn, TraceFn)]) -> Result<(Vec<Format>, Registry), String> {
     let mut state = State::new(Tracer::new(TracerConfig::default()));
     let mut passes = 0;
     loop {
         state.progress = false;
-        for root in roots {
+        for (navigate, _) in roots {
             let nav = Navigator {
                 state: &mut state,
                 depth: 0,
             };
-            (root.navigate)(nav).map_err(|e| e.0)?;
+            navigate(nav).map_err(|e| e.0)?;
         }
         if !state.progress {
             break;
@@ -183,7 +271,7 @@ fn trace_all(roots: &[Traced]) -> Result<(Vec<Format>, Registry), String> {
     }
     let formats = roots
         .iter()
-        .map(|root| (root.trace)(&mut state.tracer).map_err(|e| reason(&e)))
+        .map(|(_, trace)| trace(&mut state.tracer).map_err(|e| reason(&e)))
         .collect::<Result<Vec<_>, _>>()?;
     let registry = state.tracer.registry().map_err(|e| reason(&e))?;
     Ok((formats, registry))

@@ -26,6 +26,7 @@ use crate::calls::incoming::BoxFuture;
 use crate::context::CallContext;
 use crate::error::Status;
 use crate::options::CallOptions;
+use crate::schema::SchemaResult;
 use crate::streams::handles::{StreamReceiver, StreamSender};
 
 /// The reserved method that lists a server's services.
@@ -71,6 +72,23 @@ pub struct ServiceDescription {
 pub trait Service: Send + Sync + 'static {
     /// Names, methods and type names, for listing.
     fn describe(&self) -> ServiceDescription;
+
+    /// Each method's schema by its name (as in [`describe`](Service::describe)),
+    /// or why it has none; `srpc.list` serves them to tools such as
+    /// `rpc-client call`. Traced once, when the service is added to a
+    /// router. `#[service]` traces every method; the default has none.
+    fn schemas(&self) -> Vec<(String, SchemaResult)> {
+        self.describe()
+            .methods
+            .into_iter()
+            .map(|m| {
+                (
+                    m.name,
+                    Err("no schema: the service does not trace its types".to_owned()),
+                )
+            })
+            .collect()
+    }
 
     /// Serves one call to `ctx.method()` (`Service.method`), or `None` when
     /// this service has no such method.

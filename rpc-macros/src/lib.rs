@@ -557,6 +557,43 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
         }
     });
 
+    let schemas = methods.iter().map(|m| {
+        let method = m.name.to_string();
+        let input_index = m.input.as_ref().map(|(i, _)| *i);
+        let args = m
+            .args
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != input_index)
+            .map(|(_, (a, t))| {
+                let a = a.to_string();
+                quote!((#a, (&#krate::schema::Probe::<#t>::new()).traced()))
+            });
+        let reply = match &m.output {
+            Some(_) => quote!(()),
+            None => m.ok_of_status.as_ref().unwrap_or(&m.ret).to_token_stream(),
+        };
+        let probe = |t: Option<&Type>| match t {
+            Some(t) => {
+                quote!(::core::option::Option::Some((&#krate::schema::Probe::<#t>::new()).traced()))
+            }
+            None => quote!(::core::option::Option::None),
+        };
+        let items_in = probe(m.input.as_ref().map(|(_, t)| t));
+        let items_out = probe(m.output.as_ref());
+        quote! {
+            (
+                #method.to_string(),
+                #krate::schema::trace_method(
+                    &[#(#args),*],
+                    (&#krate::schema::Probe::<#reply>::new()).traced(),
+                    #items_in,
+                    #items_out,
+                ),
+            )
+        }
+    });
+
     let client_doc = format!(
         "Typed client of the `{service}` service; wrap any `Caller` (an `rpc_client::Client`)."
     );
@@ -624,6 +661,14 @@ fn expand(args: Args, item: ItemTrait) -> syn::Result<Tokens> {
                     name: #service.to_string(),
                     methods: ::std::vec![#(#descriptions),*],
                 }
+            }
+
+            // The borrow picks `Untraceable` when `Traceable` does not apply.
+            #[allow(clippy::needless_borrow)]
+            fn schemas(&self) -> ::std::vec::Vec<(::std::string::String, #krate::schema::SchemaResult)> {
+                #[allow(unused_imports)]
+                use #krate::schema::{Traceable as _, Untraceable as _};
+                ::std::vec![#(#schemas),*]
             }
 
             fn call(

@@ -24,6 +24,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::{ready, Either, Ready};
 use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
+use rpc_core::schema::{ListRequest, Listing};
 use rpc_core::service::{decode_args, encode_reply, ServiceDescription, LIST_METHOD};
 use rpc_core::stats::{CallCounters, StatsSnapshot, RESERVED_PREFIX, STATS_METHOD};
 use rpc_core::{codec, BoxFuture, CallContext, Status, StatusCode};
@@ -172,6 +173,34 @@ fn authorize<F>(
     }
 }
 
+/// What `srpc.list` answers: the plain listing for an empty body (clients
+/// before schemas), the listing with schemas for a `ListRequest` asking
+/// for them.
+pub(crate) struct Listings {
+    pub(crate) plain: Vec<ServiceDescription>,
+    listing: Listing,
+}
+
+impl Listings {
+    pub(crate) fn new(router: &crate::Router) -> Self {
+        Listings {
+            plain: router.describe(),
+            listing: router.listing(),
+        }
+    }
+
+    fn reply(&self, ctx: &rpc_core::CallContext, body: &Bytes) -> Result<Bytes, Status> {
+        let schemas =
+            !body.is_empty() && decode_args::<ListRequest>(LIST_METHOD, ctx, body)?.schemas;
+        let encoded = if schemas {
+            codec::encode(&self.listing, usize::MAX)
+        } else {
+            codec::encode(&self.plain, usize::MAX)
+        };
+        encoded.map_err(|e| Status::internal(format!("listing did not encode: {e}")))
+    }
+}
+
 /// Where `srpc.stats` gets its figures.
 pub(crate) type Snapshot = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
 
@@ -180,7 +209,7 @@ pub(crate) type Snapshot = Arc<dyn Fn() -> StatsSnapshot + Send + Sync>;
 #[derive(Clone)]
 pub(crate) struct ReservedMethods<S> {
     pub(crate) inner: S,
-    pub(crate) list: Arc<Vec<ServiceDescription>>,
+    pub(crate) list: Arc<Listings>,
     pub(crate) stats: Snapshot,
     pub(crate) health: Health,
 }
@@ -225,8 +254,7 @@ impl<S> ReservedMethods<S> {
             return None;
         }
         let reply = match method {
-            LIST_METHOD => codec::encode(&*self.list, usize::MAX)
-                .map_err(|e| Status::internal(format!("listing did not encode: {e}"))),
+            LIST_METHOD => self.list.reply(&call.ctx, &call.body),
             STATS_METHOD => codec::encode(&(self.stats)(), usize::MAX)
                 .map_err(|e| Status::internal(format!("stats did not encode: {e}"))),
             CHECK_METHOD => decode_args::<String>(method, &call.ctx, &call.body)

@@ -15,13 +15,14 @@
 //!
 //! Not here: connections, limits, deadlines (the driver enforces those).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use rpc_core::codec;
+use rpc_core::schema::{encode_schema, Listing};
 use rpc_core::service::{MethodDescription, Service, ServiceDescription};
 use rpc_core::stats::RESERVED_PREFIX;
 use rpc_core::BoxFuture;
@@ -65,6 +66,8 @@ pub struct Router {
     /// What `srpc.list` shows: services added whole, and plain routes.
     services: Vec<ServiceDescription>,
     plain: Vec<MethodDescription>,
+    /// Each method's encoded schema or why it has none, by `Service.method`.
+    schemas: BTreeMap<String, Result<Bytes, String>>,
     /// Why names were not added, for `check`.
     refused: Vec<String>,
 }
@@ -107,6 +110,13 @@ impl Router {
         F: Fn(CallContext, A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, Status>> + Send + 'static,
     {
+        self.schemas.insert(
+            name.to_owned(),
+            Err(
+                "no schema: added with Router::route (only #[service] methods are traced)"
+                    .to_owned(),
+            ),
+        );
         self.plain.push(MethodDescription {
             name: name.to_owned(),
             args: vec![("args".to_owned(), std::any::type_name::<A>().to_owned())],
@@ -136,6 +146,11 @@ impl Router {
     /// one service twice makes `ServerBuilder::build` fail.
     pub fn service<S: Service>(mut self, service: S) -> Self {
         let description = service.describe();
+        for (method, schema) in service.schemas() {
+            let encoded = schema.and_then(|s| encode_schema(&s));
+            self.schemas
+                .insert(format!("{}.{method}", description.name), encoded);
+        }
         let service = Arc::new(service);
         for method in &description.methods {
             let wire = format!("{}.{}", description.name, method.name);
@@ -174,6 +189,15 @@ impl Router {
         all
     }
 
+    /// The listing with every method's schema, as `srpc.list` returns it
+    /// when asked for schemas.
+    pub fn listing(&self) -> Listing {
+        Listing {
+            services: self.describe(),
+            schemas: self.schemas.clone(),
+        }
+    }
+
     /// Adds everything `other` offers.
     pub(crate) fn merge(mut self, other: Router) -> Self {
         for (name, handler) in other.routes {
@@ -181,6 +205,9 @@ impl Router {
         }
         self.services.extend(other.services);
         self.plain.extend(other.plain);
+        for (name, schema) in other.schemas {
+            self.schemas.entry(name).or_insert(schema);
+        }
         self.refused.extend(other.refused);
         self
     }

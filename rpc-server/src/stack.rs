@@ -35,8 +35,8 @@ use crate::call::{Call, CallService};
 use crate::connection_set::ConnectionSet;
 use crate::health::Health;
 use crate::layers::{
-    Authorize, AuthorizeHook, AuthorizeLayer, ReservedMethods, RouterService, SharedCall, Snapshot,
-    Stats,
+    Authorize, AuthorizeHook, AuthorizeLayer, Listings, ReservedMethods, RouterService, SharedCall,
+    Snapshot, Stats,
 };
 use crate::metrics::{record_bytes, CallMetrics, Sample};
 use crate::Router;
@@ -117,9 +117,10 @@ impl ServerDispatch {
             let (counters, connections) = (counters.clone(), connections.clone());
             Arc::new(move || snapshot(&counters, &connections))
         };
-        let list = router.describe();
+        let list = Listings::new(&router);
         let health = Health::new(
-            list.iter()
+            list.plain
+                .iter()
                 .map(|service| service.name.clone())
                 .filter(|name| !name.is_empty()),
         );

@@ -195,7 +195,7 @@ fn a_listing_round_trips_through_the_codec_and_an_old_reply_is_too_short() {
     let listing = Listing {
         services: services.clone(),
         schemas: [
-            ("Shop.order".to_owned(), Ok(schema)),
+            ("Shop.order".to_owned(), encode_schema(&schema)),
             ("Shop.other".to_owned(), Err("why".to_owned())),
         ]
         .into(),
@@ -203,6 +203,9 @@ fn a_listing_round_trips_through_the_codec_and_an_old_reply_is_too_short() {
     let bytes = crate::codec::encode(&listing, usize::MAX).unwrap();
     let back: Listing = crate::codec::decode(&bytes, bytes.len(), 128).unwrap();
     assert_eq!(back, listing);
+    assert_eq!(back.schema("Shop.order", 128), Some(Ok(schema)));
+    assert_eq!(back.schema("Shop.other", 128), Some(Err("why".to_owned())));
+    assert_eq!(back.schema("Shop.none", 128), None);
     let old = crate::codec::encode(&services, usize::MAX).unwrap();
     assert!(crate::codec::decode::<Listing>(&old, old.len(), 128).is_err());
 }
@@ -273,4 +276,23 @@ fn a_recursive_first_variant_is_refused_not_a_stack_overflow() {
     )
     .unwrap_err();
     assert!(why.contains("first variant"), "{why}");
+}
+
+struct NotDeserialize;
+
+#[test]
+#[allow(clippy::needless_borrow)] // the borrow picks `Untraceable` where needed
+fn a_type_without_deserialize_is_named_and_compiles() {
+    use super::{Traceable as _, Untraceable as _};
+    let why = trace_method(
+        &[("n", (&Probe::<u32>::new()).traced())],
+        (&Probe::<NotDeserialize>::new()).traced(),
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        why.contains("NotDeserialize does not implement Deserialize"),
+        "{why}"
+    );
 }
