@@ -34,6 +34,7 @@ mod backoff;
 mod builder;
 mod client;
 pub mod discovery;
+pub mod dynamic;
 mod endpoint;
 mod error;
 mod load;

@@ -6,6 +6,7 @@
 //! to stderr with exit status 1 (2 for bad command-line arguments).
 
 mod bench;
+mod schema;
 mod transfer;
 
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ Examples:
   rpc-client --ca certs/ca.pem stats
   rpc-client --ca certs/ca.pem health         (exit 0: SERVING, 1: NOT_SERVING)
   rpc-client --ca certs/ca.pem list
+  rpc-client --ca certs/ca.pem describe Demo
+  rpc-client --ca certs/ca.pem call Demo.add '{\"a\": 2, \"b\": 3}'
   rpc-client --ca certs/ca.pem --cert certs/client.pem --key certs/client.key call whoami
   rpc-client --ca certs/ca.pem --meta tenant=blue --meta request-id=42 call metadata
   rpc-client --ca certs/ca.pem upload ./report.pdf --name reports/q3.pdf
@@ -99,9 +102,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Call one method of the demo service and print its result.
+    /// Call a method and print its result: a demo shortcut (echo, add,
+    /// sleep, whoami, metadata) or any method as SERVICE.METHOD 'JSON',
+    /// the arguments as a JSON object by name (or an array), checked
+    /// against the method's schema before sending; the reply is printed as
+    /// one line of JSON. See `describe` for the methods and their types.
     #[command(subcommand)]
     Call(CallCmd),
+    /// The server's methods with their types, as `list`, each followed by
+    /// the structs and enums it uses (what `call SERVICE.METHOD JSON`
+    /// expects), or why it has no schema.
+    Describe {
+        /// Only this service, or one method as SERVICE.METHOD [default: all].
+        #[arg(default_value = "")]
+        service: String,
+    },
     /// Heartbeat round trips: sends Pings one after another (each waits for
     /// its Pong) and prints each round-trip time, e.g. "rtt 0.183ms". Past
     /// the server's ping burst allowance (8), one per heartbeat interval.
@@ -166,6 +181,9 @@ enum CallCmd {
     /// Prints the metadata the server received with the call (--meta), one
     /// KEY=VALUE per line, sorted by key.
     Metadata,
+    /// SERVICE.METHOD ['JSON']: any method, by its schema.
+    #[command(external_subcommand)]
+    Method(Vec<String>),
 }
 
 /// `KEY=VALUE` of `--meta`.
@@ -271,6 +289,8 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 println!("{key}={}", String::from_utf8_lossy(&value));
             }
         }
+        Command::Call(CallCmd::Method(words)) => schema::call(&client, words).await?,
+        Command::Describe { service } => schema::describe(&client, &service).await?,
         Command::Ping { count } => {
             // Back to back within the server's burst allowance; beyond it,
             // one per heartbeat interval, or the server's flood protection
