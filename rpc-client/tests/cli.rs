@@ -367,6 +367,67 @@ async fn list_prints_each_method_with_its_types() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_prints_methods_and_call_takes_json_by_schema() {
+    let f = start_server().await;
+    let out = run(&f.ca, &f.addr, &["describe", "Demo"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines().any(|l| l == "Demo.add(a: i64, b: i64) -> i64"),
+        "{text}"
+    );
+    assert!(!text.contains("no schema"), "{text}");
+    let out = run(&f.ca, &f.addr, &["describe", "Nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no service \"Nope\" on the server; it has Demo"),
+        "{}",
+        stderr(&out)
+    );
+
+    for (args, reply) in [
+        (&["call", "Demo.add", r#"{"a": 2, "b": 3}"#][..], "5\n"),
+        (&["call", "Demo.add", "[-10, 3]"][..], "-7\n"),
+        (
+            &["call", "Demo.echo", r#"{"text": "hi \"there\""}"#][..],
+            "\"hi \\\"there\\\"\"\n",
+        ),
+        (&["call", "Demo.whoami"][..], "\"anonymous\"\n"),
+        (&["call", "Demo.metadata"][..], "[]\n"),
+    ] {
+        let out = run(&f.ca, &f.addr, args).await;
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), reply, "{args:?}");
+    }
+
+    // Refused before sending, naming the argument; bad JSON; no such method.
+    for (args, said) in [
+        (
+            &["call", "Demo.add", r#"{"a": 2, "b": "3"}"#][..],
+            "refused before sending: b: expected an integer",
+        ),
+        (
+            &["call", "Demo.add", r#"{"a": 2}"#][..],
+            "refused before sending: b: missing",
+        ),
+        (
+            &["call", "Demo.add", "{a: 2}"][..],
+            "the arguments of Demo.add are not JSON",
+        ),
+        (
+            &["call", "Demo.nope", "[]"][..],
+            "the server has no method \"Demo.nope\"",
+        ),
+        (&["call", "nope"][..], "no demo call \"nope\""),
+    ] {
+        let out = run(&f.ca, &f.addr, args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stdout(&out).is_empty(), "{args:?}");
+        assert!(stderr(&out).contains(said), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_flags_reach_the_server_and_call_metadata_prints_them_sorted() {
     let f = start_server().await;
     let out = run(

@@ -46,6 +46,32 @@ impl Fixture {
             .unwrap()
     }
 
+    async fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rpc-client"));
+        cmd.arg("--connect")
+            .arg(&self.addr)
+            .arg("--ca")
+            .arg(self.dir.path().join("ca.pem"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let input = input.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).to_string_lossy().into_owned()
     }
@@ -139,4 +165,61 @@ async fn a_refused_name_exits_non_zero_and_says_why() {
     let out = f.run(&["upload", &f.path("does-not-exist")]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot open"), "{}", stderr(&out));
+}
+
+/// The file service's stream methods through `call` by schema: upload
+/// items from stdin, one JSON value per line; download items one per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_methods_by_schema_read_items_from_stdin_and_print_one_per_line() {
+    let f = start().await;
+    let mut h = rpc_core::files::Sha256::default();
+    h.update(b"hi");
+    let sha: Vec<String> = h.finish().iter().map(u8::to_string).collect();
+    let items = format!(
+        "{{\"Data\": [104, 105]}}\n\n{{\"Done\": {{\"sha256\": [{}]}}}}\n",
+        sha.join(",")
+    );
+    let out = f
+        .run_with_stdin(&["call", "Files.upload", r#"{"name": "hi.txt"}"#], &items)
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{{\"name\":\"hi.txt\",\"size\":2,\"sha256\":[{}]}}\n",
+            sha.join(",")
+        )
+    );
+    assert_eq!(std::fs::read(f.served.join("hi.txt")).unwrap(), b"hi");
+
+    let out = f
+        .run(&[
+            "call",
+            "Files.download",
+            r#"{"name": "hi.txt", "offset": 1}"#,
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{{\"Data\":[105]}}\n{{\"Done\":{{\"size\":2,\"sha256\":[{}]}}}}\n",
+            sha.join(",")
+        )
+    );
+
+    // An item that does not fit: refused before the stream opens.
+    let out = f
+        .run_with_stdin(
+            &["call", "Files.upload", r#"{"name": "no.txt"}"#],
+            "{\"Data\": \"hi\"}\n",
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("refused before sending: item 0.Data: expected an array of bytes"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!f.served.join("no.txt").exists());
 }
