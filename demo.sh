@@ -57,6 +57,9 @@ client call echo "hello, world"
 client call add 2 3
 client call sleep 100
 client --meta tenant=demo --meta request-id=7 call metadata
+# Any method, by the schema the server lists: JSON in, JSON out.
+client describe Demo
+client call Demo.add '{"a": 40, "b": 2}'
 # This one must fail, with exit 1 and a deadline error: anything else stops
 # the demo.
 CODE=0

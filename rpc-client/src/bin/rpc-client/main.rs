@@ -1,5 +1,5 @@
-//! `rpc-client`: calls the demo service, transfers files, or load-tests a
-//! server with `bench`.
+//! `rpc-client`: calls the demo service or any method by its schema,
+//! transfers files, or load-tests a server with `bench`.
 //!
 //! Thin on purpose: parses flags, sets up logging (stderr, `RUST_LOG`), and
 //! calls the rpc-client library. Results go to stdout, one per line; errors go
@@ -40,7 +40,14 @@ Examples:
 
 Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more.";
 
-/// Call the srpc demo service over TLS.
+const CALL_ANY: &str = "\
+Any method, by the schema the server lists (see `rpc-client describe`):
+  rpc-client call SERVICE.METHOD ['JSON']
+  rpc-client call Demo.add '{\"a\": 2, \"b\": 3}'
+A method returning a stream prints one line per item; one taking a stream
+reads its items from stdin, one JSON value per line.";
+
+/// Call an srpc server over TLS: the demo service, or any method by its schema.
 #[derive(Parser, Debug)]
 #[command(name = "rpc-client", version, after_help = EXAMPLES)]
 struct Cli {
@@ -107,7 +114,7 @@ enum Command {
     /// the arguments as a JSON object by name (or an array), checked
     /// against the method's schema before sending; the reply is printed as
     /// one line of JSON. See `describe` for the methods and their types.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = CALL_ANY)]
     Call(CallCmd),
     /// The server's methods with their types, as `list`, each followed by
     /// the structs and enums it uses (what `call SERVICE.METHOD JSON`
