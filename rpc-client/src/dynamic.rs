@@ -420,3 +420,6 @@ impl JsonStream {
         decode_value(format, &schema.registry, bytes, self.max_depth).map_err(reply_error)
     }
 }
+
+#[cfg(test)]
+mod tests;
