@@ -27,6 +27,8 @@ pub struct CallContext {
     id: u64,
     method: String,
     deadline: Option<Instant>,
+    /// When the request's bytes were read.
+    arrived: Instant,
     identity: Option<Arc<PeerIdentity>>,
     cancel: CancelSource,
     max_depth: usize,
@@ -47,6 +49,7 @@ impl CallContext {
             id,
             method: method.to_owned(),
             deadline: None,
+            arrived: Instant::now(),
             identity: None,
             cancel: CancelSource::Detached(CancellationToken::new()),
             max_depth: crate::codec::DEFAULT_MAX_DEPTH,
@@ -61,12 +64,14 @@ impl CallContext {
         self
     }
 
-    /// The context of call `seq` (the driver's count) on a connection.
+    /// The context of call `seq` (the driver's count) on a connection,
+    /// whose request was read at `arrived` and whose caller stops waiting
+    /// at `deadline`.
     pub(crate) fn for_call(
         peer: SocketAddr,
         id: u64,
         method: String,
-        deadline: Option<Instant>,
+        (arrived, deadline): (Instant, Option<Instant>),
         identity: Option<Arc<PeerIdentity>>,
         tokens: Arc<CallTokens>,
         seq: u64,
@@ -76,6 +81,7 @@ impl CallContext {
             id,
             method,
             deadline,
+            arrived,
             identity,
             cancel: CancelSource::Call(tokens, seq),
             max_depth: crate::codec::DEFAULT_MAX_DEPTH,
@@ -141,6 +147,13 @@ impl CallContext {
     /// When the caller stops waiting, if it said.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// When the request arrived: its bytes were read (the time a call's
+    /// deadline and its measured duration count from); for a context made
+    /// with [`CallContext::new`], when it was made.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
     }
 
     /// The peer's certificate names, when it presented one (mutual TLS).
@@ -261,7 +274,8 @@ mod tests {
 
     fn ctx_of(tokens: &Arc<CallTokens>, seq: u64) -> CallContext {
         let peer = "127.0.0.1:9".parse().unwrap();
-        CallContext::for_call(peer, 7, "svc.m".into(), None, None, tokens.clone(), seq)
+        let timing = (Instant::now(), None);
+        CallContext::for_call(peer, 7, "svc.m".into(), timing, None, tokens.clone(), seq)
     }
 
     #[test]

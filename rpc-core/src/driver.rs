@@ -329,6 +329,7 @@ impl Driver {
                     id,
                     method,
                     deadline: deadline_of(self.arrived, deadline_ms),
+                    arrived: self.arrived,
                     metadata,
                     body,
                     stream,

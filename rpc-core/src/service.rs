@@ -84,7 +84,7 @@ pub trait Service: Send + Sync + 'static {
             .map(|m| {
                 (
                     m.name,
-                    Err("no schema: the service does not trace its types".to_owned()),
+                    Err("the service does not trace its types".to_owned()),
                 )
             })
             .collect()

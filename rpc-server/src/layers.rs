@@ -327,7 +327,9 @@ fn count<F>(
 ) -> Counted<F> {
     counters.started();
     let deadline = call.ctx.deadline();
-    let timed = metrics.as_ref().map(|m| m.start(call.ctx.method()));
+    let timed = metrics
+        .as_ref()
+        .map(|m| m.start(call.ctx.method(), call.ctx.arrived().into_std()));
     Counted {
         inner: inner(call),
         counters: Some(counters.clone()),

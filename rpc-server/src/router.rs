@@ -112,10 +112,7 @@ impl Router {
     {
         self.schemas.insert(
             name.to_owned(),
-            Err(
-                "no schema: added with Router::route (only #[service] methods are traced)"
-                    .to_owned(),
-            ),
+            Err("added with Router::route (only #[service] methods are traced)".to_owned()),
         );
         self.plain.push(MethodDescription {
             name: name.to_owned(),

@@ -85,6 +85,8 @@ pub(crate) struct Incoming {
     /// When the caller stops waiting, counted from when the request's
     /// bytes were read.
     pub(crate) deadline: Option<Instant>,
+    /// When the request's bytes were read.
+    pub(crate) arrived: Instant,
     pub(crate) metadata: Metadata,
     pub(crate) body: Bytes,
     /// A stream call's handles (`Open`); boxed, so a plain `Request`
@@ -139,6 +141,7 @@ impl ServedCalls {
             id,
             method,
             deadline,
+            arrived,
             metadata,
             body,
             stream,
@@ -151,7 +154,7 @@ impl ServedCalls {
             shared.peer,
             id,
             method,
-            deadline,
+            (arrived, deadline),
             shared.identity.get().cloned(),
             self.tokens.clone(),
             seq,
