@@ -6,7 +6,10 @@
 //! decode may allocate, so a forged length inside a frame cannot make us
 //! allocate more than the frame limit. Every decode also has a nesting
 //! limit ([`DEFAULT_MAX_DEPTH`] unless configured; see `codec/depth.rs`),
-//! so a deeply nested value is refused instead of overflowing the stack.
+//! so a deeply nested value is refused instead of overflowing the stack,
+//! and a bound on elements (two per byte, plus [`MIN_ELEMENTS`]), so a
+//! forged length of zero-sized elements (`Vec<()>`) is refused instead of
+//! looping for as long as it says.
 //! Decoding borrows from the frame's bytes where the type allows it
 //! (`&[u8]`, `&str`).
 //!
@@ -31,6 +34,10 @@ pub(crate) mod depth;
 /// (`ConnectionConfig::max_depth`): as serde_json's default. A level is a
 /// struct, tuple, sequence, map, enum, `Some` or newtype.
 pub const DEFAULT_MAX_DEPTH: usize = 128;
+
+/// Elements (of sequences, maps, tuples, structs) a decode may ask for
+/// beyond two per byte of the message: see [`decode_seed`].
+const MIN_ELEMENTS: usize = 1024;
 
 /// A value that did not encode or decode.
 #[derive(Debug)]
@@ -403,7 +410,10 @@ pub fn decode_seed<'a, S: DeserializeSeed<'a>>(
     max_depth: usize,
 ) -> Result<S::Value, CodecError> {
     let mut rest = bytes;
-    let budget = depth::Budget::new(max_depth);
+    // Each element takes a byte at least, and a sequence's end one call
+    // more; only zero-sized elements take none, and no message needs many.
+    let elements = bytes.len().saturating_mul(2).saturating_add(MIN_ELEMENTS);
+    let budget = depth::Budget::new(max_depth).with_elements(elements);
     let seed = depth::Limited {
         inner: seed,
         budget: &budget,
@@ -501,7 +511,8 @@ pub fn decode_prefix<'a, T: Deserialize<'a>>(
     limit: usize,
     max_depth: usize,
 ) -> Result<T, CodecError> {
-    let budget = depth::Budget::new(max_depth);
+    let elements = bytes.len().saturating_mul(2).saturating_add(MIN_ELEMENTS);
+    let budget = depth::Budget::new(max_depth).with_elements(elements);
     let seed = depth::Limited {
         inner: PhantomData::<T>,
         budget: &budget,
@@ -743,6 +754,35 @@ mod tests {
         let err = decode::<Expr>(&[9], 16, DEFAULT_MAX_DEPTH).unwrap_err();
         assert!(!err.is_depth_limit());
         assert!(err.to_string().contains("variant index"), "{err}");
+    }
+
+    #[test]
+    fn a_forged_length_of_zero_sized_elements_is_refused_at_once() {
+        // 2^60 units in 9 bytes: without a bound, a loop of 2^60 turns.
+        let mut forged = vec![0xfd];
+        forged.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let started = std::time::Instant::now();
+        let err = decode::<Vec<()>>(&forged, 1 << 20, DEFAULT_MAX_DEPTH).unwrap_err();
+        assert!(err.to_string().contains("more elements"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // As a map of units too.
+        let err = decode::<std::collections::BTreeMap<(), ()>>(&forged, 1 << 20, DEFAULT_MAX_DEPTH)
+            .unwrap_err();
+        assert!(err.to_string().contains("more elements"), "{err}");
+        // Honest values are far from the bound.
+        let units = encode(&vec![(); 1000], 64).unwrap();
+        assert_eq!(
+            decode::<Vec<()>>(&units, 64, DEFAULT_MAX_DEPTH)
+                .unwrap()
+                .len(),
+            1000
+        );
+        let bytes: Vec<u16> = (0..5000).collect();
+        let encoded = encode(&bytes, 1 << 20).unwrap();
+        assert_eq!(
+            decode::<Vec<u16>>(&encoded, 1 << 20, DEFAULT_MAX_DEPTH).unwrap(),
+            bytes
+        );
     }
 
     #[test]

@@ -455,3 +455,27 @@ async fn stream_methods_take_and_give_items_as_json() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_listing_request_that_does_not_decode_fails_that_call_only() {
+    let (server, _keeper) = start().await;
+    let client = server.client().await;
+    for body in [&[7u8][..], &[1, 2, 3][..]] {
+        let err = client
+            .call::<_, rpc_core::codec::Undecoded>(
+                rpc_core::service::LIST_METHOD,
+                &rpc_core::codec::Encoded(bytes::Bytes::copy_from_slice(body)),
+            )
+            .await
+            .unwrap_err();
+        match err {
+            ClientError::Call(rpc_core::Error::Status(s)) => {
+                assert_eq!(s.code, StatusCode::InvalidArgument, "{s}")
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+    // Asked properly, on the same connection.
+    let listing = client.describe().await.unwrap();
+    assert!(listing.schemas["Shop.place"].is_ok());
+}

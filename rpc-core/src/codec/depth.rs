@@ -34,6 +34,11 @@ pub(crate) struct Budget {
     left: Cell<usize>,
     max: usize,
     exceeded: Cell<bool>,
+    /// Elements of sequences, maps, tuples and structs the decode may
+    /// still ask for. Bytes bound the rest, but not a forged length of
+    /// zero-sized elements (`Vec<()>`), which take none: that would loop
+    /// for as long as the length says.
+    elements: Cell<usize>,
 }
 
 impl Budget {
@@ -42,6 +47,25 @@ impl Budget {
             left: Cell::new(max),
             max,
             exceeded: Cell::new(false),
+            elements: Cell::new(usize::MAX),
+        }
+    }
+
+    /// The same budget allowing `elements` elements in all.
+    pub(crate) fn with_elements(self, elements: usize) -> Self {
+        self.elements.set(elements);
+        self
+    }
+
+    fn element<E: de::Error>(&self) -> Result<(), E> {
+        match self.elements.get().checked_sub(1) {
+            Some(left) => {
+                self.elements.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(
+                "more elements than the message's bytes can hold (a forged length?)",
+            )),
         }
     }
 
@@ -239,6 +263,7 @@ impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for Limited<'_, A> {
         &mut self,
         seed: T,
     ) -> Result<Option<T::Value>, A::Error> {
+        self.budget.element()?;
         let seed = self.wrap(seed);
         self.inner.next_element_seed(seed)
     }
@@ -255,6 +280,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for Limited<'_, A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
+        self.budget.element()?;
         let seed = self.wrap(seed);
         self.inner.next_key_seed(seed)
     }
