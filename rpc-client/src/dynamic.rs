@@ -230,21 +230,17 @@ impl Client {
         registry: &Registry,
         items: &[Value],
     ) -> Result<Vec<Bytes>, DynamicError> {
-        let names: Vec<String> = (0..items.len()).map(|i| format!("item {i}")).collect();
+        let max_frame = self.pool().settings.config.max_frame;
         items
             .iter()
-            .zip(&names)
-            .map(|(value, name)| {
-                let mismatch = RefCell::new(None);
-                let item = Encode {
-                    value,
-                    format,
-                    registry,
-                    path: Path::Root(name),
-                    depth: 0,
-                    mismatch: &mismatch,
-                };
-                self.encode_checked(method, &item, &mismatch)
+            .enumerate()
+            .map(|(i, value)| {
+                encode::encode_as(value, format, registry, &format!("item {i}"), max_frame).map_err(
+                    |mismatch| DynamicError::Refused {
+                        method: method.to_owned(),
+                        mismatch,
+                    },
+                )
             })
             .collect()
     }

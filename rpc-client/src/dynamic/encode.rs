@@ -143,6 +143,33 @@ macro_rules! encode_int {
     };
 }
 
+/// `value` encoded as `format` within `limit` bytes; or the first place
+/// that did not fit, named from `root` (or the codec's error, at `root`,
+/// when only the size limit refused it).
+pub(crate) fn encode_as(
+    value: &Value,
+    format: &Format,
+    registry: &Registry,
+    root: &str,
+    limit: usize,
+) -> Result<bytes::Bytes, Mismatch> {
+    let mismatch = RefCell::new(None);
+    let encode = Encode {
+        value,
+        format,
+        registry,
+        path: Path::Root(root),
+        depth: 0,
+        mismatch: &mismatch,
+    };
+    rpc_core::codec::encode(&encode, limit).map_err(|e| {
+        mismatch.take().unwrap_or_else(|| Mismatch {
+            field: root.to_owned(),
+            problem: e.to_string(),
+        })
+    })
+}
+
 /// A method's arguments: one tuple on the wire.
 pub(crate) struct Tuple<'a>(pub(crate) &'a [Encode<'a>]);
 
