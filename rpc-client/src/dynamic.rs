@@ -26,7 +26,9 @@ use std::cell::RefCell;
 
 use bytes::Bytes;
 use serde_json::Value;
-use serde_reflection::json_converter::{DeserializationContext, EmptyEnvironment};
+use serde_reflection::json_converter::{
+    DeserializationContext, DeserializationEnvironment, SymbolTableEnvironment,
+};
 use tokio::task::JoinHandle;
 
 use rpc_core::codec::{self, Encoded, Undecoded};
@@ -342,6 +344,43 @@ fn arguments(schema: &MethodSchema, args: &Value) -> Result<Vec<Value>, Mismatch
     }
 }
 
+/// The decoder's environment: no types defined outside the registry, and
+/// no names. The converter hands serde `&'static str` names for structs,
+/// enums and fields, and its default makes them by leaking each new name
+/// for the life of the process: a server could grow a long-running
+/// client's memory by listing new names. bincode reads none of them, only
+/// how many fields a struct has, so empty names of the right count do.
+struct Unnamed;
+
+/// Empty names for up to this many fields of one struct.
+static NO_NAMES: [&str; 1024] = [""; 1024];
+
+impl SymbolTableEnvironment for Unnamed {
+    fn get_static_name(&self, _: &str) -> &'static str {
+        ""
+    }
+
+    fn get_static_fields<'a>(
+        &self,
+        fields: impl IntoIterator<Item = &'a str>,
+    ) -> &'static [&'static str] {
+        // More fields than any honest struct has: the decode then reads
+        // fewer fields than the schema says and fails, or stops short.
+        let count = fields.into_iter().count().min(NO_NAMES.len());
+        &NO_NAMES[..count]
+    }
+}
+
+impl<'de> DeserializationEnvironment<'de> for Unnamed {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        &self,
+        name: String,
+        _: D,
+    ) -> Result<Value, String> {
+        Err(format!("the schema names an unknown type {name}"))
+    }
+}
+
 /// Bytes encoded as `format` (from a reply or an item) as JSON.
 fn decode_value(
     format: &Format,
@@ -352,7 +391,7 @@ fn decode_value(
     let seed = DeserializationContext {
         format: format.clone(),
         registry,
-        environment: &EmptyEnvironment,
+        environment: &Unnamed,
     };
     codec::decode_seed(seed, bytes, bytes.len(), max_depth).map_err(|e| e.to_string())
 }

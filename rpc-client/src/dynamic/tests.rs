@@ -53,6 +53,27 @@ fn definitions_of_a_recursive_schema_end() {
     assert_eq!(render::definitions(&schema), ["struct A(A);"]);
 }
 
+#[test]
+fn replies_decode_without_naming_anything_and_a_struct_too_wide_fails() {
+    use serde_reflection::Named;
+    let wide = |n: usize| {
+        let fields = (0..n)
+            .map(|i| Named {
+                name: format!("f{i}"),
+                value: Format::U8,
+            })
+            .collect();
+        let registry: Registry = [("W".to_owned(), ContainerFormat::Struct(fields))].into();
+        registry
+    };
+    let format = Format::TypeName("W".into());
+    let bytes = bytes::Bytes::from(vec![7u8; 1100]);
+    let small = super::decode_value(&format, &wide(3), &bytes.slice(..3), 128).unwrap();
+    assert_eq!(small, json!({"f0": 7, "f1": 7, "f2": 7}));
+    let err = super::decode_value(&format, &wide(1100), &bytes, 128).unwrap_err();
+    assert!(err.contains("fewer"), "{err}");
+}
+
 mod arbitrary {
     //! Arbitrary schemas (as a hostile server may list them, recursive
     //! names included) against arbitrary JSON (as a user may type it) and
