@@ -7,7 +7,7 @@
 //! allocate more than the frame limit. Every decode also has a nesting
 //! limit ([`DEFAULT_MAX_DEPTH`] unless configured; see `codec/depth.rs`),
 //! so a deeply nested value is refused instead of overflowing the stack,
-//! and a bound on elements (two per byte, plus [`MIN_ELEMENTS`]), so a
+//! and a bound on elements (two per byte of the message, plus 1,024), so a
 //! forged length of zero-sized elements (`Vec<()>`) is refused instead of
 //! looping for as long as it says.
 //! Decoding borrows from the frame's bytes where the type allows it
