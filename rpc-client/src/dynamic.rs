@@ -89,14 +89,17 @@ impl Client {
         let request = ListRequest { schemas: true };
         let Undecoded(reply) = self.call(LIST_METHOD, &request).await?;
         let max_depth = self.pool().settings.config.max_depth;
-        if let Ok(listing) = codec::decode::<Listing>(&reply, reply.len(), max_depth) {
-            return Ok(listing);
-        }
+        let listing_error = match codec::decode::<Listing>(&reply, reply.len(), max_depth) {
+            Ok(listing) => return Ok(listing),
+            Err(e) => e,
+        };
+        // A reply that is the plain listing whole: a server before schemas.
+        // Anything else is the listing's own error.
         let services: Vec<ServiceDescription> = codec::decode(&reply, reply.len(), max_depth)
-            .map_err(|source| ClientError::Decode {
+            .map_err(|_| ClientError::Decode {
                 method: LIST_METHOD.to_owned(),
                 expected: std::any::type_name::<Listing>(),
-                source,
+                source: listing_error,
             })?;
         let schemas = services
             .iter()

@@ -479,3 +479,62 @@ async fn a_listing_request_that_does_not_decode_fails_that_call_only() {
     let listing = client.describe().await.unwrap();
     assert!(listing.schemas["Shop.place"].is_ok());
 }
+
+/// A server from before schemas: `srpc.list` ignores its body and answers
+/// the plain listing (here an rpc-core connection with a dispatch of its
+/// own, as the server then did).
+struct OldServer;
+
+impl rpc_core::Dispatch for OldServer {
+    fn dispatch(
+        &self,
+        ctx: rpc_core::CallContext,
+        _body: bytes::Bytes,
+    ) -> rpc_core::BoxFuture<Result<bytes::Bytes, Status>> {
+        let reply = match ctx.method() {
+            rpc_core::service::LIST_METHOD => {
+                let services = vec![rpc_core::service::ServiceDescription {
+                    name: "Old".into(),
+                    methods: vec![rpc_core::service::MethodDescription {
+                        name: "ping".into(),
+                        args: vec![],
+                        returns: "()".into(),
+                    }],
+                }];
+                Ok(rpc_core::codec::encode(&services, usize::MAX).unwrap())
+            }
+            m => Err(Status::unknown_method(m)),
+        };
+        Box::pin(async move { reply })
+    }
+}
+
+#[tokio::test]
+async fn a_server_from_before_schemas_lists_its_methods_without_them() {
+    let certs = rpc_server::devcerts::generate().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(rpc_tests::server_tls(&certs));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let config = rpc_core::ConnectionConfig::default();
+        let (_conn, driver) =
+            rpc_core::transport::accept(tcp, &acceptor, &config, Arc::new(OldServer))
+                .await
+                .unwrap();
+        // Serves until the client goes.
+        driver.await
+    });
+    let client = rpc_client::Client::connect(&addr, rpc_tests::client_tls(&certs))
+        .await
+        .unwrap();
+    let listing = client.describe().await.unwrap();
+    assert_eq!(listing.services[0].name, "Old");
+    let why = listing.schemas["Old.ping"].as_ref().unwrap_err();
+    assert!(why.contains("predates method schemas"), "{why}");
+    let err = client
+        .call_json(&listing, "Old.ping", &json!(null), &CallOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DynamicError::NoSchema { .. }), "{err:?}");
+}
