@@ -172,8 +172,9 @@ impl ClientBuilder {
 
     /// Records every call's duration and outcome as
     /// `rpc.client.call.duration` through the `metrics` facade, into
-    /// whatever recorder the program installed (see `metrics.rs`). Off by
-    /// default.
+    /// whatever recorder the program installed, and samples calls in
+    /// flight, ready connections, round trips and bytes each second (see
+    /// `metrics.rs`). Off by default.
     pub fn metrics(mut self, on: bool) -> Self {
         self.metrics = on;
         self

@@ -190,6 +190,9 @@ impl Client {
         retry: RetryPolicy,
         metrics: bool,
     ) -> Client {
+        if metrics {
+            crate::metrics::sample(pool.clone());
+        }
         Client {
             owner: Arc::new(Owner { pool }),
             defaults: Arc::new(defaults),

@@ -5,6 +5,10 @@
 //! | metric | kind | attributes |
 //! |---|---|---|
 //! | `rpc.client.call.duration` (s) | histogram | `rpc.system.name`, `rpc.service`, `rpc.method`, `rpc.response.status_code` |
+//! | `rpc.client.active_calls` | gauge, sampled each second | `rpc.system.name` |
+//! | `srpc.client.connections` | gauge (servers with a ready connection), sampled each second | |
+//! | `srpc.client.connection.rtt` (s) | histogram of each connection's heartbeat round trip, sampled each second | |
+//! | `srpc.client.received_bytes`, `srpc.client.sent_bytes` | counters (socket bytes, TLS included), sampled each second | |
 //!
 //! A call is recorded once, however many attempts it took, from the
 //! caller's start to its result; `rpc.response.status_code` is the
@@ -15,16 +19,97 @@
 //! Not here: the server's side (rpc-server's `metrics.rs`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::Histogram;
-use rpc_core::StatusCode;
+use rpc_core::{Connection, StatusCode};
 
+use crate::pool::Pool;
 use crate::ClientError;
 
 /// The call duration histogram's name.
 pub const CLIENT_CALL_DURATION: &str = "rpc.client.call.duration";
+/// The calls-in-flight gauge's name.
+pub const CLIENT_ACTIVE_CALLS: &str = "rpc.client.active_calls";
+/// The ready-connections gauge's name.
+pub const CLIENT_CONNECTIONS: &str = "srpc.client.connections";
+/// The heartbeat round-trip histogram's name.
+pub const CLIENT_CONNECTION_RTT: &str = "srpc.client.connection.rtt";
+/// The received bytes counter's name.
+pub const CLIENT_RECEIVED_BYTES: &str = "srpc.client.received_bytes";
+/// The sent bytes counter's name.
+pub const CLIENT_SENT_BYTES: &str = "srpc.client.sent_bytes";
+/// How often the gauges, round trips and bytes are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Samples the pool's gauges, round trips and bytes every
+/// [`SAMPLE_EVERY`] until the client is closed (its last clone dropped).
+pub(crate) fn sample(pool: Arc<Pool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bytes = Bytes::default();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = pool.closed.cancelled() => break,
+            }
+            let endpoints = pool.connections();
+            let in_flight: u64 = endpoints.iter().map(|(_, n, _)| u64::from(*n)).sum();
+            metrics::gauge!(CLIENT_ACTIVE_CALLS, "rpc.system.name" => "srpc").set(in_flight as f64);
+            metrics::gauge!(CLIENT_CONNECTIONS).set(pool.ready_count() as f64);
+            let rtt = metrics::histogram!(CLIENT_CONNECTION_RTT);
+            for d in endpoints.iter().filter_map(|(_, _, c)| c.as_ref()?.rtt()) {
+                rtt.record(d.as_secs_f64());
+            }
+            bytes.report(&endpoints);
+        }
+        // What moved since the last tick.
+        bytes.report(&[]);
+    });
+}
+
+/// Bytes already reported, per server: its connection then and its
+/// counts, so a connection replaced between two ticks still reports its
+/// last bytes.
+#[derive(Default)]
+struct Bytes {
+    seen: HashMap<SocketAddr, (Connection, (u64, u64))>,
+}
+
+impl Bytes {
+    fn report(&mut self, endpoints: &[(SocketAddr, u32, Option<Connection>)]) {
+        let (mut received, mut sent) = (0, 0);
+        let mut add = |now: (u64, u64), before: (u64, u64)| {
+            received += now.0.saturating_sub(before.0);
+            sent += now.1.saturating_sub(before.1);
+        };
+        let mut seen = HashMap::with_capacity(endpoints.len());
+        for (addr, _, conn) in endpoints {
+            let Some(conn) = conn else { continue };
+            let mut before = (0, 0);
+            if let Some((old, counted)) = self.seen.remove(addr) {
+                if old.same(conn) {
+                    before = counted;
+                } else {
+                    add(old.bytes(), counted);
+                }
+            }
+            let now = conn.bytes();
+            add(now, before);
+            seen.insert(*addr, (conn.clone(), now));
+        }
+        // Servers gone, or without a connection now: their last bytes.
+        for (old, counted) in self.seen.values() {
+            add(old.bytes(), *counted);
+        }
+        self.seen = seen;
+        metrics::counter!(CLIENT_RECEIVED_BYTES).increment(received);
+        metrics::counter!(CLIENT_SENT_BYTES).increment(sent);
+    }
+}
 
 /// Histograms by method, one per outcome, each made at first use.
 #[derive(Default)]

@@ -330,6 +330,16 @@ impl Pool {
         })
     }
 
+    /// Each endpoint's address, calls in flight and connection (if any),
+    /// for the sampled metrics.
+    pub(crate) fn connections(&self) -> Vec<(SocketAddr, u32, Option<Connection>)> {
+        self.endpoints
+            .load()
+            .iter()
+            .map(|e| (e.addr, e.load.in_flight(), e.connection()))
+            .collect()
+    }
+
     /// Every endpoint's status.
     pub(crate) fn statuses(&self) -> Vec<EndpointStatus> {
         let now = Instant::now();

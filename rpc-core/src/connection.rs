@@ -146,6 +146,12 @@ impl Connection {
         self.shared.clocks.get().map_or((0, 0), |c| c.bytes())
     }
 
+    /// True when `other` is a handle of this same connection (not another
+    /// connection to the same peer).
+    pub fn same(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<String> {
         self.shared.close_reason()

@@ -10,7 +10,7 @@
 //! | `rpc.server.call.duration` (s) | histogram | `rpc.system.name`, `rpc.service`, `rpc.method`, `rpc.response.status_code` |
 //! | `rpc.server.active_calls` | gauge, sampled each second | `rpc.system.name` |
 //! | `srpc.server.connections` | gauge, sampled each second | |
-//! | `srpc.connection.rtt` (s) | histogram of each connection's heartbeat round trip, sampled each second | |
+//! | `srpc.server.connection.rtt` (s) | histogram of each connection's heartbeat round trip, sampled each second | |
 //! | `srpc.server.received_bytes`, `srpc.server.sent_bytes` | counters (socket bytes, TLS included) | |
 //!
 //! The first is OpenTelemetry's; the conventions name no metric for the
@@ -60,7 +60,7 @@ pub const SERVER_ACTIVE_CALLS: &str = "rpc.server.active_calls";
 /// The connections gauge's name.
 pub const SERVER_CONNECTIONS: &str = "srpc.server.connections";
 /// The heartbeat round-trip histogram's name.
-pub const CONNECTION_RTT: &str = "srpc.connection.rtt";
+pub const CONNECTION_RTT: &str = "srpc.server.connection.rtt";
 /// The received bytes counter's name.
 pub const SERVER_RECEIVED_BYTES: &str = "srpc.server.received_bytes";
 /// The sent bytes counter's name.

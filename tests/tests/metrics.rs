@@ -1,7 +1,8 @@
 //! Call metrics through the `metrics` facade into Prometheus's exporter
 //! (its own binary: the recorder is process-wide): the duration
 //! histograms' counts, the server's and the client's, equal the calls
-//! made, per method and status, failed calls and unknown methods included.
+//! made, per method and status, failed calls and unknown methods included;
+//! both sides' sampled gauges, round trips and bytes appear.
 
 // Test code: a panic is how a test reports failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -152,9 +153,15 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
             .and_then(|v| v.parse().ok())
     };
     let mut text = String::new();
+    let sampled = |text: &str| {
+        let positive = |name| value(text, name).is_some_and(|n| n > 0.0);
+        positive("srpc_server_connection_rtt_count")
+            && positive("srpc_client_connection_rtt_count")
+            && value(text, "srpc_client_sent_bytes").is_some_and(|n| n > 1000.0)
+    };
     for _ in 0..300 {
         text = handle.render();
-        if value(&text, "srpc_connection_rtt_count").is_some_and(|n| n > 0.0) {
+        if sampled(&text) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -162,12 +169,26 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
     assert_eq!(value(&text, "srpc_server_connections"), Some(1.0), "{text}");
     assert_eq!(value(&text, "rpc_server_active_calls"), Some(0.0), "{text}");
     assert!(
-        value(&text, "srpc_connection_rtt_count").is_some_and(|n| n > 0.0),
+        value(&text, "srpc_server_connection_rtt_count").is_some_and(|n| n > 0.0),
         "{text}"
     );
     let received = value(&text, "srpc_server_received_bytes").unwrap_or(0.0);
     let sent = value(&text, "srpc_server_sent_bytes").unwrap_or(0.0);
     // Thirteen calls and a TLS handshake at least: over a kilobyte each way.
+    assert!(
+        received > 1000.0 && sent > 1000.0,
+        "{received} {sent}\n{text}"
+    );
+
+    // The client's side of the same.
+    assert_eq!(value(&text, "srpc_client_connections"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "rpc_client_active_calls"), Some(0.0), "{text}");
+    assert!(
+        value(&text, "srpc_client_connection_rtt_count").is_some_and(|n| n > 0.0),
+        "{text}"
+    );
+    let received = value(&text, "srpc_client_received_bytes").unwrap_or(0.0);
+    let sent = value(&text, "srpc_client_sent_bytes").unwrap_or(0.0);
     assert!(
         received > 1000.0 && sent > 1000.0,
         "{received} {sent}\n{text}"
