@@ -400,6 +400,25 @@ async fn describe_prints_methods_and_call_takes_json_by_schema() {
         assert_eq!(stdout(&out), reply, "{args:?}");
     }
 
+    // From a file.
+    let args = f._dir.path().join("args.json");
+    std::fs::write(&args, r#"{"a": 40, "b": 2}"#).unwrap();
+    let at = format!("@{}", args.display());
+    let out = run(&f.ca, &f.addr, &["call", "Demo.add", &at]).await;
+    assert_eq!(stdout(&out), "42\n", "{}", stderr(&out));
+    let out = run(
+        &f.ca,
+        &f.addr,
+        &["call", "Demo.add", "@/nonexistent/args.json"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("reading the arguments of Demo.add"),
+        "{}",
+        stderr(&out)
+    );
+
     // Refused before sending, naming the argument; bad JSON; no such method.
     for (args, said) in [
         (

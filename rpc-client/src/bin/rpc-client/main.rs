@@ -42,8 +42,9 @@ Durations accept 500ms, 2s, 1m. Logs go to stderr; set RUST_LOG=debug for more."
 
 const CALL_ANY: &str = "\
 Any method, by the schema the server lists (see `rpc-client describe`):
-  rpc-client call SERVICE.METHOD ['JSON']
+  rpc-client call SERVICE.METHOD ['JSON' | @FILE]
   rpc-client call Demo.add '{\"a\": 2, \"b\": 3}'
+  rpc-client call Demo.add @args.json
 A method returning a stream prints one line per item; one taking a stream
 reads its items from stdin, one JSON value per line.";
 

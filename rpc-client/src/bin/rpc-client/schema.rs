@@ -65,8 +65,8 @@ pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `call SERVICE.METHOD [JSON]`: the arguments as JSON (an object by
-/// argument name, or an array); prints the reply as one line of JSON. A
+/// `call SERVICE.METHOD [JSON | @FILE]`: the arguments as JSON (an object
+/// by argument name, or an array); prints the reply as one line of JSON. A
 /// method returning a stream prints one line per item instead; one taking
 /// a stream reads its items from stdin, one JSON value per line.
 pub(crate) async fn call(client: &Client, words: Vec<String>) -> anyhow::Result<()> {
@@ -82,9 +82,19 @@ pub(crate) async fn call(client: &Client, words: Vec<String>) -> anyhow::Result<
              call any method as SERVICE.METHOD 'JSON' (see `rpc-client describe`)"
         );
     }
-    let args: Value = match json.as_deref() {
+    // `@FILE`: the arguments are in that file (large ones, or ones a
+    // shell would mangle); stdin stays for a stream's items.
+    let text = match json.as_deref().map(|t| (t, t.strip_prefix('@'))) {
+        None => None,
+        Some((_, Some(path))) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the arguments of {method} from {path:?}"))?,
+        ),
+        Some((text, None)) => Some(text.to_owned()),
+    };
+    let args: Value = match text {
         None => Value::Null,
-        Some(text) => serde_json::from_str(text)
+        Some(text) => serde_json::from_str(&text)
             .with_context(|| format!("the arguments of {method} are not JSON"))?,
     };
     let listing = client.describe().await?;
