@@ -377,6 +377,19 @@ async fn describe_prints_methods_and_call_takes_json_by_schema() {
         "{text}"
     );
     assert!(!text.contains("no schema"), "{text}");
+    let out = run(&f.ca, &f.addr, &["describe", "Demo.add", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let schemas: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        schemas,
+        serde_json::json!({"Demo.add": {
+            "args": [["a", "I64"], ["b", "I64"]],
+            "reply": "I64",
+            "items_in": null,
+            "items_out": null,
+            "registry": {}
+        }})
+    );
     let out = run(&f.ca, &f.addr, &["describe", "Nope"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(

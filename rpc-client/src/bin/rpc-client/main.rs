@@ -124,6 +124,10 @@ enum Command {
         /// Only this service, or one method as SERVICE.METHOD [default: all].
         #[arg(default_value = "")]
         service: String,
+        /// One JSON object instead, each method's schema as serde-reflection
+        /// writes it (for tools such as serde-generate).
+        #[arg(long)]
+        json: bool,
     },
     /// Heartbeat round trips: sends Pings one after another (each waits for
     /// its Pong) and prints each round-trip time, e.g. "rtt 0.183ms". Past
@@ -298,7 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Command::Call(CallCmd::Method(words)) => schema::call(&client, words).await?,
-        Command::Describe { service } => schema::describe(&client, &service).await?,
+        Command::Describe { service, json } => schema::describe(&client, &service, json).await?,
         Command::Ping { count } => {
             // Back to back within the server's burst allowance; beyond it,
             // one per heartbeat interval, or the server's flood protection

@@ -12,8 +12,11 @@ use rpc_core::CallOptions;
 use serde_json::Value;
 
 /// Prints each method as `Service.method(arg: Type, ..) -> Reply`, then
-/// the named types it uses, indented, or why it has no schema.
-pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> {
+/// the named types it uses, indented, or why it has no schema. With
+/// `json`, one JSON object instead: each method's schema as
+/// serde-reflection writes it (`{"error": why}` for one without), for
+/// tools such as serde-generate.
+pub(crate) async fn describe(client: &Client, only: &str, json: bool) -> anyhow::Result<()> {
     let listing = client.describe().await?;
     let (service, method) = only.split_once('.').unwrap_or((only, ""));
     let services: Vec<&ServiceDescription> = listing
@@ -29,6 +32,7 @@ pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> 
         );
     }
     let mut shown = 0;
+    let mut schemas = serde_json::Map::new();
     for s in services {
         for m in s
             .methods
@@ -36,8 +40,20 @@ pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> 
             .filter(|m| method.is_empty() || m.name == method)
         {
             shown += 1;
-            let args: Vec<String> = m.args.iter().map(|(n, t)| format!("{n}: {t}")).collect();
             let dot = if s.name.is_empty() { "" } else { "." };
+            let wire = format!("{}{dot}{}", s.name, m.name);
+            let schema = listing
+                .schema(&wire, DEFAULT_MAX_DEPTH)
+                .unwrap_or_else(|| Err("not listed".into()));
+            if json {
+                let value = match &schema {
+                    Ok(schema) => serde_json::to_value(schema)?,
+                    Err(why) => serde_json::json!({ "error": why }),
+                };
+                schemas.insert(wire, value);
+                continue;
+            }
+            let args: Vec<String> = m.args.iter().map(|(n, t)| format!("{n}: {t}")).collect();
             println!(
                 "{}{dot}{}({}) -> {}",
                 s.name,
@@ -45,11 +61,7 @@ pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> 
                 args.join(", "),
                 m.returns
             );
-            let wire = format!("{}{dot}{}", s.name, m.name);
-            match listing
-                .schema(&wire, DEFAULT_MAX_DEPTH)
-                .unwrap_or_else(|| Err("not listed".into()))
-            {
+            match schema {
                 Ok(schema) => {
                     for definition in render::definitions(&schema) {
                         println!("    {definition}");
@@ -61,6 +73,9 @@ pub(crate) async fn describe(client: &Client, only: &str) -> anyhow::Result<()> 
     }
     if shown == 0 {
         bail!("no method {only:?} on the server");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&schemas)?);
     }
     Ok(())
 }
