@@ -106,7 +106,12 @@ impl Client {
             .flat_map(|service| {
                 service.methods.iter().map(move |m| {
                     let why = "the server predates method schemas".to_owned();
-                    (format!("{}.{}", service.name, m.name), Err(why))
+                    // Plain routes are listed under the service "".
+                    let wire = match service.name.as_str() {
+                        "" => m.name.clone(),
+                        name => format!("{name}.{}", m.name),
+                    };
+                    (wire, Err(why))
                 })
             })
             .collect();
