@@ -64,10 +64,10 @@ pub(crate) fn sample(pool: Arc<Pool>) {
             for d in endpoints.iter().filter_map(|(_, _, c)| c.as_ref()?.rtt()) {
                 rtt.record(d.as_secs_f64());
             }
-            bytes.report(&endpoints);
+            record_bytes(bytes.take(&endpoints));
         }
         // What moved since the last tick.
-        bytes.report(&[]);
+        record_bytes(bytes.take(&[]));
     });
 }
 
@@ -79,8 +79,15 @@ struct Bytes {
     seen: HashMap<SocketAddr, (Connection, (u64, u64))>,
 }
 
+fn record_bytes((received, sent): (u64, u64)) {
+    metrics::counter!(CLIENT_RECEIVED_BYTES).increment(received);
+    metrics::counter!(CLIENT_SENT_BYTES).increment(sent);
+}
+
 impl Bytes {
-    fn report(&mut self, endpoints: &[(SocketAddr, u32, Option<Connection>)]) {
+    /// Bytes (received, sent) moved since the last call, on `endpoints`'
+    /// connections and on those they had before.
+    fn take(&mut self, endpoints: &[(SocketAddr, u32, Option<Connection>)]) -> (u64, u64) {
         let (mut received, mut sent) = (0, 0);
         let mut add = |now: (u64, u64), before: (u64, u64)| {
             received += now.0.saturating_sub(before.0);
@@ -106,8 +113,7 @@ impl Bytes {
             add(old.bytes(), *counted);
         }
         self.seen = seen;
-        metrics::counter!(CLIENT_RECEIVED_BYTES).increment(received);
-        metrics::counter!(CLIENT_SENT_BYTES).increment(sent);
+        (received, sent)
     }
 }
 
@@ -182,5 +188,68 @@ fn code_of(error: &ClientError) -> Option<StatusCode> {
         ClientError::Call(e) => e.code(),
         ClientError::Decode { .. } | ClientError::Encode { .. } => Some(StatusCode::Internal),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes as Body;
+    use rpc_core::{BoxFuture, CallContext, Connection, ConnectionConfig, Dispatch, Status};
+
+    use super::Bytes;
+
+    struct Echo;
+
+    impl Dispatch for Echo {
+        fn dispatch(&self, _: CallContext, body: Body) -> BoxFuture<Result<Body, Status>> {
+            Box::pin(async move { Ok(body) })
+        }
+    }
+
+    /// A client connection to an echo server over a pipe.
+    fn connection() -> Connection {
+        let config = ConnectionConfig::default();
+        let hello = rpc_core::transport::hello_for(&config);
+        let addr = "127.0.0.1:7".parse().unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (client, driver) = rpc_core::connection::start(a, &config, addr, hello, None);
+        tokio::spawn(driver);
+        let (_server, driver) =
+            rpc_core::connection::start(b, &config, addr, hello, Some(Arc::new(Echo)));
+        tokio::spawn(driver);
+        client
+    }
+
+    async fn calls(conn: &Connection, n: usize) {
+        for _ in 0..n {
+            let body = Body::from_static(b"0123456789");
+            conn.call("echo", body, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_replaced_between_two_ticks_still_reports_its_last_bytes() {
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let (first, second) = (connection(), connection());
+        let mut bytes = Bytes::default();
+        let add = |(a, b): (u64, u64), (c, d): (u64, u64)| (a + c, b + d);
+        calls(&first, 3).await;
+        let mut total = bytes.take(&[(addr, 0, Some(first.clone()))]);
+        assert_eq!(total, first.bytes());
+        // Between two ticks: more on the first, then the second replaces it.
+        calls(&first, 3).await;
+        calls(&second, 2).await;
+        total = add(total, bytes.take(&[(addr, 0, Some(second.clone()))]));
+        calls(&second, 2).await;
+        // The server is gone from the list: its last bytes still count.
+        total = add(total, bytes.take(&[]));
+        assert_eq!(total, add(first.bytes(), second.bytes()));
+        assert!(total.0 > 0 && total.1 > 0);
+        assert_eq!(bytes.take(&[]), (0, 0));
     }
 }
