@@ -166,31 +166,22 @@ async fn the_duration_histogram_counts_every_call_by_method_and_status() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(value(&text, "srpc_server_connections"), Some(1.0), "{text}");
-    assert_eq!(value(&text, "rpc_server_active_calls"), Some(0.0), "{text}");
-    assert!(
-        value(&text, "srpc_server_connection_rtt_count").is_some_and(|n| n > 0.0),
-        "{text}"
-    );
-    let received = value(&text, "srpc_server_received_bytes").unwrap_or(0.0);
-    let sent = value(&text, "srpc_server_sent_bytes").unwrap_or(0.0);
-    // Thirteen calls and a TLS handshake at least: over a kilobyte each way.
-    assert!(
-        received > 1000.0 && sent > 1000.0,
-        "{received} {sent}\n{text}"
-    );
-
-    // The client's side of the same.
-    assert_eq!(value(&text, "srpc_client_connections"), Some(1.0), "{text}");
-    assert_eq!(value(&text, "rpc_client_active_calls"), Some(0.0), "{text}");
-    assert!(
-        value(&text, "srpc_client_connection_rtt_count").is_some_and(|n| n > 0.0),
-        "{text}"
-    );
-    let received = value(&text, "srpc_client_received_bytes").unwrap_or(0.0);
-    let sent = value(&text, "srpc_client_sent_bytes").unwrap_or(0.0);
-    assert!(
-        received > 1000.0 && sent > 1000.0,
-        "{received} {sent}\n{text}"
-    );
+    for side in ["server", "client"] {
+        let name = |pattern: &str| pattern.replace("SIDE", side);
+        let get = |pattern: &str| value(&text, &name(pattern));
+        assert_eq!(get("srpc_SIDE_connections"), Some(1.0), "{side}\n{text}");
+        assert_eq!(get("rpc_SIDE_active_calls"), Some(0.0), "{side}\n{text}");
+        assert!(
+            get("srpc_SIDE_connection_rtt_count").is_some_and(|n| n > 0.0),
+            "{side}\n{text}"
+        );
+        // Thirteen calls and a TLS handshake at least: over a kilobyte
+        // each way.
+        let received = get("srpc_SIDE_received_bytes").unwrap_or(0.0);
+        let sent = get("srpc_SIDE_sent_bytes").unwrap_or(0.0);
+        assert!(
+            received > 1000.0 && sent > 1000.0,
+            "{side}: {received} {sent}\n{text}"
+        );
+    }
 }
