@@ -230,7 +230,13 @@ impl Client {
                 mismatch: &mismatch,
             })
             .collect();
-        self.encode_checked(method, &Tuple(&encoders), &mismatch)
+        let max_frame = self.pool().settings.config.max_frame;
+        encode::encode_checked(&Tuple(&encoders), &mismatch, "arguments", max_frame).map_err(
+            |mismatch| DynamicError::Refused {
+                method: method.to_owned(),
+                mismatch,
+            },
+        )
     }
 
     fn encode_items(
@@ -253,27 +259,6 @@ impl Client {
                 )
             })
             .collect()
-    }
-
-    /// Encodes `value` (the encoders above), turning their first mismatch
-    /// into the error.
-    fn encode_checked<T: serde::Serialize + ?Sized>(
-        &self,
-        method: &str,
-        value: &T,
-        mismatch: &RefCell<Option<Mismatch>>,
-    ) -> Result<Bytes, DynamicError> {
-        let max_frame = self.pool().settings.config.max_frame;
-        codec::encode(value, max_frame).map_err(|e| {
-            let mismatch = mismatch.take().unwrap_or_else(|| Mismatch {
-                field: "arguments".to_owned(),
-                problem: e.to_string(),
-            });
-            DynamicError::Refused {
-                method: method.to_owned(),
-                mismatch,
-            }
-        })
     }
 
     fn decode(

@@ -389,6 +389,14 @@ pub(crate) fn put_option(buf: &mut BytesMut, some: bool) {
     buf.put_u8(u8::from(some));
 }
 
+/// The limits of decoding `bytes`: `max_depth` levels, and two elements
+/// per byte plus [`MIN_ELEMENTS`] (each element but a zero-sized one takes a
+/// byte; a sequence's end is one call more).
+fn budget_for(bytes: &[u8], max_depth: usize) -> depth::Budget {
+    let elements = bytes.len().saturating_mul(2).saturating_add(MIN_ELEMENTS);
+    depth::Budget::new(max_depth).with_elements(elements)
+}
+
 /// Decodes one value that must fill `bytes` exactly; borrows from `bytes`
 /// where `T` allows it. The size limit applies to what serde may reserve
 /// for a sequence length too, not only to the bytes read; a value nested
@@ -410,10 +418,7 @@ pub fn decode_seed<'a, S: DeserializeSeed<'a>>(
     max_depth: usize,
 ) -> Result<S::Value, CodecError> {
     let mut rest = bytes;
-    // Each element takes a byte at least, and a sequence's end one call
-    // more; only zero-sized elements take none, and no message needs many.
-    let elements = bytes.len().saturating_mul(2).saturating_add(MIN_ELEMENTS);
-    let budget = depth::Budget::new(max_depth).with_elements(elements);
+    let budget = budget_for(bytes, max_depth);
     let seed = depth::Limited {
         inner: seed,
         budget: &budget,
@@ -511,8 +516,7 @@ pub fn decode_prefix<'a, T: Deserialize<'a>>(
     limit: usize,
     max_depth: usize,
 ) -> Result<T, CodecError> {
-    let elements = bytes.len().saturating_mul(2).saturating_add(MIN_ELEMENTS);
-    let budget = depth::Budget::new(max_depth).with_elements(elements);
+    let budget = budget_for(bytes, max_depth);
     let seed = depth::Limited {
         inner: PhantomData::<T>,
         budget: &budget,

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::future::{ready, Either, Ready};
 use rpc_core::health::{HealthStatus, CHECK_METHOD, WATCH_METHOD};
 use rpc_core::schema::{ListRequest, Listing};
-use rpc_core::service::{decode_args, encode_reply, ServiceDescription, LIST_METHOD};
+use rpc_core::service::{decode_args, encode_reply, LIST_METHOD};
 use rpc_core::stats::{CallCounters, StatsSnapshot, RESERVED_PREFIX, STATS_METHOD};
 use rpc_core::{codec, BoxFuture, CallContext, Status, StatusCode};
 use tower::{Layer, Service};
@@ -177,14 +177,13 @@ fn authorize<F>(
 /// before schemas), the listing with schemas for a `ListRequest` asking
 /// for them.
 pub(crate) struct Listings {
-    pub(crate) plain: Vec<ServiceDescription>,
-    listing: Listing,
+    /// Its `services` are the plain listing.
+    pub(crate) listing: Listing,
 }
 
 impl Listings {
     pub(crate) fn new(router: &crate::Router) -> Self {
         Listings {
-            plain: router.describe(),
             listing: router.listing(),
         }
     }
@@ -195,7 +194,7 @@ impl Listings {
         let encoded = if schemas {
             codec::encode(&self.listing, usize::MAX)
         } else {
-            codec::encode(&self.plain, usize::MAX)
+            codec::encode(&self.listing.services, usize::MAX)
         };
         encoded.map_err(|e| Status::internal(format!("listing did not encode: {e}")))
     }

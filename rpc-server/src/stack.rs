@@ -119,7 +119,8 @@ impl ServerDispatch {
         };
         let list = Listings::new(&router);
         let health = Health::new(
-            list.plain
+            list.listing
+                .services
                 .iter()
                 .map(|service| service.name.clone())
                 .filter(|name| !name.is_empty()),

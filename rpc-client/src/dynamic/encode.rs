@@ -162,7 +162,19 @@ pub(crate) fn encode_as(
         depth: 0,
         mismatch: &mismatch,
     };
-    rpc_core::codec::encode(&encode, limit).map_err(|e| {
+    encode_checked(&encode, &mismatch, root, limit)
+}
+
+/// `value` (made of [`Encode`]s sharing `mismatch`) encoded within `limit`
+/// bytes, or their first mismatch (the codec's error at `root` when only
+/// the size limit refused it).
+pub(crate) fn encode_checked<T: Serialize + ?Sized>(
+    value: &T,
+    mismatch: &RefCell<Option<Mismatch>>,
+    root: &str,
+    limit: usize,
+) -> Result<bytes::Bytes, Mismatch> {
+    rpc_core::codec::encode(value, limit).map_err(|e| {
         mismatch.take().unwrap_or_else(|| Mismatch {
             field: root.to_owned(),
             problem: e.to_string(),
