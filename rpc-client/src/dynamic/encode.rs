@@ -225,9 +225,11 @@ impl Serialize for Encode<'_> {
             Format::U32 => encode_int!(self, s, u32, false),
             Format::U64 => encode_int!(self, s, u64, false),
             Format::U128 => encode_int!(self, s, u128, true),
-            Format::F32 => match v.as_f64() {
-                Some(x) => s.serialize_f32(x as f32),
-                None => Err(self.expected("a number")),
+            // Past f32's range a number would become infinity, which JSON
+            // (and the reply's decoder) cannot carry: refused, not rounded.
+            Format::F32 => match v.as_f64().map(|x| x as f32) {
+                Some(x) if x.is_finite() => s.serialize_f32(x),
+                _ => Err(self.expected("a number within f32's range")),
             },
             Format::F64 => match v.as_f64() {
                 Some(x) => s.serialize_f64(x),

@@ -74,6 +74,13 @@ fn replies_decode_without_naming_anything_and_a_struct_too_wide_fails() {
     assert!(err.contains("fewer"), "{err}");
 }
 
+#[test]
+fn a_number_past_f32s_range_is_refused_not_made_infinite() {
+    let m = encode_as(&json!(1e300), &Format::F32, &Registry::new(), "x", 64).unwrap_err();
+    assert!(m.problem.contains("within f32's range"), "{m}");
+    assert!(encode_as(&json!(1.5e38), &Format::F32, &Registry::new(), "x", 64).is_ok());
+}
+
 mod arbitrary {
     //! Arbitrary schemas (as a hostile server may list them, recursive
     //! names included) against arbitrary JSON (as a user may type it) and
